@@ -1,0 +1,43 @@
+"""Engine errors. Each carries a stable ``code`` that the HTTP edge maps to a status.
+
+The engine knows nothing of HTTP; ``deployments/`` maps:
+  InvalidRequestError -> 400, RequestTooLongError -> 400 (context_length_exceeded),
+  QueueFullError -> 429 (+ Retry-After), EngineUnavailableError -> 503.
+"""
+
+from __future__ import annotations
+
+
+class EngineError(Exception):
+    """Base of every error the engine raises for a request."""
+
+    code: str = "engine_error"
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class InvalidRequestError(EngineError, ValueError):
+    """A parameter is out of range or malformed."""
+
+    code = "invalid_request"
+
+
+class RequestTooLongError(InvalidRequestError):
+    """Prompt plus max_tokens can never fit: longer than the context or the whole KV cache."""
+
+    code = "context_length_exceeded"
+
+
+class QueueFullError(EngineError):
+    """The bounded waiting queue is full; try again later."""
+
+    code = "queue_full"
+
+
+class EngineUnavailableError(EngineError):
+    """The engine is draining, stopped, or its step loop died."""
+
+    code = "engine_unavailable"

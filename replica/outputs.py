@@ -1,0 +1,116 @@
+"""Typed values that cross a boundary: scheduler -> runner -> engine -> caller."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from replica.request import FinishReason, SamplingParams
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    """One request's share of a step: compute ``token_ids`` at positions
+    ``start_pos .. start_pos + len(token_ids) - 1`` and, if ``sample`` is set,
+    sample the next token from the last position's logits.
+
+    ``block_table`` covers every position up to the end of this chunk; the KV of
+    positions before ``start_pos`` is already in the cache (earlier steps or
+    prefix-cache hits).
+    """
+
+    request_id: str
+    token_ids: tuple[int, ...]
+    start_pos: int
+    block_table: tuple[int, ...]
+    sample: bool
+    params: SamplingParams
+    num_output_tokens: int  # outputs so far: the index of the token sampled now (seeded RNG)
+    # Prompt + outputs so far (only needed by repetition-aware samplers and tests).
+    prompt_len: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    chunks: tuple[ScheduledChunk, ...]
+    num_batched_tokens: int
+    preempted_ids: tuple[str, ...] = ()
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.chunks
+
+
+@dataclass(frozen=True)
+class RunnerOutput:
+    """Sampled token per request that had ``sample`` set, in chunk order."""
+
+    sampled: dict[str, int]
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
+class Delta:
+    """What one request gained in one step: new text and token ids; the last delta
+    of a request carries ``finish_reason`` and ``usage``."""
+
+    request_id: str
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: FinishReason | None = None
+    usage: Usage | None = None
+    error: str | None = None  # set with FinishReason.ERROR
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(frozen=True)
+class CompletionOutput:
+    """A finished request, as ``LLMEngine.generate`` returns it."""
+
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    token_ids: tuple[int, ...]
+    text: str
+    finish_reason: FinishReason
+    usage: Usage
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of one engine, cheap to build; what replicas report to the router."""
+
+    num_waiting: int
+    num_running: int
+    num_free_blocks: int
+    num_total_blocks: int
+    num_cached_blocks: int  # blocks holding a reusable prefix (in use or evictable)
+    block_size: int
+    num_preemptions: int  # since start
+    num_refused: int  # since start: never-fit + queue-full refusals
+    prompt_tokens_total: int
+    generation_tokens_total: int
+    cached_prompt_tokens_total: int
+    tokens_per_s: float  # output tokens/s over a recent window
+    num_steps: int
+    max_model_len: int
+    extra: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def kv_usage(self) -> float:
+        return 1.0 - self.num_free_blocks / max(1, self.num_total_blocks)
