@@ -1,0 +1,232 @@
+"""One step of continuous batching under a token budget (vLLM-v1 style).
+
+There are no prefill and decode phases: every request has ``num_computed_tokens``
+catching up to ``num_tokens`` (prompt + outputs). Each step hands out one token budget,
+running requests first (usually one decode token each, or the next prefill chunk),
+then waiting ones in arrival order. A long prompt is cut into chunks that fit the
+budget (chunked prefill), so prefill chunks and decodes share a step, and a finished
+request's slot is refilled on the very next step.
+
+When a running request cannot get its next block, the newest running request is
+preempted by recompute: its blocks are freed, its outputs kept, and it goes back to
+the front of the waiting queue; on resume it recomputes prompt + outputs (often
+from its own blocks, still in the prefix cache) and continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+from collections import deque
+
+from replica.admission import AdmissionController
+from replica.config import CacheConfig, SchedulerConfig
+from replica.errors import InvalidRequestError, QueueFullError
+from replica.kv_cache import KVCacheManager
+from replica.outputs import RunnerOutput, ScheduledChunk, SchedulerOutput
+from replica.request import FinishReason, Request, RequestStatus
+
+
+class Scheduler:
+    """Owns the waiting queue, the running list and the KV block pool."""
+
+    def __init__(
+        self, config: SchedulerConfig, cache: CacheConfig, *, num_blocks: int, max_model_len: int
+    ) -> None:
+        self.config = config
+        self.max_model_len = max_model_len
+        self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
+        self.admission = AdmissionController(self.kv, max_model_len=max_model_len, watermark=cache.watermark)
+        self.waiting: deque[Request] = deque()
+        # Kept sorted by (arrival_time, admission order): the newest, the preemption
+        # victim, is always last, so preempting never undoes a chunk already scheduled.
+        self.running: list[Request] = []
+        self._requests: dict[str, Request] = {}  # waiting + running
+        self._seq: dict[str, int] = {}
+        self._seq_counter = itertools.count()
+        self.num_preemptions = 0
+
+    # ----- queue --------------------------------------------------------------------
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._requests)
+
+    def get(self, request_id: str) -> Request | None:
+        return self._requests.get(request_id)
+
+    def add(self, request: Request, *, enforce_queue_limit: bool = True) -> None:
+        """Queue a new request. Refuses (raising, changing nothing) one that can never fit
+        (RequestTooLongError) or arrives at a full queue (QueueFullError)."""
+        if request.request_id in self._requests:
+            raise InvalidRequestError(f"request id {request.request_id!r} is already in use", param="request_id")
+        if not request.prompt_token_ids:
+            raise InvalidRequestError("the prompt must contain at least one token", param="prompt")
+        if request.output_token_ids or request.num_computed_tokens or request.block_table:
+            raise InvalidRequestError(f"request {request.request_id!r} is not fresh", param="request_id")
+        self.admission.check_fits(request)
+        if enforce_queue_limit and len(self.waiting) >= self.config.max_waiting:
+            raise QueueFullError(
+                f"the waiting queue is full ({len(self.waiting)} of {self.config.max_waiting} requests); "
+                f"retry later"
+            )
+        request.status = RequestStatus.WAITING
+        self.waiting.append(request)
+        self._requests[request.request_id] = request
+        self._seq[request.request_id] = next(self._seq_counter)
+
+    def abort(self, request_id: str) -> Request | None:
+        """Remove a request wherever it is and free its blocks at once."""
+        return self.finish(request_id, FinishReason.ABORT)
+
+    def finish(self, request_id: str, reason: FinishReason) -> Request | None:
+        """Finish a request now (abort, a stop string seen by the detokenizer, ...)."""
+        req = self._requests.pop(request_id, None)
+        if req is None:
+            return None
+        if req.status is RequestStatus.RUNNING:
+            self.running.remove(req)
+        else:
+            self.waiting.remove(req)
+        self.kv.free(req)
+        self._seq.pop(request_id, None)
+        req.status = RequestStatus.FINISHED
+        req.finish_reason = reason
+        return req
+
+    # ----- one step --------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        chunks: list[ScheduledChunk] = []
+        preempted: list[str] = []
+
+        # Running requests first: their next decode token or prefill chunk.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            assert num_new > 0, f"running request {req.request_id} has nothing to compute"
+            while self.kv.allocate_slots(req, num_new) is None:
+                victim = self.admission.pick_victim(self.running[i:])
+                self._preempt(victim)
+                preempted.append(victim.request_id)
+                if victim is req:
+                    break
+            else:
+                chunks.append(self._chunk(req, num_new))
+                budget -= num_new
+                i += 1
+
+        # Then waiting ones, in order, while they fit. Not right after a preemption:
+        # the freed blocks are for the running requests that needed them.
+        while (
+            not preempted
+            and self.waiting
+            and budget > 0
+            and len(self.running) < self.config.max_num_seqs
+        ):
+            req = self.waiting[0]
+            hits, num_hit = self.kv.get_computed_prefix(req)
+            needed = self.kv.blocks_for(req.num_tokens) - len(hits) + self.kv.num_unreferenced(hits)
+            if not self.admission.can_start(needed, idle=not self.running):
+                break
+            num_new = min(req.num_tokens - num_hit, budget)
+            if self.kv.allocate_slots(req, num_new, hits) is None:
+                break
+            self.waiting.popleft()
+            req.num_computed_tokens = num_hit
+            if req.status is RequestStatus.WAITING:  # first admission, not a resume
+                req.num_cached_tokens = num_hit
+            req.status = RequestStatus.RUNNING
+            self._insert_running(req)
+            chunks.append(self._chunk(req, num_new))
+            budget -= num_new
+
+        return SchedulerOutput(
+            chunks=tuple(chunks),
+            num_batched_tokens=self.config.max_num_batched_tokens - budget,
+            preempted_ids=tuple(preempted),
+        )
+
+    def update(self, out: SchedulerOutput, res: RunnerOutput) -> list[Request]:
+        """Apply a step's results: advance counters, append sampled tokens, finish and free
+        requests that stopped, register newly full blocks. Returns requests that got a token."""
+        got: list[Request] = []
+        for ch in out.chunks:
+            req = self._requests.get(ch.request_id)
+            if req is None or req.status is not RequestStatus.RUNNING:
+                continue  # finished or aborted since it was scheduled
+            if req.num_computed_tokens != ch.start_pos:
+                raise RuntimeError(
+                    f"request {ch.request_id}: chunk starts at {ch.start_pos} "
+                    f"but {req.num_computed_tokens} tokens are computed"
+                )
+            req.num_computed_tokens = ch.start_pos + ch.num_tokens
+            reason = None
+            if ch.sample:
+                try:
+                    token = int(res.sampled[ch.request_id])
+                except KeyError:
+                    raise RuntimeError(f"the model runner returned no token for {ch.request_id}") from None
+                req.output_token_ids.append(token)
+                got.append(req)
+                reason = self._stop_reason(req, token)
+            self.kv.cache_full_blocks(req)
+            if reason is not None:
+                self.finish(req.request_id, reason)
+        return got
+
+    # ----- helpers ---------------------------------------------------------------------
+
+    def _stop_reason(self, req: Request, token: int) -> FinishReason | None:
+        p = req.params
+        if req.num_output_tokens >= p.min_tokens and (
+            (not p.ignore_eos and token in req.eos_token_ids) or token in p.stop_token_ids
+        ):
+            return FinishReason.STOP
+        if req.num_output_tokens >= p.max_tokens or req.num_tokens >= self.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self.kv.free(req)
+        req.num_computed_tokens = 0
+        req.status = RequestStatus.PREEMPTED
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    def _insert_running(self, req: Request) -> None:
+        key = (req.arrival_time, self._seq[req.request_id])
+        keys = [(r.arrival_time, self._seq[r.request_id]) for r in self.running]
+        self.running.insert(bisect.bisect(keys, key), req)
+
+    @staticmethod
+    def _chunk(req: Request, n: int) -> ScheduledChunk:
+        start = req.num_computed_tokens
+        prompt, outs, p = req.prompt_token_ids, req.output_token_ids, req.num_prompt_tokens
+        if start >= p:
+            toks = outs[start - p : start - p + n]
+        elif start + n <= p:
+            toks = prompt[start : start + n]
+        else:
+            toks = prompt[start:] + outs[: start + n - p]
+        return ScheduledChunk(
+            request_id=req.request_id,
+            token_ids=tuple(toks),
+            start_pos=start,
+            block_table=tuple(req.block_table),
+            sample=start + n == req.num_tokens,
+            params=req.params,
+            num_output_tokens=req.num_output_tokens,
+            prompt_len=req.num_prompt_tokens,
+        )
