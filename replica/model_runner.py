@@ -1,0 +1,223 @@
+"""Runs one engine step on a Hugging Face decoder with the engine's own paged KV cache.
+
+Every step is one flat ragged batch: all scheduled chunks concatenated into ``input_ids [1, T]``
+with explicit ``position_ids`` (no padding, no HF cache object). Attention goes through a backend
+registered with ``transformers.AttentionInterface`` (see ``replica.attention``); the per-step
+``AttentionMetadata`` and the ``PagedKVCache`` reach it as forward kwargs. Logits are computed only
+for the last token of each chunk that samples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from itertools import chain
+
+import numpy as np
+import torch
+from transformers import PreTrainedModel
+
+from replica.attention import AttentionMetadata, PagedKVCache, install, resolve_backend
+from replica.config import CacheConfig, RunnerConfig
+from replica.outputs import RunnerOutput, SchedulerOutput
+from replica.sampler import Sampler, SamplingRow
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+def _text_config(hf_config):
+    return hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+
+
+def kv_shape(hf_config) -> tuple[int, int, int]:
+    """(num_layers, num_kv_heads, head_dim) of a decoder config."""
+    cfg = _text_config(hf_config)
+    num_heads = cfg.num_attention_heads
+    num_kv_heads = getattr(cfg, "num_key_value_heads", None) or num_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // num_heads
+    return cfg.num_hidden_layers, num_kv_heads, head_dim
+
+
+@dataclass(frozen=True)
+class StepInputs:
+    """Device inputs of one forward, built from a SchedulerOutput."""
+
+    input_ids: torch.Tensor  # [1, T]
+    position_ids: torch.Tensor  # [1, T]
+    logits_indices: torch.Tensor  # [S] token index of each sampling chunk's last token
+    attn_metadata: AttentionMetadata
+    sample_rows: tuple[SamplingRow, ...]
+    sample_request_ids: tuple[str, ...]
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        cache: CacheConfig,
+        runner: RunnerConfig,
+        num_blocks: int,
+        *,
+        seed: int = 0,
+        eos_token_ids: Iterable[int] | None = None,
+    ) -> None:
+        if num_blocks <= 0:
+            raise ValueError(f"num_blocks must be > 0, got {num_blocks}")
+        self.model = model.eval()
+        self.config = runner
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.block_size = cache.block_size
+        self.num_blocks = num_blocks
+        self.backend = resolve_backend(runner.attention_backend, self.device)
+        self.attn_implementation = install(model, self.backend)
+        num_layers, num_kv_heads, head_dim = kv_shape(model.config)
+        self.kv_cache = PagedKVCache(
+            torch.zeros(
+                (num_layers, 2, num_blocks, self.block_size, num_kv_heads, head_dim),
+                dtype=self.dtype,
+                device=self.device,
+            )
+        )
+        self.vocab_size = int(_text_config(model.config).vocab_size)
+        self.eos_token_ids = tuple(sorted(set(eos_token_ids if eos_token_ids is not None else _model_eos(model))))
+        self.sampler = Sampler(seed, self.device)
+
+    @staticmethod
+    def block_bytes(hf_config, block_size: int, dtype: torch.dtype | str) -> int:
+        """Bytes of one KV block across all layers (K and V)."""
+        if isinstance(dtype, str):
+            if dtype not in _DTYPES:
+                raise ValueError(f"unknown dtype {dtype!r}")
+            dtype = _DTYPES[dtype]
+        num_layers, num_kv_heads, head_dim = kv_shape(hf_config)
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return 2 * num_layers * block_size * num_kv_heads * head_dim * itemsize
+
+    # -- one step ------------------------------------------------------------------------------
+
+    def run(self, out: SchedulerOutput) -> RunnerOutput:
+        if out.is_empty:
+            return RunnerOutput(sampled={})
+        inputs = self.prepare(out)
+        logits = self.forward(inputs)
+        if not inputs.sample_rows:
+            return RunnerOutput(sampled={})
+        tokens = self.sampler(logits, inputs.sample_rows).tolist()  # the step's one host sync
+        return RunnerOutput(sampled=dict(zip(inputs.sample_request_ids, tokens, strict=True)))
+
+    @torch.inference_mode()
+    def forward(self, inputs: StepInputs) -> torch.Tensor:
+        """Run the model; returns logits ``[S, V]`` for the sampling chunks, in chunk order."""
+        result = self.model(
+            input_ids=inputs.input_ids,
+            position_ids=inputs.position_ids,
+            use_cache=False,
+            logits_to_keep=inputs.logits_indices,
+            attn_metadata=inputs.attn_metadata,
+            kv_cache=self.kv_cache,
+        )
+        logits = result.logits[0]
+        if logits.shape[0] != inputs.logits_indices.shape[0]:
+            # A model whose forward ignores logits_to_keep returned logits for every token.
+            logits = logits.index_select(0, inputs.logits_indices)
+        return logits
+
+    def compute_logits(self, out: SchedulerOutput) -> torch.Tensor:
+        """Run one step without sampling (tests, scoring): logits of the sampling chunks."""
+        return self.forward(self.prepare(out))
+
+    # -- host-side preparation (vectorised over tokens) -----------------------------------------
+
+    def prepare(self, out: SchedulerOutput) -> StepInputs:
+        chunks = out.chunks
+        b = len(chunks)
+        if b == 0:
+            raise ValueError("cannot prepare an empty SchedulerOutput")
+        bs = self.block_size
+        q_lens = np.fromiter((len(c.token_ids) for c in chunks), np.int64, b)
+        starts = np.fromiter((c.start_pos for c in chunks), np.int64, b)
+        bt_lens = np.fromiter((len(c.block_table) for c in chunks), np.int64, b)
+        if (q_lens <= 0).any():
+            raise ValueError("every scheduled chunk needs at least one token")
+        if (starts < 0).any():
+            raise ValueError("start_pos must be >= 0")
+        seq_lens = starts + q_lens
+        if (bt_lens * bs < seq_lens).any():
+            i = int(np.flatnonzero(bt_lens * bs < seq_lens)[0])
+            raise ValueError(
+                f"request {chunks[i].request_id}: block_table of {bt_lens[i]} blocks cannot hold "
+                f"{seq_lens[i]} tokens at block_size {bs}"
+            )
+        if len({c.request_id for c in chunks}) != b:
+            raise ValueError("a request appears twice in one SchedulerOutput")
+        t = int(q_lens.sum())
+        ids = np.fromiter(chain.from_iterable(c.token_ids for c in chunks), np.int64, t)
+        if ids.min() < 0 or ids.max() >= self.vocab_size:
+            raise ValueError(f"token ids must be in [0, {self.vocab_size}), got min {ids.min()} max {ids.max()}")
+
+        qsl = np.zeros(b + 1, np.int64)
+        np.cumsum(q_lens, out=qsl[1:])
+        seq_of_tok = np.repeat(np.arange(b), q_lens)
+        positions = np.arange(t) - np.repeat(qsl[:-1] - starts, q_lens)
+
+        max_blocks = int(bt_lens.max())
+        block_tables = np.zeros((b, max_blocks), np.int64)
+        flat = np.fromiter(chain.from_iterable(c.block_table for c in chunks), np.int64, int(bt_lens.sum()))
+        if flat.size and (flat.min() < 0 or flat.max() >= self.num_blocks):
+            raise ValueError(f"block ids must be in [0, {self.num_blocks}), got min {flat.min()} max {flat.max()}")
+        block_tables[np.arange(max_blocks)[None, :] < bt_lens[:, None]] = flat
+        slots = block_tables[seq_of_tok, positions // bs] * bs + positions % bs
+
+        sample_mask = np.fromiter((c.sample for c in chunks), bool, b)
+        logits_indices = qsl[1:][sample_mask] - 1
+        sampled = [c for c in chunks if c.sample]
+        rows = tuple(
+            SamplingRow(c.params, c.num_output_tokens, self._banned(c.params, c.num_output_tokens)) for c in sampled
+        )
+
+        meta = AttentionMetadata(
+            slot_mapping=self._to_device(slots),
+            query_start_loc=self._to_device(qsl, torch.int32),
+            seq_lens=self._to_device(seq_lens, torch.int32),
+            block_tables=self._to_device(block_tables, torch.int32),
+            query_start_loc_host=qsl,
+            seq_lens_host=seq_lens,
+            max_query_len=int(q_lens.max()),
+            max_seq_len=int(seq_lens.max()),
+            block_size=bs,
+        )
+        return StepInputs(
+            input_ids=self._to_device(ids)[None],
+            position_ids=self._to_device(positions)[None],
+            logits_indices=self._to_device(logits_indices),
+            attn_metadata=meta,
+            sample_rows=rows,
+            sample_request_ids=tuple(c.request_id for c in sampled),
+        )
+
+    def _banned(self, params, num_output_tokens: int) -> tuple[int, ...]:
+        # min_tokens: no EOS / stop token may be sampled before that many outputs exist.
+        if num_output_tokens >= params.min_tokens:
+            return ()
+        eos = () if params.ignore_eos else self.eos_token_ids
+        return tuple(eos) + tuple(params.stop_token_ids)
+
+    def _to_device(self, a: np.ndarray, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+        t = torch.from_numpy(np.ascontiguousarray(a)).to(dtype)
+        if self.device.type == "cpu":
+            return t
+        return t.pin_memory().to(self.device, non_blocking=True)
+
+
+def _model_eos(model: PreTrainedModel) -> tuple[int, ...]:
+    for cfg in (getattr(model, "generation_config", None), model.config):
+        eos = getattr(cfg, "eos_token_id", None) if cfg is not None else None
+        if eos is not None:
+            return tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
+    return ()

@@ -1,0 +1,119 @@
+"""Token sampling on the logits' device: greedy, temperature, top-k, top-p, per-request seeds.
+
+Sampling is the exponential race (equivalently Gumbel-max): the token is
+``argmax(log p_i - log E_i)`` with ``E_i ~ Exp(1)`` i.i.d., which draws exactly from ``p``. The noise
+of a seeded request comes from a generator seeded by ``(seed, num_output_tokens)`` alone, so its
+tokens do not depend on what else shares the batch or in which step it runs (up to the logits
+themselves). Unseeded requests share the engine's generator. Greedy is exactly ``argmax(logits)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from replica.request import SamplingParams
+
+_MASK64 = (1 << 64) - 1
+
+
+def _mix_seed(seed: int, index: int) -> int:
+    """splitmix64 of (seed, index): unrelated streams for neighbouring seeds and token indices."""
+    z = (seed * 0x9E3779B97F4A7C15 + (index + 1) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) & ((1 << 63) - 1)
+
+
+@dataclass(frozen=True)
+class SamplingRow:
+    """One row of logits to sample from."""
+
+    params: SamplingParams
+    num_output_tokens: int  # index of the token being sampled: seeds the per-request RNG
+    banned_token_ids: tuple[int, ...] = ()  # e.g. EOS before min_tokens is reached
+
+
+class Sampler:
+    def __init__(self, seed: int = 0, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(seed & _MASK64)
+
+    def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+        """``logits [N, V]`` -> sampled token ids ``[N]`` (int64, on the logits' device)."""
+        n, vocab = logits.shape
+        if n != len(rows):
+            raise ValueError(f"got {n} logit rows for {len(rows)} sampling rows")
+        if n == 0:
+            return torch.empty(0, dtype=torch.long, device=logits.device)
+        if any(r.banned_token_ids for r in rows):
+            logits = logits.clone()
+            for i, r in enumerate(rows):
+                if r.banned_token_ids:
+                    ids = [t for t in r.banned_token_ids if 0 <= t < vocab]
+                    logits[i, ids] = -torch.inf
+        out = torch.argmax(logits, dim=-1)
+        rand = [i for i, r in enumerate(rows) if not r.params.greedy]
+        if not rand:
+            return out
+        ridx = torch.tensor(rand, device=logits.device)
+        rrows = [rows[i] for i in rand]
+        cdt = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        x = logits.index_select(0, ridx).to(cdt)
+        temp = torch.tensor([r.params.temperature for r in rrows], dtype=cdt, device=x.device)
+        x = _apply_top_k_top_p(
+            x / temp[:, None],
+            np.array([r.params.top_k if r.params.top_k > 0 else 0 for r in rrows], dtype=np.int64),
+            np.array([r.params.top_p for r in rrows], dtype=np.float64),
+        )
+        logp = torch.log_softmax(x, dim=-1)
+        noise = self._exponential(rrows, vocab, cdt, x.device)
+        out[ridx] = torch.argmax(logp - noise.log(), dim=-1)
+        return out
+
+    def _exponential(self, rows: Sequence[SamplingRow], vocab: int, dtype: torch.dtype, device) -> torch.Tensor:
+        e = torch.empty(len(rows), vocab, dtype=dtype, device=device)
+        unseeded = [i for i, r in enumerate(rows) if r.params.seed is None]
+        if unseeded:
+            # Generated on the generator's device, then moved (a no-op when they match).
+            u = torch.empty(len(unseeded), vocab, dtype=dtype, device=self.device)
+            u.exponential_(generator=self.generator)
+            e[torch.tensor(unseeded, device=device)] = u.to(device)
+        for i, r in enumerate(rows):
+            if r.params.seed is not None:
+                g = torch.Generator(device=device)
+                g.manual_seed(_mix_seed(r.params.seed, r.num_output_tokens))
+                e[i].exponential_(generator=g)
+        # Exp(1) can round to 0 in finite precision; clamp so log() stays finite.
+        return e.clamp_min_(torch.finfo(dtype).tiny)
+
+
+def _apply_top_k_top_p(x: torch.Tensor, top_k: np.ndarray, top_p: np.ndarray) -> torch.Tensor:
+    """Mask (to -inf) everything outside each row's top-k and then its top-p nucleus.
+
+    top-k keeps tokens whose logit is >= the k-th largest (ties at the boundary stay); top-p keeps
+    the smallest prefix of the sorted distribution whose mass reaches ``top_p`` (always >= 1 token).
+    """
+    need_k = top_k > 0
+    need_p = top_p < 1.0
+    if not need_k.any() and not need_p.any():
+        return x
+    vocab = x.shape[-1]
+    sorted_x, order = torch.sort(x, dim=-1, descending=True)
+    if need_k.any():
+        k = torch.from_numpy(np.where(need_k, np.minimum(top_k, vocab), vocab)).to(x.device)
+        kth = sorted_x.gather(1, (k - 1)[:, None])
+        sorted_x = sorted_x.masked_fill(sorted_x < kth, -torch.inf)
+    if need_p.any():
+        # Rows without top-p get +inf so float rounding of the cumsum never trims their tail.
+        p = torch.from_numpy(np.where(need_p, top_p, np.inf)).to(device=x.device, dtype=x.dtype)
+        probs = torch.softmax(sorted_x, dim=-1)
+        mass_before = torch.cumsum(probs, dim=-1) - probs
+        drop = mass_before >= p[:, None]
+        drop[:, 0] = False
+        sorted_x = sorted_x.masked_fill(drop, -torch.inf)
+    return torch.full_like(x, -torch.inf).scatter(1, order, sorted_x)
