@@ -1,0 +1,42 @@
+"""Finding the prompt's token ids in a replica call, before it is sent.
+
+The ingress tokenizes and calls the replica with the token ids, so the router can
+hash the prompt exactly as the engine's prefix cache does. Accepted shapes, first
+match wins:
+
+- a keyword argument named ``field`` (default ``prompt_token_ids``);
+- the first positional argument, when it is a list/tuple of ints;
+- the first positional argument's ``field`` attribute or key (a request object or dict).
+
+Anything else (text prompts, unresolved references) yields ``None`` and the request is
+routed by load alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+DEFAULT_FIELD = "prompt_token_ids"
+
+
+def _as_token_ids(value: Any) -> list[int] | None:
+    if isinstance(value, (list, tuple)) and value and all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        return list(value)
+    return None
+
+
+def extract_prompt_token_ids(
+    args: Sequence[Any] | None, kwargs: Mapping[str, Any] | None, field: str = DEFAULT_FIELD
+) -> list[int] | None:
+    if kwargs and field in kwargs:
+        return _as_token_ids(kwargs[field])
+    if not args:
+        return None
+    first = args[0]
+    ids = _as_token_ids(first)
+    if ids is not None:
+        return ids
+    if isinstance(first, Mapping):
+        return _as_token_ids(first.get(field))
+    return _as_token_ids(getattr(first, field, None))
