@@ -49,9 +49,9 @@ from typing import Any
 logger = logging.getLogger("ray.serve")
 
 # Names of the custom metrics LLMReplica.record_autoscaling_stats() reports.
-WAITING = "cbserve_waiting"
-RUNNING = "cbserve_running"
-KV_USAGE = "cbserve_kv_usage"
+WAITING = "num_waiting"
+RUNNING = "num_running"
+KV_USAGE = "kv_usage"
 
 # Keys this policy keeps in Serve's policy_state between ticks.
 _STATE_DIRECTION = "cbserve_pending_direction"

@@ -12,7 +12,7 @@ Order of preference:
 2. **Affinity**: the replica holding the longest run of this prompt's leading full
    blocks (reported by the replica, or placed there by this router moments ago),
    if at least ``min_match_blocks`` match and it is not overloaded: not saturated
-   (too many waiting, or too little free KV for this request's new blocks) and
+   (draining, too many waiting, or too little free KV for this request's new blocks) and
    carrying at most ``imbalance_threshold`` more requests than the least loaded
    replica. Ties go to the lower load.
 3. Otherwise (**load**, or **affinity_overloaded** when step 2 refused an affine
@@ -161,7 +161,7 @@ def rank_replicas(
     def saturated(r: ReplicaView) -> bool:
         s = r.stats
         assert s is not None
-        if s.num_waiting > cfg.max_waiting:
+        if s.draining or s.num_waiting > cfg.max_waiting:
             return True
         return s.num_free_blocks - needed[r.replica_id] < cfg.kv_reserve_fraction * s.num_total_blocks
 

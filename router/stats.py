@@ -36,6 +36,7 @@ class RoutingStats:
     num_waiting: int
     num_running: int
     prefix_hashes: frozenset[int]
+    draining: bool = False  # shutting down: refuses new requests
 
     @property
     def load(self) -> int:
@@ -56,6 +57,7 @@ class RoutingStats:
             "waiting": self.num_waiting,
             "running": self.num_running,
             "prefix_hashes": list(self.prefix_hashes),
+            "draining": self.draining,
         }
 
     @classmethod
@@ -76,6 +78,7 @@ class RoutingStats:
                 num_waiting=int(d["waiting"]),
                 num_running=int(d["running"]),
                 prefix_hashes=frozenset(int(h) for h in d.get("prefix_hashes", ())),
+                draining=bool(d.get("draining", False)),
             )
         except (KeyError, TypeError, ValueError):
             return None
@@ -96,6 +99,7 @@ def build_routing_stats(
     num_waiting: int,
     num_running: int,
     prefix_hashes: Iterable[int],
+    draining: bool = False,
     max_prefix_hashes: int = DEFAULT_MAX_PREFIX_HASHES,
     timestamp: float | None = None,
 ) -> dict[str, Any]:
@@ -120,4 +124,5 @@ def build_routing_stats(
         "waiting": int(num_waiting),
         "running": int(num_running),
         "prefix_hashes": hashes,
+        "draining": bool(draining),
     }

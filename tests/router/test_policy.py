@@ -97,6 +97,14 @@ def test_headroom_wins_when_affine_replica_queue_is_saturated():
     assert (d.reason, d.first) == (Reason.AFFINITY_OVERLOADED, "a")
 
 
+def test_draining_replica_is_never_affine_and_ranked_last():
+    from dataclasses import replace
+
+    views = [view("a", stats(running=3)), view("b", replace(stats(held=10), draining=True))]
+    d = rank(views)
+    assert (d.reason, [g[0] for g in d.groups]) == (Reason.AFFINITY_OVERLOADED, ["a", "b"])
+
+
 def test_queue_depth_orders_replicas_without_affinity():
     views = [view("a", stats(running=5)), view("b", stats(running=1)), view("c", stats(running=3))]
     d = rank(views, prompt=[7, 8, 9])  # shorter than a block: nothing to match

@@ -15,12 +15,13 @@ def test_round_trip_and_bound():
         prefix_hashes=iter(range(10)),
         max_prefix_hashes=4,
         timestamp=123.5,
+        draining=True,
     )
     assert d["prefix_hashes"] == [0, 1, 2, 3]  # most recently used first, truncated
     s = RoutingStats.from_wire(d)
     assert s is not None
     assert (s.timestamp, s.block_size, s.load, s.kv_free_fraction) == (123.5, 16, 5, 0.75)
-    assert s.prefix_hashes == {0, 1, 2, 3}
+    assert s.prefix_hashes == {0, 1, 2, 3} and s.draining
     assert RoutingStats.from_wire(s.to_wire()) == s
 
 
