@@ -1,0 +1,625 @@
+"""The engine: ``LLMEngine`` (synchronous step loop) and ``AsyncEngine`` (the same engine
+stepping in a background thread, with one asyncio stream of deltas per request).
+
+One step is three verbs: ``scheduler.schedule()`` -> ``runner.run()`` ->
+``scheduler.update()``; the engine then turns new tokens into text deltas with a
+per-request incremental detokenizer, which also finds stop strings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
+
+from replica.config import EngineConfig
+from replica.errors import EngineError, EngineUnavailableError, InvalidRequestError, QueueFullError, RequestTooLongError
+from replica.outputs import CompletionOutput, Delta, EngineStats, RunnerOutput, SchedulerOutput, Usage
+from replica.request import FinishReason, Request, SamplingParams
+from replica.scheduler import Scheduler
+
+if TYPE_CHECKING:
+    from replica.models import LoadedModel
+    from replica.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+Prompt = str | Sequence[int]
+_RATE_WINDOW_S = 10.0  # output tokens/s is measured over this recent window
+
+
+class Runner(Protocol):
+    def run(self, out: SchedulerOutput) -> RunnerOutput: ...
+
+
+class Detokenizer(Protocol):
+    def add(self, token_ids: Sequence[int]) -> tuple[str, bool]: ...
+    def flush(self) -> str: ...
+
+
+def _default_detokenizer(tokenizer: Any, prompt_token_ids: Sequence[int], stop: tuple[str, ...]) -> Detokenizer:
+    from replica.tokenizer import IncrementalDetokenizer
+
+    return IncrementalDetokenizer(tokenizer, prompt_token_ids, stop)
+
+
+def kv_cache_num_blocks(config: EngineConfig, model: Any, max_model_len: int) -> int:
+    """KV pool size: ``cache.num_blocks`` if set, else free CUDA memory times
+    ``gpu_memory_utilization`` (CUDA) or ``cpu_cache_gib`` (CPU), divided by the size of a
+    block; capped at what ``max_num_seqs`` full-length sequences could ever use (a tiny
+    model would otherwise get millions of blocks it can never fill)."""
+    cache = config.cache
+    if cache.num_blocks is not None:
+        return cache.num_blocks
+    import torch
+
+    from replica.model_runner import ModelRunner
+
+    param = next(model.parameters())
+    per_block = ModelRunner.block_bytes(model.config, cache.block_size, param.dtype)
+    if param.device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(param.device)
+        budget = free * cache.gpu_memory_utilization
+        where = f"{free / 2**30:.2f} GiB free on {param.device} x gpu_memory_utilization {cache.gpu_memory_utilization}"
+    else:
+        budget = cache.cpu_cache_gib * 2**30
+        where = f"cpu_cache_gib {cache.cpu_cache_gib}"
+    n = int(budget // per_block)
+    if n < 1:
+        raise ValueError(f"no room for a single KV block of {per_block} bytes ({where})")
+    blocks_per_seq = -(-max_model_len // cache.block_size)
+    return min(n, config.scheduler.max_num_seqs * blocks_per_seq)
+
+
+class LLMEngine:
+    """Synchronous engine: ``add_request`` then call ``step`` until ``has_unfinished`` is False.
+
+    Components can be injected for tests: ``runner`` (anything with ``run``),
+    ``tokenizer`` and ``detokenizer_factory``; without them they come from ``loaded``
+    (or ``replica.models.load_model(config.model)``).
+    """
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        *,
+        loaded: LoadedModel | None = None,
+        runner: Runner | None = None,
+        tokenizer: Tokenizer | None = None,
+        detokenizer_factory: Callable[[Any, Sequence[int], tuple[str, ...]], Detokenizer] | None = None,
+    ) -> None:
+        self.config = config
+        if loaded is None and (runner is None or tokenizer is None):
+            from replica.models import load_model
+
+            loaded = load_model(config.model)
+        self.tokenizer = tokenizer if tokenizer is not None else loaded.tokenizer  # type: ignore[union-attr]
+        lens = [n for n in (config.model.max_model_len, getattr(loaded, "max_model_len", None)) if n]
+        if not lens:
+            raise ValueError("max_model_len is unknown: set ModelConfig.max_model_len")
+        self.max_model_len = min(lens)
+        self.model_name = config.model.served_name or (loaded.name if loaded is not None else config.model.model)
+        self.block_size = config.cache.block_size
+        if runner is None:
+            from replica.model_runner import ModelRunner
+
+            num_blocks = kv_cache_num_blocks(config, loaded.model, self.max_model_len)  # type: ignore[union-attr]
+            runner = ModelRunner(
+                loaded.model,  # type: ignore[union-attr]
+                config.cache,
+                config.runner,
+                num_blocks,
+                seed=config.model.seed,
+                eos_token_ids=self.tokenizer.eos_token_ids,
+            )
+        else:
+            num_blocks = config.cache.num_blocks or getattr(runner, "num_blocks", None)
+            if not num_blocks:
+                raise ValueError("set CacheConfig.num_blocks (or runner.num_blocks) with an injected runner")
+        self.runner = runner
+        self.num_blocks = num_blocks
+        self._vocab_size = int(getattr(runner, "vocab_size", 0) or self.tokenizer.vocab_size)
+        self.scheduler = Scheduler(
+            config.scheduler, config.cache, num_blocks=num_blocks, max_model_len=self.max_model_len
+        )
+        self._detokenizer_factory = detokenizer_factory or _default_detokenizer
+        self._detoks: dict[str, Detokenizer] = {}
+        self._pending: list[Delta] = []  # deltas of requests finished outside a step (abort)
+        self._last_scheduled: tuple[str, ...] = ()
+        self._ids = itertools.count()
+        # counters
+        self._num_steps = 0
+        self._num_refused = 0
+        self._prompt_tokens_total = 0
+        self._generation_tokens_total = 0
+        self._cached_prompt_tokens_total = 0
+        self._rate: deque[tuple[float, int]] = deque()  # (step start, output tokens)
+
+    # ----- requests ---------------------------------------------------------------------
+
+    def make_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None) -> Request:
+        """Tokenize and validate, raising InvalidRequestError / RequestTooLongError before
+        any work. Touches no engine state besides the refusal counter (thread-safe enough
+        for AsyncEngine to call it from the event loop)."""
+        params = params if params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError(f"params must be SamplingParams, got {type(params).__name__}")
+        if not isinstance(request_id, str) or not request_id:
+            raise InvalidRequestError("request_id must be a non-empty string", param="request_id")
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+        else:
+            try:
+                ids = [int(t) for t in prompt]
+            except (TypeError, ValueError):
+                raise InvalidRequestError("prompt must be a string or a list of token ids", param="prompt") from None
+            bad = [t for t in ids if not 0 <= t < self._vocab_size]
+            if bad:
+                raise InvalidRequestError(
+                    f"prompt token ids must be in [0, {self._vocab_size}), got {bad[0]}", param="prompt"
+                )
+        if not ids:
+            raise InvalidRequestError("the prompt must contain at least one token", param="prompt")
+        req = Request(
+            request_id=request_id,
+            prompt_token_ids=ids,
+            params=params,
+            arrival_time=time.monotonic(),
+            eos_token_ids=frozenset(self.tokenizer.eos_token_ids),
+        )
+        try:
+            self.scheduler.admission.check_fits(req)
+        except RequestTooLongError:
+            self._num_refused += 1
+            raise
+        return req
+
+    def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None) -> None:
+        """Queue a request; raises an EngineError subclass (and changes nothing) on refusal."""
+        self.add(self.make_request(request_id, prompt, params))
+
+    def add(self, req: Request, *, enforce_queue_limit: bool = True) -> None:
+        """Queue a request built by ``make_request``."""
+        try:
+            self.scheduler.add(req, enforce_queue_limit=enforce_queue_limit)
+        except (QueueFullError, RequestTooLongError):
+            self._num_refused += 1
+            raise
+        self._detoks[req.request_id] = self._detokenizer_factory(
+            self.tokenizer, req.prompt_token_ids, req.params.stop
+        )
+
+    def abort(self, request_id: str) -> None:
+        """Finish a request now, wherever it is; its final delta comes with the next step."""
+        req = self.scheduler.abort(request_id)
+        if req is not None:
+            self._pending.append(self._final(req, "", ()))
+
+    def fail_requests(self, request_ids: Sequence[str], error: str) -> list[Delta]:
+        """Finish these requests with FinishReason.ERROR (after a failed step); returns their deltas."""
+        deltas = []
+        for rid in request_ids:
+            req = self.scheduler.finish(rid, FinishReason.ERROR)
+            if req is not None:
+                deltas.append(self._final(req, "", (), error=error))
+        return deltas
+
+    def unfinished_request_ids(self) -> list[str]:
+        return [r.request_id for r in itertools.chain(self.scheduler.running, self.scheduler.waiting)]
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished() or bool(self._pending)
+
+    # ----- one step -------------------------------------------------------------------
+
+    def step(self) -> list[Delta]:
+        deltas, self._pending = self._pending, []
+        started = time.monotonic()
+        out = self.scheduler.schedule()
+        if out.is_empty:
+            return deltas
+        self._last_scheduled = tuple(c.request_id for c in out.chunks)
+        res = self.runner.run(out)
+        got = self.scheduler.update(out, res)
+        self._last_scheduled = ()
+        self._num_steps += 1
+        self._generation_tokens_total += len(got)
+        self._rate.append((started, len(got)))
+        for req in got:
+            deltas.append(self._delta(req))
+        return deltas
+
+    @property
+    def last_scheduled(self) -> tuple[str, ...]:
+        """Requests of a step that raised (empty after a step that completed)."""
+        return self._last_scheduled
+
+    def _delta(self, req: Request) -> Delta:
+        token = req.output_token_ids[-1]
+        detok = self._detoks[req.request_id]
+        # A stop token (EOS or stop_token_ids) ends the output without adding text.
+        stopped_by_token = req.finish_reason is FinishReason.STOP
+        text, hit = detok.add(() if stopped_by_token else (token,))
+        if hit:
+            if req.is_finished:
+                req.finish_reason = FinishReason.STOP  # the stop string wins over LENGTH
+            else:
+                self.scheduler.finish(req.request_id, FinishReason.STOP)
+        if not req.is_finished:
+            return Delta(req.request_id, text, (token,))
+        if not hit:
+            text += detok.flush()
+        return self._final(req, text, (token,))
+
+    def _final(self, req: Request, text: str, token_ids: tuple[int, ...], *, error: str | None = None) -> Delta:
+        self._detoks.pop(req.request_id, None)
+        self._prompt_tokens_total += req.num_prompt_tokens
+        self._cached_prompt_tokens_total += req.num_cached_tokens
+        assert req.finish_reason is not None
+        usage = Usage(req.num_prompt_tokens, req.num_output_tokens, req.num_cached_tokens)
+        return Delta(req.request_id, text, token_ids, req.finish_reason, usage, error)
+
+    # ----- offline batches ----------------------------------------------------------------
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        use_tqdm: bool = True,
+    ) -> list[CompletionOutput]:
+        """Run a batch to completion; outputs in the order of ``prompts``. Every prompt is
+        validated before any work (a refusal raises and runs nothing); the bounded waiting
+        queue is fed as it drains."""
+        if isinstance(prompts, str) or (
+            isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)
+        ):
+            prompts = [prompts]  # type: ignore[list-item]
+        prompts = list(prompts)  # type: ignore[arg-type]
+        if params is None or isinstance(params, SamplingParams):
+            plist = [params or SamplingParams()] * len(prompts)
+        else:
+            plist = list(params)
+            if len(plist) != len(prompts):
+                raise InvalidRequestError(f"got {len(plist)} SamplingParams for {len(prompts)} prompts")
+        todo = deque(
+            self.make_request(f"generate-{next(self._ids)}", p, sp) for p, sp in zip(prompts, plist, strict=True)
+        )
+        order = [r.request_id for r in todo]
+        texts: dict[str, list[str]] = {rid: [] for rid in order}
+        tokens: dict[str, list[int]] = {rid: [] for rid in order}
+        reqs = {r.request_id: r for r in todo}
+        results: dict[str, CompletionOutput] = {}
+        bar = None
+        if use_tqdm:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(order), desc="generate", unit="req", dynamic_ncols=True)
+        try:
+            while todo or self.has_unfinished():
+                while todo and self.scheduler.num_waiting < self.config.scheduler.max_waiting:
+                    self.add(todo.popleft())
+                for d in self.step():
+                    if d.request_id not in texts:
+                        continue  # someone else's request sharing this engine
+                    texts[d.request_id].append(d.text)
+                    tokens[d.request_id].extend(d.token_ids)
+                    if d.finished:
+                        assert d.finish_reason is not None and d.usage is not None
+                        results[d.request_id] = CompletionOutput(
+                            request_id=d.request_id,
+                            prompt_token_ids=tuple(reqs[d.request_id].prompt_token_ids),
+                            token_ids=tuple(tokens[d.request_id]),
+                            text="".join(texts[d.request_id]),
+                            finish_reason=d.finish_reason,
+                            usage=d.usage,
+                        )
+                        if bar is not None:
+                            bar.update(1)
+                            bar.set_postfix(tok_s=f"{self._tokens_per_s():.0f}", refresh=False)
+        except BaseException:
+            for rid in order:
+                if rid not in results:
+                    self.abort(rid)
+            self._pending = [d for d in self._pending if d.request_id not in texts]
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        return [results[rid] for rid in order]
+
+    # ----- observability ----------------------------------------------------------------
+
+    def _tokens_per_s(self) -> float:
+        now = time.monotonic()
+        while self._rate and self._rate[0][0] < now - _RATE_WINDOW_S:
+            self._rate.popleft()
+        if not self._rate:
+            return 0.0
+        span = max(now - self._rate[0][0], 1e-6)
+        return sum(n for _, n in self._rate) / span
+
+    def stats(self) -> EngineStats:
+        kv = self.scheduler.kv
+        return EngineStats(
+            num_waiting=self.scheduler.num_waiting,
+            num_running=self.scheduler.num_running,
+            num_free_blocks=kv.num_free_blocks,
+            num_total_blocks=kv.num_total_blocks,
+            num_cached_blocks=kv.num_cached_blocks,
+            block_size=self.block_size,
+            num_preemptions=self.scheduler.num_preemptions,
+            num_refused=self._num_refused,
+            prompt_tokens_total=self._prompt_tokens_total,
+            generation_tokens_total=self._generation_tokens_total,
+            cached_prompt_tokens_total=self._cached_prompt_tokens_total,
+            tokens_per_s=self._tokens_per_s(),
+            num_steps=self._num_steps,
+            max_model_len=self.max_model_len,
+        )
+
+    def cached_block_hashes(self, limit: int = 4096) -> list[int]:
+        return self.scheduler.kv.cached_block_hashes(limit)
+
+
+class AsyncEngine:
+    """``LLMEngine`` stepping in a background thread, so the asyncio loop stays free.
+
+    ``add_request`` validates and refuses synchronously, then hands the request to the
+    step thread through a locked inbox; deltas come back through a per-request
+    ``asyncio.Queue`` fed with ``loop.call_soon_threadsafe``. Only the step thread touches
+    the engine's queues and cache, so no lock is held during a step.
+    """
+
+    _MAX_CONSECUTIVE_FAILURES = 3
+    _HASHES_REFRESH_S = 0.5
+
+    def __init__(
+        self, config: EngineConfig, *, loaded: LoadedModel | None = None, engine: LLMEngine | None = None, **kwargs: Any
+    ) -> None:
+        self.engine = engine if engine is not None else LLMEngine(config, loaded=loaded, **kwargs)
+        self.config = config
+        self._lock = threading.Lock()  # guards _inbox, _closed, _dead
+        self._inbox: list[tuple[str, Any]] = []  # ("add", Request) | ("abort", request_id)
+        self._num_inbox_adds = 0
+        self._wake = threading.Event()
+        self._streams: dict[str, asyncio.Queue[Delta]] = {}  # event-loop thread only
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._closed = False  # draining or stopped: refuse new requests
+        self._stop = False
+        self._dead: str | None = None
+        self._failures = 0
+        self._stats = self.engine.stats()
+        self._hashes: list[int] = []
+        self._hashes_limit = 4096
+        self._hashes_at = 0.0
+
+    # ----- facade -----------------------------------------------------------------------
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def model_name(self) -> str:
+        return self.engine.model_name
+
+    @property
+    def block_size(self) -> int:
+        return self.engine.block_size
+
+    @property
+    def is_dead(self) -> bool:
+        return self._dead is not None
+
+    async def start(self) -> None:
+        self._ensure_started(asyncio.get_running_loop())
+
+    def _ensure_started(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._thread is not None:
+            if loop is not self._loop:
+                raise RuntimeError("AsyncEngine is bound to another event loop")
+            return
+        self._loop = loop
+        self._thread = threading.Thread(target=self._run, name="engine-step-loop", daemon=True)
+        self._thread.start()
+
+    def add_request(
+        self, request_id: str, prompt: Prompt, params: SamplingParams | None = None
+    ) -> AsyncIterator[Delta]:
+        """Queue a request and return its stream of deltas (the last has finish_reason).
+        Refusals raise here, synchronously. Closing or cancelling the stream aborts the
+        request and frees its blocks."""
+        if self._dead is not None:
+            raise EngineUnavailableError(f"the engine failed and no longer accepts requests: {self._dead}")
+        if self._closed:
+            raise EngineUnavailableError("the engine is shutting down and no longer accepts requests")
+        self._ensure_started(asyncio.get_running_loop())
+        req = self.engine.make_request(request_id, prompt, params)
+        with self._lock:
+            if self._dead is not None or self._closed:
+                raise EngineUnavailableError("the engine is shutting down and no longer accepts requests")
+            if request_id in self._streams:
+                raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
+            max_waiting = self.config.scheduler.max_waiting
+            queued = self.engine.scheduler.num_waiting + self._num_inbox_adds
+            if queued >= max_waiting:
+                self.engine._num_refused += 1
+                raise QueueFullError(f"the waiting queue is full ({queued} of {max_waiting} requests); retry later")
+            queue: asyncio.Queue[Delta] = asyncio.Queue()
+            self._streams[request_id] = queue
+            self._inbox.append(("add", req))
+            self._num_inbox_adds += 1
+        self._wake.set()
+        return self._stream(request_id, queue)
+
+    async def _stream(self, request_id: str, queue: asyncio.Queue[Delta]) -> AsyncIterator[Delta]:
+        finished = False
+        try:
+            while True:
+                delta = await queue.get()
+                finished = delta.finished
+                yield delta
+                if finished:
+                    return
+        finally:
+            if not finished:  # consumer cancelled or closed the stream: free the request now
+                self._streams.pop(request_id, None)
+                self._post_abort(request_id)
+
+    async def abort(self, request_id: str) -> None:
+        """Abort a request; its stream (if still read) ends with an ABORT delta."""
+        self._post_abort(request_id)
+
+    def _post_abort(self, request_id: str) -> None:
+        with self._lock:
+            self._inbox.append(("abort", request_id))
+        self._wake.set()
+
+    def stats(self) -> EngineStats:
+        if self._thread is None:
+            return self.engine.stats()
+        s = self._stats
+        if self._num_inbox_adds:
+            from dataclasses import replace
+
+            s = replace(s, num_waiting=s.num_waiting + self._num_inbox_adds)
+        return s
+
+    def cached_block_hashes(self, limit: int = 4096) -> list[int]:
+        if self._thread is None:
+            return self.engine.cached_block_hashes(limit)
+        self._hashes_limit = max(self._hashes_limit, limit)
+        return self._hashes[:limit]
+
+    async def shutdown(self, drain_timeout_s: float = 30.0) -> None:
+        """Refuse new requests, let running ones finish (up to ``drain_timeout_s``), abort
+        the rest, stop the step loop."""
+        self._closed = True
+        if self._thread is None:
+            return
+        deadline = time.monotonic() + drain_timeout_s
+        while self._thread.is_alive() and (self._streams or self._inbox) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        with self._lock:
+            self._stop = True
+        self._wake.set()
+        await asyncio.to_thread(self._thread.join)
+        await asyncio.sleep(0)  # let the last call_soon_threadsafe deliveries run
+        self._end_streams(FinishReason.ABORT, None)
+
+    # ----- event-loop side --------------------------------------------------------------
+
+    def _deliver(self, deltas: list[Delta]) -> None:
+        for d in deltas:
+            queue = self._streams.get(d.request_id)
+            if queue is None:
+                continue  # its consumer went away
+            queue.put_nowait(d)
+            if d.finished:
+                del self._streams[d.request_id]
+
+    def _end_streams(self, reason: FinishReason, error: str | None) -> None:
+        """Give every open stream a final delta: nobody waits forever."""
+        for rid, queue in list(self._streams.items()):
+            queue.put_nowait(Delta(rid, "", (), reason, Usage(0, 0), error))
+        self._streams.clear()
+
+    # ----- step thread ------------------------------------------------------------------
+
+    def _send(self, deltas: list[Delta]) -> None:
+        if deltas and self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._deliver, deltas)
+
+    def _run(self) -> None:
+        try:
+            self._loop_body()
+        except BaseException as e:  # a bug in the loop itself: fail loudly, never hang a consumer
+            logger.exception("engine step loop crashed")
+            with self._lock:
+                self._dead = f"step loop crashed: {e!r}"
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.call_soon_threadsafe(self._end_streams, FinishReason.ERROR, self._dead)
+
+    def _loop_body(self) -> None:
+        eng = self.engine
+        while True:
+            with self._lock:
+                items, self._inbox = self._inbox, []
+                stop = self._stop
+            deltas: list[Delta] = []
+            for kind, x in items:
+                if kind == "add":
+                    try:
+                        eng.add(x, enforce_queue_limit=False)  # the bound was checked on arrival
+                    except EngineError as e:
+                        deltas.append(Delta(x.request_id, "", (), FinishReason.ERROR, Usage(0, 0), e.message))
+                    finally:
+                        with self._lock:
+                            self._num_inbox_adds -= 1
+                else:
+                    eng.abort(x)
+            if stop:
+                for rid in eng.unfinished_request_ids():
+                    eng.abort(rid)
+                deltas.extend(eng.step())  # only the pending ABORT deltas: nothing is left to run
+                self._send(deltas)
+                self._refresh(force=True)
+                return
+            if not eng.has_unfinished():
+                self._send(deltas)
+                self._refresh(force=True)
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            try:
+                deltas.extend(eng.step())
+                self._failures = 0
+            except Exception as e:
+                deltas.extend(self._on_step_error(e))
+            self._send(deltas)
+            self._refresh()
+            if self._dead is not None:
+                return
+
+    def _on_step_error(self, e: Exception) -> list[Delta]:
+        """Fail the requests of the step that raised; if the engine's state is broken or
+        steps keep failing, fail everything and refuse new requests."""
+        logger.exception("engine step failed")
+        eng = self.engine
+        msg = f"engine step failed: {type(e).__name__}: {e}"
+        self._failures += 1
+        deltas = eng.fail_requests(eng.last_scheduled or eng.unfinished_request_ids(), msg)
+        try:
+            eng.scheduler.kv.check_invariants()
+            broken = self._failures >= self._MAX_CONSECUTIVE_FAILURES
+        except AssertionError:
+            broken = True
+        if broken:
+            with self._lock:
+                self._dead = msg
+                items, self._inbox = self._inbox, []
+                self._num_inbox_adds -= sum(1 for k, _ in items if k == "add")
+            deltas.extend(eng.fail_requests(eng.unfinished_request_ids(), msg))
+            deltas.extend(
+                Delta(x.request_id, "", (), FinishReason.ERROR, Usage(0, 0), msg) for k, x in items if k == "add"
+            )
+        return deltas
+
+    def _refresh(self, *, force: bool = False) -> None:
+        self._stats = self.engine.stats()
+        now = time.monotonic()
+        if force or now - self._hashes_at >= self._HASHES_REFRESH_S:
+            self._hashes = self.engine.cached_block_hashes(self._hashes_limit)
+            self._hashes_at = now
+
