@@ -90,6 +90,8 @@ def paged_attention(
             valid &= kpos[None, :] > (lens_t[:, None] - 1 - sliding_window)
         scores = scores.masked_fill(~valid[:, None, None, :], -math.inf)
         probs = torch.softmax(scores, dim=-1)
+        # Slots past the context may hold anything (even NaN); 0 * NaN would leak into the output.
+        v = v.masked_fill(~valid[:, :, None, None], 0)
         o = torch.einsum("bkgs,bskd->bkgd", probs, v).reshape(len(decode), h, d)
         out.index_copy_(0, tok_t, o.to(query.dtype))
 
