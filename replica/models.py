@@ -136,16 +136,16 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     name = cfg.served_name or cfg.model
-    kind, _, arg = cfg.model.partition(":")
+    kind, sep, arg = cfg.model.partition(":")
     if cfg.model == DEFAULT_MODEL:
         model = _load_hf_model(str(default_checkpoint_dir()), dtype, device)
         tokenizer = load_tokenizer(DEFAULT_MODEL)
-    elif kind == "dummy" and arg:
+    elif sep and kind == "dummy":
         if arg not in DUMMY_CONFIGS:
             raise ModelLoadError(f"unknown dummy model {cfg.model!r}; known: {_names('dummy', DUMMY_CONFIGS)}")
         model = build_random_model(DUMMY_CONFIGS[arg], seed=cfg.seed, dtype=dtype, device=device)
         tokenizer = load_tokenizer(DEFAULT_MODEL)
-    elif kind == "tiny" and arg:
+    elif sep and kind == "tiny":
         if arg not in TINY_CONFIGS:
             raise ModelLoadError(f"unknown tiny model {cfg.model!r}; known: {_names('tiny', TINY_CONFIGS)}")
         model = build_random_model(TINY_CONFIGS[arg], seed=cfg.seed, dtype=dtype, device=device)
@@ -172,8 +172,8 @@ def tiny_model(arch: str, *, seed: int = 0, dtype: torch.dtype | str = torch.flo
 
 def load_tokenizer(model: str) -> Tokenizer:
     """The tokenizer for a model name, without loading any weights (for the ingress)."""
-    kind, _, _ = model.partition(":")
-    if model == DEFAULT_MODEL or kind in ("dummy", "tiny"):
+    kind, sep, _ = model.partition(":")
+    if model == DEFAULT_MODEL or (sep and kind in ("dummy", "tiny")):
         return _smollm2_tokenizer()
     _check_hf_source(model)
     from transformers import AutoTokenizer, GenerationConfig

@@ -1,0 +1,212 @@
+"""Tokenizer wrapper, chat template and incremental detokenization (SmolLM2 tokenizer)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from replica.errors import InvalidRequestError
+from replica.models import load_tokenizer
+from replica.tokenizer import IncrementalDetokenizer, Tokenizer
+
+REPLACEMENT = "\ufffd"
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return load_tokenizer("default")
+
+
+def stream(tok: Tokenizer, ids: list[int], stop=(), prompt=(), step: int = 1):
+    """Feed ids ``step`` at a time; return (deltas, hit index or None, flushed text)."""
+    d = IncrementalDetokenizer(tok, list(prompt), tuple(stop))
+    deltas, hit_at = [], None
+    for i in range(0, len(ids), step):
+        text, hit = d.add(ids[i : i + step])
+        deltas.append(text)
+        if hit:
+            hit_at = i
+            break
+    return deltas, hit_at, d.flush()
+
+
+def first_completed_stop(text: str, stop) -> str:
+    """Reference: cut the text at the stop string that is completed first, char by char."""
+    for end in range(1, len(text) + 1):
+        hits = [s for s in stop if text[:end].endswith(s)]
+        if hits:
+            return text[: end - len(max(hits, key=len))]
+    return text
+
+
+# ----------------------------------------------------------------------------- Tokenizer
+
+
+def test_round_trip_and_eos(tok):
+    text = "Hello, wörld! 世界 🎉 tabs\tand\nnewlines"
+    ids = tok.encode(text)
+    assert ids and all(isinstance(i, int) for i in ids)
+    assert tok.decode(ids) == text
+    assert tok.eos_token_ids == frozenset({2})  # <|im_end|>, not the GGUF's wrong <|im_start|>
+    assert tok.decode([2]) == "<|im_end|>"
+    assert tok.vocab_size == 49152
+
+
+def test_decode_ids_outside_vocab_is_empty_not_an_error(tok):
+    hello = tok.encode("hello")
+    assert tok.decode([tok.vocab_size, 151935, -1]) == ""
+    assert tok.decode([*hello, tok.vocab_size + 5, *hello]) == "hellohello"
+
+
+def test_encode_rejects_non_strings(tok):
+    with pytest.raises(InvalidRequestError):
+        tok.encode(["not", "a", "string"])  # type: ignore[arg-type]
+
+
+def test_chat_template_is_chatml_and_matches_encode(tok):
+    msgs = [{"role": "user", "content": "Hi there"}]
+    text = tok.render_chat_template(msgs)
+    assert text.endswith("<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n")
+    assert text.startswith("<|im_start|>system\n")  # the template's default system prompt
+    ids = tok.apply_chat_template(msgs)
+    assert ids == tok.encode(text, add_special_tokens=False)
+    assert ids.count(1) == 3 and ids[-3:] == tok.encode("<|im_start|>assistant\n")[-3:]
+    no_prompt = tok.apply_chat_template(msgs, add_generation_prompt=False)
+    assert ids[: len(no_prompt)] == no_prompt and len(no_prompt) < len(ids)
+
+
+def test_chat_content_parts_are_flattened(tok):
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]}]
+    assert tok.apply_chat_template(parts) == tok.apply_chat_template([{"role": "user", "content": "Hi there"}])
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [],
+        "hello",
+        [{"content": "no role"}],
+        [{"role": "", "content": "empty role"}],
+        [{"role": "user", "content": 42}],
+        [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}],
+        ["not a dict"],
+    ],
+)
+def test_malformed_chat_messages_raise_invalid_request(tok, messages):
+    with pytest.raises(InvalidRequestError) as e:
+        tok.apply_chat_template(messages)
+    assert e.value.param == "messages"
+
+
+def test_model_without_chat_template_raises_invalid_request(tok):
+    import copy
+
+    hf = copy.deepcopy(tok.hf)
+    hf.chat_template = None
+    with pytest.raises(InvalidRequestError, match="no chat template"):
+        Tokenizer(hf, name="plain").apply_chat_template([{"role": "user", "content": "x"}])
+
+
+# ----------------------------------------------------------------------------- detokenizer
+
+
+def test_multibyte_characters_split_across_tokens_are_never_emitted_broken(tok):
+    text = "Emoji 🎉🚀 and 世界 and é, ok 👍🏽!"
+    ids = tok.encode(text)
+    # The test is only meaningful if some single token is half a character.
+    assert any(REPLACEMENT in tok.decode([i]) for i in ids)
+    deltas, hit, rest = stream(tok, ids)
+    assert hit is None
+    assert all(REPLACEMENT not in d for d in deltas)
+    assert "".join(deltas) + rest == text
+    assert rest == ""  # nothing needed holding back at the end
+
+
+def test_incomplete_character_at_the_end_is_released_by_flush(tok):
+    ids = tok.encode("ok 🎉")
+    partial = next(n for n in range(len(ids), 0, -1) if tok.decode(ids[:n]).endswith(REPLACEMENT))
+    d = IncrementalDetokenizer(tok, [], ())
+    text, hit = d.add(ids[:partial])
+    assert not hit and REPLACEMENT not in text
+    assert text + d.flush() == tok.decode(ids[:partial])
+
+
+def test_leading_space_of_first_token_kept_with_prompt_context(tok):
+    prompt = tok.encode("The answer is")
+    ids = tok.encode("The answer is 42 today")[len(prompt) :]
+    deltas, _, rest = stream(tok, ids, prompt=prompt)
+    assert "".join(deltas) + rest == " 42 today"
+
+
+def test_stop_string_spanning_tokens_drops_it_and_everything_after(tok):
+    text = "Hello world. The end is near."
+    ids = tok.encode(text)
+    stop = "lo wor"  # spans the tokens "Hello" and " world"
+    assert not any(stop in tok.decode([i]) for i in ids)
+    deltas, hit_at, rest = stream(tok, ids, stop=(stop,))
+    assert hit_at is not None and hit_at < len(ids) - 1  # stopped early
+    assert "".join(deltas) == "Hel"
+    assert rest == ""  # after a hit flush releases nothing
+
+
+def test_text_that_may_start_a_stop_string_is_held_back_then_released(tok):
+    ids = tok.encode("Hello world? yes")
+    d = IncrementalDetokenizer(tok, [], ("world!",))
+    out = []
+    for i in ids:
+        text, hit = d.add([i])
+        assert not hit
+        out.append(text)
+        assert not "".join(out).endswith(" world")  # held back: could become "world!"
+    assert "".join(out) + d.flush() == "Hello world? yes"
+
+
+def test_flush_releases_held_back_prefix_without_a_hit(tok):
+    d = IncrementalDetokenizer(tok, [], ("STOP NOW",))
+    text, hit = d.add(tok.encode("go STOP"))
+    assert (text, hit) == ("go ", False)
+    assert d.flush() == "STOP"
+    assert d.text == "go STOP"
+
+
+def test_stop_at_the_very_end_leaves_nothing_after(tok):
+    deltas, hit_at, rest = stream(tok, tok.encode("Answer: 42</s>"), stop=("</s>",))
+    assert hit_at is not None
+    assert "".join(deltas) == "Answer: 42" and rest == ""
+
+
+def test_add_after_stop_is_a_no_op(tok):
+    d = IncrementalDetokenizer(tok, [], ("b",))
+    assert d.add(tok.encode("a b c")) == ("a ", True)
+    assert d.add(tok.encode(" more")) == ("", True)
+    assert d.stopped == "b"
+
+
+def test_special_tokens_are_skipped_in_output(tok):
+    ids = tok.encode("Hi!") + [2]  # <|im_end|>
+    deltas, _, rest = stream(tok, ids)
+    assert "".join(deltas) + rest == "Hi!"
+
+
+def test_out_of_vocab_ids_from_a_bigger_model_vocab_do_not_crash(tok):
+    ids = tok.encode("ab") + [100_000] + tok.encode("cd")
+    deltas, _, rest = stream(tok, ids)
+    assert "".join(deltas) + rest == "abcd"
+
+
+_alphabet = st.sampled_from(list("ab c.\n") + ["é", "世", "🎉", "ST", "OP"])
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    pieces=st.lists(_alphabet, min_size=0, max_size=30),
+    stop=st.lists(st.text(alphabet="ab c.é世🎉STOP", min_size=1, max_size=4), max_size=3),
+    step=st.integers(1, 3),
+)
+def test_streamed_text_equals_reference_cut(tok, pieces, stop, step):
+    text = "".join(pieces)
+    ids = tok.encode(text)
+    deltas, _, rest = stream(tok, ids, stop=stop, step=step)
+    assert all(REPLACEMENT not in d for d in deltas)
+    assert "".join(deltas) + rest == first_completed_stop(tok.decode(ids), stop)
