@@ -16,6 +16,7 @@ Contract of the HF attention call (transformers 5.x, Llama/Qwen2/Mistral and fri
 
 from __future__ import annotations
 
+import importlib
 from typing import Protocol
 
 import torch
@@ -51,6 +52,11 @@ class AttentionBackend(Protocol):
 
 # Process-wide table of backend *implementations* (like AttentionInterface itself); no per-step state.
 _BACKENDS: dict[str, AttentionBackend] = {}
+# Backends in optional modules, registered on first resolve. The modules must import without
+# Triton/CUDA (import triton inside functions) so CPU-only installs can still list them.
+_OPTIONAL: dict[str, tuple[str, str]] = {
+    "triton": ("replica.attention.triton_backend", "TritonAttentionBackend"),
+}
 
 
 def _make_hf_function(backend: AttentionBackend):
@@ -108,13 +114,26 @@ def register_backend(backend: AttentionBackend) -> None:
     AttentionInterface.register(_PREFIX + backend.name, _make_hf_function(backend))
 
 
+def _load_optional_backends() -> None:
+    for name, (module_name, class_name) in _OPTIONAL.items():
+        if name in _BACKENDS:
+            continue
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        register_backend(getattr(module, class_name)())
+
+
 def available_backends() -> list[str]:
+    _load_optional_backends()
     return sorted(_BACKENDS)
 
 
 def resolve_backend(requested: str, device: torch.device) -> AttentionBackend:
     """``auto``: the fastest registered backend that supports ``device`` (triton on CUDA when
     present), else torch. A named backend must exist and support the device."""
+    _load_optional_backends()
     if requested == "auto":
         for name in ("triton", "torch"):
             b = _BACKENDS.get(name)
