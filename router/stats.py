@@ -52,12 +52,13 @@ class RoutingStats:
             "v": WIRE_VERSION,
             "ts": self.timestamp,
             "block_size": self.block_size,
-            "free_blocks": self.num_free_blocks,
-            "total_blocks": self.num_total_blocks,
-            "waiting": self.num_waiting,
-            "running": self.num_running,
-            "prefix_hashes": list(self.prefix_hashes),
+            "num_free_blocks": self.num_free_blocks,
+            "num_total_blocks": self.num_total_blocks,
+            "num_waiting": self.num_waiting,
+            "num_running": self.num_running,
+            "kv_usage": 1.0 - self.kv_free_fraction,
             "draining": self.draining,
+            "prefix_hashes": list(self.prefix_hashes),
         }
 
     @classmethod
@@ -73,10 +74,10 @@ class RoutingStats:
             stats = cls(
                 timestamp=float(d["ts"]),
                 block_size=int(d["block_size"]),
-                num_free_blocks=int(d["free_blocks"]),
-                num_total_blocks=int(d["total_blocks"]),
-                num_waiting=int(d["waiting"]),
-                num_running=int(d["running"]),
+                num_free_blocks=int(d["num_free_blocks"]),
+                num_total_blocks=int(d["num_total_blocks"]),
+                num_waiting=int(d["num_waiting"]),
+                num_running=int(d["num_running"]),
                 prefix_hashes=frozenset(int(h) for h in d.get("prefix_hashes", ())),
                 draining=bool(d.get("draining", False)),
             )
@@ -119,10 +120,11 @@ def build_routing_stats(
         "v": WIRE_VERSION,
         "ts": time.time() if timestamp is None else float(timestamp),
         "block_size": int(block_size),
-        "free_blocks": int(num_free_blocks),
-        "total_blocks": int(num_total_blocks),
-        "waiting": int(num_waiting),
-        "running": int(num_running),
-        "prefix_hashes": hashes,
+        "num_free_blocks": int(num_free_blocks),
+        "num_total_blocks": int(num_total_blocks),
+        "num_waiting": int(num_waiting),
+        "num_running": int(num_running),
+        "kv_usage": 1.0 - int(num_free_blocks) / max(1, int(num_total_blocks)),  # for humans; derived
         "draining": bool(draining),
+        "prefix_hashes": hashes,
     }

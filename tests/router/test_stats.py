@@ -35,6 +35,13 @@ def test_large_unsigned_hashes_survive():
     assert s is not None and h in s.prefix_hashes
 
 
+GOOD = {"v": 1, "ts": 1.0, "block_size": 1, "num_free_blocks": 1, "num_total_blocks": 1, "num_waiting": 0, "num_running": 0}
+
+
+def test_minimal_dict_parses():
+    assert RoutingStats.from_wire(GOOD) is not None
+
+
 @pytest.mark.parametrize(
     "raw",
     [
@@ -42,10 +49,11 @@ def test_large_unsigned_hashes_survive():
         {},
         {"v": 99},
         {"v": 1, "ts": 1.0},  # fields missing
-        {"v": 1, "ts": "x", "block_size": 1, "free_blocks": 1, "total_blocks": 1, "waiting": 0, "running": 0},
-        {"v": 1, "ts": 1.0, "block_size": 0, "free_blocks": 1, "total_blocks": 1, "waiting": 0, "running": 0},
-        {"v": 1, "ts": 1.0, "block_size": 1, "free_blocks": 1, "total_blocks": 0, "waiting": 0, "running": 0},
-        {"v": 1, "ts": 1.0, "block_size": 1, "free_blocks": 1, "total_blocks": 1, "waiting": -1, "running": 0},
+        {**GOOD, "ts": "x"},
+        {**GOOD, "block_size": 0},
+        {**GOOD, "num_total_blocks": 0},
+        {**GOOD, "num_waiting": -1},
+        {**GOOD, "prefix_hashes": ["not a hash"]},
     ],
 )
 def test_malformed_stats_read_as_missing(raw):
