@@ -1,0 +1,177 @@
+"""build_app(args) -> Application: the import_path of deployments.yaml.
+
+    serve run deployments.yaml                         # the file's args
+    serve run deployments.app:build_app model=tiny:llama num_replicas=2
+
+The graph: OpenAIIngress (HTTP, tokenize) --DeploymentHandle--> LLMReplica x N (one GPU each).
+Arguments are validated here (unknown keys rejected) and turned into the engine's frozen
+EngineConfig and Serve deployment options.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from ray.serve import Application
+
+from deployments.ingress import IngressSettings, OpenAIIngress
+from deployments.llm import LLMReplica, ReplicaUserConfig
+from replica.config import CacheConfig, EngineConfig, ModelConfig, RunnerConfig, SchedulerConfig
+
+
+class _Args(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class EngineArgs(_Args):
+    """Engine settings (replica/config.py); unset fields keep the engine's defaults."""
+
+    dtype: Literal["auto", "float32", "float64", "bfloat16", "float16"] | None = Field(default=None, description="Weights/activations dtype.")
+    device: str | None = Field(default=None, description="auto | cpu | cuda | cuda:N (default: cuda where the replica has a GPU, else cpu).")
+    max_model_len: int | None = Field(default=None, gt=0, description="Context length (default: the model's own).")
+    seed: int | None = Field(default=None, description="Seed for dummy weights and unseeded sampling.")
+    block_size: int | None = Field(default=None, gt=0, description="Tokens per KV block.")
+    num_blocks: int | None = Field(default=None, gt=0, description="KV blocks in the pool (default: sized from memory).")
+    gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1, description="Fraction of GPU memory for weights + KV cache.")
+    cpu_cache_gib: float | None = Field(default=None, gt=0, description="KV cache size on CPU.")
+    enable_prefix_caching: bool | None = Field(default=None, description="Reuse KV blocks of shared prompt prefixes.")
+    watermark: float | None = Field(default=None, ge=0, lt=1, description="Fraction of blocks kept free at admission.")
+    max_num_seqs: int | None = Field(default=None, gt=0, description="Requests running at once per replica.")
+    max_num_batched_tokens: int | None = Field(default=None, gt=0, description="Token budget of one engine step.")
+    max_waiting: int | None = Field(default=None, ge=0, description="Waiting queue bound per replica; beyond it: 429.")
+    use_cuda_graphs: bool | None = Field(default=None, description="Replay decode steps from CUDA graphs.")
+    max_graph_batch_size: int | None = Field(default=None, gt=0, description="Largest captured decode batch.")
+    attention_backend: Literal["auto", "torch", "triton"] | None = Field(default=None, description="Paged attention kernels.")
+
+    def _pick(self, cls: type, **extra: Any) -> Any:
+        fields = {f: getattr(self, f) for f in cls.__dataclass_fields__ if f in type(self).model_fields}
+        return cls(**{k: v for k, v in {**fields, **extra}.items() if v is not None})
+
+
+class AutoscalingArgs(_Args):
+    """Serve autoscaling bounds for LLMReplica (replaces num_replicas)."""
+
+    min_replicas: int = Field(default=1, ge=0)
+    max_replicas: int = Field(default=4, ge=1)
+    initial_replicas: int | None = Field(default=None, ge=0)
+    target_ongoing_requests: float | None = Field(default=None, gt=0, description="Serve's default policy target.")
+    upscale_delay_s: float | None = Field(default=None, ge=0)
+    downscale_delay_s: float | None = Field(default=None, ge=0)
+    metrics_interval_s: float | None = Field(default=None, gt=0)
+    look_back_period_s: float | None = Field(default=None, gt=0)
+    policy: str | None = Field(default=None, description="Import path module:function of a custom policy (default: Serve's).")
+    policy_kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingArgs:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("autoscaling.min_replicas must be <= max_replicas")
+        return self
+
+    def serve_config(self) -> dict[str, Any]:
+        cfg = self.model_dump(exclude={"policy", "policy_kwargs"}, exclude_none=True)
+        if self.policy is not None:
+            cfg["policy"] = {"policy_function": self.policy, "policy_kwargs": self.policy_kwargs}
+        return cfg
+
+
+class RouterArgs(_Args):
+    """Serve request router of LLMReplica (default: Serve's power-of-two-choices)."""
+
+    request_router_class: str = Field(description="Import path of a RequestRouter subclass.")
+    request_router_kwargs: dict[str, Any] = Field(default_factory=dict)
+    request_routing_stats_period_s: float | None = Field(default=None, gt=0)
+    request_routing_stats_timeout_s: float | None = Field(default=None, gt=0)
+
+    def serve_config(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)
+
+
+class AppArgs(_Args):
+    """Arguments of build_app (the ``args`` of an application in deployments.yaml)."""
+
+    model: str = Field(default="default", description='"default" (embedded SmolLM2-135M-Instruct), "dummy:<shape>", "tiny:<arch>", HF id or path.')
+    served_model_name: str | None = Field(default=None, description="Model name clients send and /v1/models lists (default: model).")
+    engine: EngineArgs = Field(default_factory=EngineArgs)
+    num_replicas: int = Field(default=1, ge=1, description="Fixed LLMReplica count (ignored with autoscaling).")
+    autoscaling: AutoscalingArgs | None = Field(default=None, description="Autoscaling bounds instead of num_replicas.")
+    num_gpus: float | Literal["auto"] = Field(default="auto", description='GPUs per replica; "auto": 1 where the cluster has GPUs, else 0.')
+    num_cpus: float = Field(default=1, ge=0, description="CPUs reserved per LLMReplica.")
+    accelerator_resource: str | None = Field(default=None, description="Custom Ray resource (1 per replica) for placement, e.g. fake_gpu in tests.")
+    max_ongoing_requests: int | None = Field(default=None, gt=0, description="Serve's per-replica cap (default: max_num_seqs + max_waiting, so the engine queue decides 429).")
+    replica: ReplicaUserConfig = Field(default_factory=ReplicaUserConfig, description="Live settings (user_config, no restart).")
+    router: RouterArgs | None = Field(default=None, description="Custom request router (KV-cache aware).")
+    ingress_replicas: int = Field(default=1, ge=1, description="OpenAIIngress replicas.")
+    ingress_num_cpus: float = Field(default=1, ge=0)
+    default_max_tokens: int | None = Field(default=None, ge=1, description="Chat max_tokens when a client sends none (default: rest of the context).")
+    graceful_shutdown_timeout_s: float = Field(default=60, ge=0, description="How long Serve waits for in-flight requests before stopping a replica.")
+
+    def resolved_num_gpus(self) -> float:
+        if self.num_gpus != "auto":
+            return float(self.num_gpus)
+        return 1.0 if _cluster_has_gpus() else 0.0
+
+    def engine_config(self, num_gpus: float) -> EngineConfig:
+        e = self.engine
+        device = e.device or ("auto" if num_gpus > 0 else "cpu")  # a GPU-less replica must not grab a visible GPU
+        return EngineConfig(
+            model=ModelConfig(
+                **{
+                    k: v
+                    for k, v in dict(
+                        model=self.model,
+                        dtype=e.dtype,
+                        device=device,
+                        max_model_len=e.max_model_len,
+                        seed=e.seed,
+                        served_name=self.served_model_name,
+                    ).items()
+                    if v is not None
+                }
+            ),
+            cache=e._pick(CacheConfig),
+            scheduler=e._pick(SchedulerConfig),
+            runner=e._pick(RunnerConfig),
+        )
+
+
+def _cluster_has_gpus() -> bool:
+    import ray
+
+    try:
+        if ray.is_initialized():
+            return ray.cluster_resources().get("GPU", 0) > 0
+    except Exception:
+        pass
+    return False
+
+
+def build_app(args: dict[str, Any] | None = None) -> Application:
+    a = AppArgs.model_validate(args or {})
+    num_gpus = a.resolved_num_gpus()
+    engine_config = a.engine_config(num_gpus)
+
+    actor_options: dict[str, Any] = {"num_cpus": a.num_cpus, "num_gpus": num_gpus}
+    if a.accelerator_resource:
+        actor_options["resources"] = {a.accelerator_resource: 1}
+    sched = engine_config.scheduler
+    options: dict[str, Any] = dict(
+        ray_actor_options=actor_options,
+        max_ongoing_requests=a.max_ongoing_requests or sched.max_num_seqs + sched.max_waiting + 1,
+        user_config=a.replica.model_dump(),
+        graceful_shutdown_timeout_s=a.graceful_shutdown_timeout_s,
+    )
+    if a.autoscaling is not None:
+        options["autoscaling_config"] = a.autoscaling.serve_config()
+    else:
+        options["num_replicas"] = a.num_replicas
+    if a.router is not None:
+        options["request_router_config"] = a.router.serve_config()
+    llm = LLMReplica.options(**options).bind(engine_config)
+
+    settings = IngressSettings(model=a.model, served_model_name=a.served_model_name, default_max_tokens=a.default_max_tokens)
+    ingress = OpenAIIngress.options(
+        num_replicas=a.ingress_replicas, ray_actor_options={"num_cpus": a.ingress_num_cpus}
+    ).bind(llm, settings.model_dump())
+    return ingress

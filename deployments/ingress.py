@@ -1,0 +1,482 @@
+"""OpenAI-compatible HTTP ingress: /v1/completions, /v1/chat/completions, /v1/models, /health.
+
+The ingress tokenizes (chat template or prompt -> token ids) and checks lengths before
+calling a replica: the router hashes prompt tokens by KV block, so tokens travel with
+the request, and a request that can never fit is answered 400 without using a replica.
+
+``OpenAIService`` holds the logic and talks to replicas through an ``LLMClient``;
+``build_api`` wraps it in FastAPI; ``OpenAIIngress`` is the Serve deployment that
+builds both at replica start (tests use the service with an in-process client).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from deployments.errors import APIError, ReplicaError
+from deployments.llm import GenerateRequest, ModelInfo
+from deployments.metrics import IngressMetrics
+from deployments.protocol import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatDelta,
+    ChatResponseMessage,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    ModelCard,
+    ModelList,
+    PromptTokensDetails,
+    UsageInfo,
+    validation_message,
+)
+from replica.errors import EngineError
+from replica.outputs import Delta, Usage
+from replica.request import FinishReason
+
+logger = logging.getLogger("ray.serve")
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+# ------------------------------------------------------------- talking to replicas
+
+
+class LLMClient(Protocol):
+    async def model_info(self) -> ModelInfo: ...
+
+    def generate(self, req: GenerateRequest) -> AsyncIterator[Delta | ReplicaError]:
+        """Deltas of one request; closing the iterator early must abort the request."""
+        ...
+
+
+class HandleLLMClient:
+    """LLMClient over a DeploymentHandle to LLMReplica (routing is the handle's router)."""
+
+    def __init__(self, handle: DeploymentHandle) -> None:
+        self._handle = handle
+        self._stream = handle.options(stream=True)
+
+    async def model_info(self) -> ModelInfo:
+        return await self._handle.model_info.remote()
+
+    async def generate(self, req: GenerateRequest) -> AsyncIterator[Delta | ReplicaError]:
+        from ray.exceptions import RayActorError
+        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
+
+        gen = self._stream.generate.remote(req)
+        done = False
+        try:
+            async for item in gen:
+                yield item
+            done = True
+        except BackPressureError as exc:  # Serve's own max_queued_requests on the handle
+            done = True
+            yield ReplicaError("queue_full", str(exc), retry_after_s=int(exc.retry_after_s or 1))
+        except (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError) as exc:
+            done = True
+            yield ReplicaError("engine_unavailable", f"model replica unavailable: {exc}")
+        finally:
+            if not done:
+                # The HTTP client went away or we stopped reading: cancel the replica's
+                # generator, whose finally aborts the engine request and frees its blocks.
+                gen.cancel()
+
+
+# ------------------------------------------------------------- settings
+
+
+class IngressSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="Model source; its tokenizer is loaded in the ingress.")
+    served_model_name: str | None = Field(default=None, description="Name in /v1/models (default: model).")
+    default_max_tokens: int | None = Field(
+        default=None, ge=1, description="Chat max_tokens when the client sends none (default: rest of the context)."
+    )
+
+    @property
+    def served_name(self) -> str:
+        return self.served_model_name or self.model
+
+
+# ------------------------------------------------------------- the service
+
+
+def _finish_reason(reason: FinishReason | None) -> str | None:
+    if reason is None:
+        return None
+    # OpenAI knows stop/length; an abort only reaches a client that is gone.
+    return "length" if reason is FinishReason.LENGTH else "stop"
+
+
+def _usage(usage: Usage | None, prompt_tokens: int, completion_tokens: int) -> UsageInfo:
+    if usage is None:
+        usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
+    return UsageInfo(
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        total_tokens=usage.total_tokens,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=usage.cached_tokens),
+    )
+
+
+def _sse(model: BaseModel) -> bytes:
+    return b"data: " + model.model_dump_json().encode() + b"\n\n"
+
+
+class OpenAIService:
+    def __init__(
+        self, client: LLMClient, tokenizer: Any, settings: IngressSettings, *, metrics_backend: Any = None
+    ) -> None:
+        self._client = client
+        self._tokenizer = tokenizer
+        self._settings = settings
+        self._info: ModelInfo | None = None
+        self._info_lock = asyncio.Lock()
+        self._metrics = IngressMetrics(backend=metrics_backend)
+
+    @property
+    def served_name(self) -> str:
+        return self._settings.served_name
+
+    async def model_info(self) -> ModelInfo:
+        """The replicas' model facts (context length), fetched once."""
+        if self._info is None:
+            async with self._info_lock:
+                if self._info is None:
+                    self._info = await self._client.model_info()
+        return self._info
+
+    def record(self, endpoint: str, status: int) -> None:
+        self._metrics.response(endpoint, status)
+
+    # ---------------------------------------------------------------- models / health
+
+    async def models(self) -> ModelList:
+        info = await self.model_info()
+        return ModelList(data=[ModelCard(id=self.served_name, max_model_len=info.max_model_len)])
+
+    async def health(self) -> dict[str, str]:
+        try:
+            await asyncio.wait_for(self.model_info(), timeout=10)
+        except Exception as exc:
+            raise APIError.from_code("engine_unavailable", f"model replicas not ready: {exc}") from exc
+        return {"status": "ok", "model": self.served_name}
+
+    # ---------------------------------------------------------------- endpoints
+
+    async def completions(self, body: CompletionRequest) -> Response:
+        self._check_model(body.model)
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        prompt = body.prompt
+        if isinstance(prompt, str):
+            token_ids = self._tokenizer.encode(prompt, add_special_tokens=True)
+        else:
+            token_ids = self._check_token_ids(prompt)
+        greq = await self._request(rid, token_ids, body, body.max_tokens, "prompt")
+        if body.stream:
+            return await self._stream(greq, body.include_usage, self._completion_chunks(greq))
+        text, final = await self._collect(greq)
+        resp = CompletionResponse(
+            id=rid,
+            model=self.served_name,
+            choices=[CompletionChoice(text=text, finish_reason=_finish_reason(final.finish_reason))],
+            usage=_usage(final.usage, len(token_ids), 0),
+        )
+        return JSONResponse(resp.model_dump(), headers={"x-request-id": rid})
+
+    async def chat(self, body: ChatCompletionRequest) -> Response:
+        self._check_model(body.model)
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        try:
+            token_ids = self._tokenizer.apply_chat_template(body.template_messages(), add_generation_prompt=True)
+        except EngineError:
+            raise
+        except Exception as exc:  # a template that rejects the conversation (e.g. role order)
+            raise APIError.invalid(f"messages could not be formatted by the chat template: {exc}", param="messages")
+        greq = await self._request(rid, list(token_ids), body, body.requested_max_tokens, "messages")
+        if body.stream:
+            return await self._stream(greq, body.include_usage, self._chat_chunks(greq))
+        text, final = await self._collect(greq)
+        resp = ChatCompletionResponse(
+            id=rid,
+            model=self.served_name,
+            choices=[
+                ChatChoice(message=ChatResponseMessage(content=text), finish_reason=_finish_reason(final.finish_reason))
+            ],
+            usage=_usage(final.usage, len(token_ids), 0),
+        )
+        return JSONResponse(resp.model_dump(), headers={"x-request-id": rid})
+
+    # ---------------------------------------------------------------- validation
+
+    def _check_model(self, model: str) -> None:
+        if model not in (self.served_name, self._settings.model):
+            raise APIError.from_code(
+                "model_not_found", f"The model `{model}` does not exist. This server serves `{self.served_name}`.",
+                param="model",
+            )
+
+    def _check_token_ids(self, ids: list[int]) -> list[int]:
+        vocab = self._tokenizer.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise APIError.invalid(f"prompt token ids must be in [0, {vocab}); got {bad[0]}", param="prompt")
+        return list(ids)
+
+    async def _request(
+        self, rid: str, token_ids: list[int], body: Any, max_tokens: int | None, what: str
+    ) -> GenerateRequest:
+        if not token_ids:
+            raise APIError.invalid("the prompt is empty after tokenization", param=what)
+        info = await self.model_info()
+        n_prompt, limit = len(token_ids), info.max_model_len
+        if max_tokens is None:
+            max_tokens = limit - n_prompt
+            if self._settings.default_max_tokens is not None:
+                max_tokens = min(max_tokens, self._settings.default_max_tokens)
+        if n_prompt >= limit or n_prompt + max_tokens > limit:
+            raise APIError.from_code(
+                "context_length_exceeded",
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{n_prompt + max(max_tokens, 0)} tokens ({n_prompt} in the {what}, {max(max_tokens, 0)} in the "
+                "completion). Please reduce the length of the prompt or the completion.",
+                param=what,
+            )
+        params = body.sampling_params(max_tokens)  # InvalidRequestError -> 400 by the handler
+        logger.info("request %s: %d prompt tokens, max_tokens=%d, stream=%s", rid, n_prompt, max_tokens, body.stream)
+        return GenerateRequest(rid, tuple(token_ids), params, time.time())
+
+    # ---------------------------------------------------------------- generation
+
+    async def _collect(self, greq: GenerateRequest) -> tuple[str, Delta]:
+        parts: list[str] = []
+        agen = self._client.generate(greq)
+        try:
+            async for item in agen:
+                if isinstance(item, ReplicaError):
+                    raise APIError.from_replica(item)
+                if item.finish_reason is FinishReason.ERROR:
+                    raise APIError.from_code("internal_error", f"generation failed: {item.error}")
+                parts.append(item.text)
+                if item.finished:
+                    return "".join(parts), item
+        finally:
+            await agen.aclose()  # on cancel (client gone) this cancels the replica call
+        raise APIError.from_code("internal_error", "the replica ended the stream without finishing the request")
+
+    async def _stream(
+        self, greq: GenerateRequest, include_usage: bool, chunks: Any
+    ) -> Response:
+        """Start the stream; refusals before the first token still get a proper HTTP status."""
+        agen = self._client.generate(greq)
+        try:
+            first = await agen.__anext__()
+        except StopAsyncIteration:
+            raise APIError.from_code("internal_error", "the replica returned no output") from None
+        except BaseException:
+            await agen.aclose()
+            raise
+        if isinstance(first, ReplicaError):
+            await agen.aclose()
+            raise APIError.from_replica(first)
+        return StreamingResponse(
+            chunks(first, agen, include_usage),
+            media_type="text/event-stream",
+            headers={"x-request-id": greq.request_id, "Cache-Control": "no-cache"},
+        )
+
+    async def _deltas(self, first: Delta, agen: AsyncIterator[Delta | ReplicaError]) -> AsyncIterator[Delta | ReplicaError]:
+        yield first
+        if first.finished:
+            return
+        async for item in agen:
+            yield item
+            if isinstance(item, ReplicaError) or item.finished:
+                return
+
+    def _completion_chunks(self, greq: GenerateRequest):
+        rid, name = greq.request_id, self.served_name
+        created = int(time.time())
+
+        async def gen(first: Delta, agen: Any, include_usage: bool) -> AsyncIterator[bytes]:
+            try:
+                n_out = 0
+                async for d in self._deltas(first, agen):
+                    if isinstance(d, ReplicaError) or d.finish_reason is FinishReason.ERROR:
+                        yield self._error_event(d, rid)
+                        break
+                    n_out += len(d.token_ids)
+                    if d.text or d.finished:
+                        yield _sse(
+                            CompletionResponse(
+                                id=rid, created=created, model=name,
+                                choices=[CompletionChoice(text=d.text, finish_reason=_finish_reason(d.finish_reason))],
+                            )
+                        )
+                    if d.finished and include_usage:
+                        yield _sse(
+                            CompletionResponse(
+                                id=rid, created=created, model=name, choices=[],
+                                usage=_usage(d.usage, len(greq.prompt_token_ids), n_out),
+                            )
+                        )
+                yield SSE_DONE
+            finally:
+                await agen.aclose()
+
+        return gen
+
+    def _chat_chunks(self, greq: GenerateRequest):
+        rid, name = greq.request_id, self.served_name
+        created = int(time.time())
+
+        async def gen(first: Delta, agen: Any, include_usage: bool) -> AsyncIterator[bytes]:
+            try:
+                yield _sse(
+                    ChatCompletionChunk(
+                        id=rid, created=created, model=name,
+                        choices=[ChatChunkChoice(delta=ChatDelta(role="assistant", content=""))],
+                    )
+                )
+                n_out = 0
+                async for d in self._deltas(first, agen):
+                    if isinstance(d, ReplicaError) or d.finish_reason is FinishReason.ERROR:
+                        yield self._error_event(d, rid)
+                        break
+                    n_out += len(d.token_ids)
+                    if d.text or d.finished:
+                        yield _sse(
+                            ChatCompletionChunk(
+                                id=rid, created=created, model=name,
+                                choices=[
+                                    ChatChunkChoice(
+                                        delta=ChatDelta(content=d.text or None),
+                                        finish_reason=_finish_reason(d.finish_reason),
+                                    )
+                                ],
+                            )
+                        )
+                    if d.finished and include_usage:
+                        yield _sse(
+                            ChatCompletionChunk(
+                                id=rid, created=created, model=name, choices=[],
+                                usage=_usage(d.usage, len(greq.prompt_token_ids), n_out),
+                            )
+                        )
+                yield SSE_DONE
+            finally:
+                await agen.aclose()
+
+        return gen
+
+    @staticmethod
+    def _error_event(item: Delta | ReplicaError, rid: str) -> bytes:
+        if isinstance(item, ReplicaError):
+            err = APIError.from_replica(item)
+        else:
+            err = APIError.from_code("internal_error", f"generation failed: {item.error}")
+        logger.error("request %s: error mid-stream: %s", rid, err.message)
+        import json
+
+        return b"data: " + json.dumps(err.body()).encode() + b"\n\n"
+
+
+# ------------------------------------------------------------- HTTP
+
+
+def _error_response(err: APIError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers())
+
+
+def build_api(service: OpenAIService) -> FastAPI:
+    """The FastAPI app around ``service``: routes plus OpenAI-shaped error handlers."""
+    api = FastAPI(title="cbserve", description="OpenAI-compatible LLM service")
+
+    @api.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        service.record(request.url.path, exc.status)
+        if exc.status >= 500:
+            logger.warning("%s %s -> %d: %s", request.method, request.url.path, exc.status, exc.message)
+        return _error_response(exc)
+
+    @api.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI answers 422; OpenAI (and its clients) expect 400 for a bad body.
+        message, param = validation_message(list(exc.errors()))
+        service.record(request.url.path, 400)
+        return _error_response(APIError.invalid(message, param=param))
+
+    @api.exception_handler(EngineError)
+    async def _engine_error(request: Request, exc: EngineError) -> JSONResponse:
+        # e.g. SamplingParams validation (InvalidRequestError) raised in the ingress.
+        err = APIError.from_code(exc.code, exc.message, param=exc.param)
+        service.record(request.url.path, err.status)
+        return _error_response(err)
+
+    @api.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = "not_found" if exc.status_code == 404 else None
+        err = APIError(exc.status_code, str(exc.detail), type="invalid_request_error", code=code)
+        return _error_response(err)
+
+    @api.exception_handler(Exception)
+    async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("%s %s failed", request.method, request.url.path)
+        service.record(request.url.path, 500)
+        return _error_response(APIError.from_code("internal_error", f"internal error: {type(exc).__name__}"))
+
+    @api.post("/v1/completions")
+    async def completions(body: CompletionRequest) -> Response:
+        resp = await service.completions(body)
+        service.record("/v1/completions", resp.status_code)
+        return resp
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest) -> Response:
+        resp = await service.chat(body)
+        service.record("/v1/chat/completions", resp.status_code)
+        return resp
+
+    @api.get("/v1/models")
+    async def models() -> ModelList:
+        return await service.models()
+
+    @api.get("/health")
+    async def health() -> dict[str, str]:
+        return await service.health()
+
+    return api
+
+
+# ------------------------------------------------------------- Serve deployment
+
+
+@serve.deployment(name="OpenAIIngress", max_ongoing_requests=2048)
+@serve.ingress()
+class OpenAIIngress:
+    def __init__(self, llm: DeploymentHandle, settings: dict[str, Any]) -> None:
+        from replica.models import load_tokenizer  # no weights: just the tokenizer
+
+        cfg = IngressSettings.model_validate(settings)
+        self.service = OpenAIService(HandleLLMClient(llm), load_tokenizer(cfg.model), cfg)
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return build_api(self.service)

@@ -1,0 +1,271 @@
+"""LLMReplica: one Serve replica (one GPU) that owns one AsyncEngine.
+
+The ingress calls ``generate`` through a DeploymentHandle with ``stream=True`` and
+gets ``Delta`` values back as the engine produces them. A refusal (bad parameter,
+too long, queue full, draining) is yielded as a ``ReplicaError`` value instead of
+raised, so it reaches the ingress typed and becomes the right HTTP status.
+
+What the router reads: ``GenerateRequest`` is the only positional argument of
+``generate`` (``pending_request.args[0]``) and carries ``prompt_token_ids``; replicas
+report ``record_routing_stats()`` (free blocks, queue, cached prefix hashes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+
+from deployments.errors import ReplicaError
+from deployments.metrics import ReplicaMetrics
+from replica.config import EngineConfig
+from replica.errors import EngineError, EngineUnavailableError
+from replica.outputs import Delta, EngineStats
+from replica.request import FinishReason, SamplingParams
+
+logger = logging.getLogger("ray.serve")
+
+
+# ------------------------------------------------------------- wire types
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """What the ingress sends to a replica: tokens, not text (the router hashes them by block)."""
+
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    params: SamplingParams
+    arrival_time: float = 0.0  # time.time() at the ingress
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str  # served name (/v1/models)
+    model: str  # the model source (HF id, path, "default", "tiny:llama"...)
+    max_model_len: int
+    block_size: int
+
+
+@dataclass(frozen=True)
+class ReplicaStats:
+    replica_id: str
+    engine: EngineStats
+    num_inflight: int  # generate() calls in progress on this replica
+    draining: bool
+
+
+class ReplicaUserConfig(BaseModel):
+    """Settings that change without a restart (Serve ``user_config`` -> ``reconfigure``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    drain_timeout_s: float = Field(default=30.0, ge=0, description="How long shutdown waits for running requests.")
+    metrics_interval_s: float = Field(default=1.0, gt=0, description="Period of engine-stats gauges.")
+    routing_num_block_hashes: int = Field(
+        default=4096, ge=0, description="Cached prefix block hashes reported to the router per stats call."
+    )
+    log_requests: bool = Field(default=False, description="Log each request's start and finish at INFO.")
+
+
+EngineFactory = Callable[[EngineConfig], Any]
+
+
+async def _default_engine(config: EngineConfig) -> Any:
+    # Imported here: torch and the engine load only inside replicas, not in the ingress or router.
+    from replica.engine import AsyncEngine
+    from replica.models import load_model
+
+    loaded = await asyncio.to_thread(load_model, config.model)  # slow (weights); keep the loop alive
+    return AsyncEngine(config, loaded=loaded)
+
+
+class LLMServer:
+    """The replica's logic, independent of Serve (tests build it with a fake engine)."""
+
+    async def __init__(
+        self,
+        engine_config: EngineConfig,
+        user_config: dict[str, Any] | None = None,
+        *,
+        engine_factory: Callable[[EngineConfig], Any] | None = None,
+        metrics_backend: Any = None,
+    ) -> None:
+        self._config = engine_config
+        self._settings = ReplicaUserConfig.model_validate(user_config or {})
+        factory = engine_factory or _default_engine
+        engine = factory(engine_config)
+        self._engine = await engine if asyncio.iscoroutine(engine) else engine
+        await self._engine.start()
+        stats = self._engine.stats()
+        model_cfg = engine_config.model
+        self._info = ModelInfo(
+            name=model_cfg.served_name or model_cfg.model,
+            model=model_cfg.model,
+            max_model_len=stats.max_model_len,
+            block_size=stats.block_size,
+        )
+        self._metrics = ReplicaMetrics(self._info.name, backend=metrics_backend)
+        self._draining = False
+        self._inflight = 0
+        self._replica_id = _replica_id()
+        self._metrics_task = asyncio.get_running_loop().create_task(self._metrics_loop())
+        logger.info("LLM replica %s ready: %s", self._replica_id, self._info)
+
+    # ---------------------------------------------------------------- serving
+
+    async def generate(self, req: GenerateRequest) -> AsyncIterator[Delta | ReplicaError]:
+        """Stream the request's deltas; yields one ReplicaError instead of raising on refusal.
+
+        If the caller goes away (disconnect, cancel), Serve cancels this generator:
+        the engine request is aborted in ``finally`` so its KV blocks are freed at once.
+        """
+        if self._draining:
+            self._metrics.refused(EngineUnavailableError.code)
+            yield ReplicaError(EngineUnavailableError.code, "replica is draining; retry on another replica")
+            return
+        try:
+            stream = self._engine.add_request(req.request_id, list(req.prompt_token_ids), req.params)
+        except EngineError as exc:
+            # Engine refusals are counted by the engine itself (EngineStats.num_refused).
+            yield ReplicaError.from_exception(exc)
+            return
+        self._inflight += 1
+        start = time.perf_counter()
+        first_at: float | None = None
+        finished = False
+        if self._settings.log_requests:
+            logger.info("request %s: %d prompt tokens, %s", req.request_id, len(req.prompt_token_ids), req.params)
+        try:
+            async for delta in stream:
+                if first_at is None and delta.token_ids:
+                    first_at = time.perf_counter()
+                    self._metrics.observe_ttft(first_at - start)
+                if delta.finished:
+                    finished = True
+                    self._on_finish(req, delta, first_at)
+                yield delta
+                if finished:
+                    return
+        finally:
+            self._inflight -= 1
+            if not finished:
+                # Disconnect / cancel (CancelledError, GeneratorExit) or an engine failure.
+                logger.info("request %s: aborted by the caller", req.request_id)
+                await self._abort(req.request_id)
+
+    def _on_finish(self, req: GenerateRequest, delta: Delta, first_at: float | None) -> None:
+        assert delta.finish_reason is not None
+        self._metrics.request_finished(delta.finish_reason.value)
+        n_out = delta.usage.completion_tokens if delta.usage else 0
+        if first_at is not None and n_out > 1:
+            self._metrics.observe_tpot((time.perf_counter() - first_at) / (n_out - 1))
+        if delta.finish_reason is FinishReason.ERROR:
+            logger.error("request %s failed in the engine: %s", req.request_id, delta.error)
+        elif self._settings.log_requests:
+            logger.info("request %s: finished (%s), %s", req.request_id, delta.finish_reason.value, delta.usage)
+
+    async def _abort(self, request_id: str) -> None:
+        try:
+            # Shielded: a second cancellation must not leave the blocks held.
+            await asyncio.shield(self._engine.abort(request_id))
+        except asyncio.CancelledError:
+            pass
+        except Exception:  # abort is best effort; never mask the caller's own exit
+            logger.exception("request %s: abort failed", request_id)
+
+    # ---------------------------------------------------------------- info and stats
+
+    def model_info(self) -> ModelInfo:
+        return self._info
+
+    def stats(self) -> ReplicaStats:
+        return ReplicaStats(
+            replica_id=self._replica_id,
+            engine=self._engine.stats(),
+            num_inflight=self._inflight,
+            draining=self._draining,
+        )
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        """Pulled by Serve every ``request_routing_stats_period_s``; read by the router."""
+        s = self._engine.stats()
+        return {
+            "num_waiting": s.num_waiting,
+            "num_running": s.num_running,
+            "num_free_blocks": s.num_free_blocks,
+            "num_total_blocks": s.num_total_blocks,
+            "block_size": s.block_size,
+            "kv_usage": s.kv_usage,
+            "draining": self._draining,
+            "prefix_hashes": self._engine.cached_block_hashes(self._settings.routing_num_block_hashes),
+        }
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Pulled by Serve for custom autoscaling policies: numbers only."""
+        s = self._engine.stats()
+        return {
+            "num_waiting": float(s.num_waiting),
+            "num_running": float(s.num_running),
+            "queue_depth": float(s.num_waiting + s.num_running),
+            "kv_usage": float(s.kv_usage),
+        }
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Serve calls this with ``user_config`` at start and on every change (no restart)."""
+        self._settings = ReplicaUserConfig.model_validate(user_config or {})
+
+    def check_health(self) -> None:
+        """Serve restarts the replica if this raises (e.g. the engine's step loop died)."""
+        health = getattr(self._engine, "check_health", None)
+        if health is not None:
+            health()
+        else:
+            self._engine.stats()
+
+    async def shutdown(self) -> None:
+        """Refuse new requests, let running ones finish (bounded), stop the engine."""
+        if self._draining:
+            return
+        self._draining = True
+        self._metrics_task.cancel()
+        logger.info("replica %s draining (%d in flight)", self._replica_id, self._inflight)
+        await self._engine.shutdown(drain_timeout_s=self._settings.drain_timeout_s)
+
+    async def _metrics_loop(self) -> None:
+        while True:
+            try:
+                self._metrics.update(self._engine.stats())
+            except Exception:
+                logger.exception("metrics update failed")
+            await asyncio.sleep(self._settings.metrics_interval_s)
+
+
+def _replica_id() -> str:
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # outside Serve (tests)
+        return f"local-{id(object()):x}"
+
+
+class _ServeLLMServer(LLMServer):
+    async def __del__(self) -> None:
+        # Serve calls this after it stopped routing here and waited for ongoing requests
+        # (graceful_shutdown_timeout_s); kept off LLMServer so plain objects GC quietly.
+        await self.shutdown()
+
+
+# Serve deployment; app.py sets replicas, resources and the router through .options().
+LLMReplica = serve.deployment(
+    name="LLMReplica",
+    health_check_period_s=10,
+    graceful_shutdown_timeout_s=60,
+)(_ServeLLMServer)

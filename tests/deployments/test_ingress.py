@@ -1,0 +1,276 @@
+"""The OpenAI ingress (FastAPI app + service) over an in-process replica with a fake engine.
+
+httpx's ASGITransport buffers a response, so SSE format is checked over HTTP and the
+incremental / disconnect behaviour on the StreamingResponse's body iterator directly.
+"""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from deployments.ingress import IngressSettings, OpenAIService, build_api
+from deployments.protocol import ChatCompletionRequest
+from tests.deployments.fakes import FakeEngine, FakeMetricsBackend, FakeTokenizer, LocalClient, make_server
+
+pytestmark = pytest.mark.timeout(60)
+
+MODEL = "tiny:llama"
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "seed": 3}
+
+
+@pytest.fixture
+async def env():
+    server, engine = await make_server(FakeEngine(max_model_len=128, max_running=2, max_waiting=1))
+    client = LocalClient(server)
+    service = OpenAIService(
+        client, FakeTokenizer(), IngressSettings(model=MODEL, served_model_name="tiny"), metrics_backend=FakeMetricsBackend()
+    )
+    http = httpx.AsyncClient(transport=httpx.ASGITransport(app=build_api(service)), base_url="http://t")
+    yield http, service, engine, client
+    await http.aclose()
+
+
+def sse_events(text: str) -> list:
+    assert text.endswith("data: [DONE]\n\n")
+    events = [e for e in text.split("\n\n") if e]
+    assert all(e.startswith("data: ") for e in events)
+    return [json.loads(e[6:]) for e in events[:-1]]
+
+
+async def test_chat_non_streaming(env):
+    http, _, _, client = env
+    r = await http.post("/v1/chat/completions", json=CHAT)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "chat.completion" and body["model"] == "tiny"
+    assert body["id"].startswith("chatcmpl-") and r.headers["x-request-id"] == body["id"]
+    assert body["id"] == client.requests[-1].request_id  # the same id in the engine (and its logs)
+    msg = body["choices"][0]
+    assert msg["message"]["role"] == "assistant" and len(msg["message"]["content"]) == 6
+    assert msg["finish_reason"] == "length"
+    prompt_len = len(FakeTokenizer().apply_chat_template([{"role": "user", "content": "hi"}]))
+    assert body["usage"] == {
+        "prompt_tokens": prompt_len,
+        "completion_tokens": 6,
+        "total_tokens": prompt_len + 6,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
+    # The ingress tokenized: tokens (not text) travel to the replica.
+    assert list(client.requests[-1].prompt_token_ids) == FakeTokenizer().apply_chat_template(
+        [{"role": "user", "content": "hi"}]
+    )
+
+
+async def test_completion_text_and_token_prompts(env):
+    http, _, _, client = env
+    r = await http.post("/v1/completions", json={"model": "tiny", "prompt": "abc", "max_tokens": 4})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "text_completion" and len(body["choices"][0]["text"]) == 4
+    assert client.requests[-1].prompt_token_ids == (1, 100, 101, 102)
+    r = await http.post("/v1/completions", json={"model": MODEL, "prompt": [[5, 6, 7]]})  # batch of one
+    assert r.status_code == 200 and client.requests[-1].prompt_token_ids == (5, 6, 7)
+    assert client.requests[-1].params.max_tokens == 16  # OpenAI's completions default
+
+
+async def test_sampling_parameters_reach_the_engine(env):
+    http, _, _, client = env
+    body = {
+        **CHAT, "max_completion_tokens": 3, "temperature": 0.5, "top_p": 0.9, "stop": ["x", "yz"],
+        "ignore_eos": True, "min_tokens": 2, "top_k": 40, "user": "u1",
+    }
+    r = await http.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    p = client.requests[-1].params
+    assert (p.max_tokens, p.temperature, p.top_p, p.stop, p.ignore_eos, p.min_tokens, p.top_k, p.seed) == (
+        3, 0.5, 0.9, ("x", "yz"), True, 2, 40, 3,
+    )
+
+
+async def test_chat_default_max_tokens_fills_the_context(env):
+    http, service, _, client = env
+    r = await http.post("/v1/chat/completions", json={k: v for k, v in CHAT.items() if k != "max_tokens"})
+    assert r.status_code == 200
+    assert client.requests[-1].params.max_tokens == 128 - len(client.requests[-1].prompt_token_ids)
+
+
+async def test_streaming_matches_non_streaming_and_reports_usage(env):
+    http, _, _, _ = env
+    full = (await http.post("/v1/chat/completions", json=CHAT)).json()
+    r = await http.post(
+        "/v1/chat/completions", json={**CHAT, "stream": True, "stream_options": {"include_usage": True}}
+    )
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(r.text)
+    assert events[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert all(e["object"] == "chat.completion.chunk" and e["id"] == events[0]["id"] for e in events)
+    text = "".join(e["choices"][0]["delta"]["content"] or "" for e in events if e["choices"])
+    assert text == full["choices"][0]["message"]["content"]
+    assert events[-2]["choices"][0]["finish_reason"] == "length"
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 6
+    # Without include_usage, no usage chunk.
+    r = await http.post("/v1/completions", json={"model": MODEL, "prompt": "abc", "max_tokens": 3, "stream": True})
+    events = sse_events(r.text)
+    assert all(e["usage"] is None and len(e["choices"]) == 1 for e in events)
+    assert "".join(e["choices"][0]["text"] for e in events) != ""
+
+
+async def test_first_chunk_arrives_before_generation_ends(env):
+    _, service, engine, _ = env
+    resp = await service.chat(ChatCompletionRequest(**{**CHAT, "max_tokens": 50, "stream": True}))
+    it = resp.body_iterator
+    role = json.loads((await it.__anext__())[6:])
+    first = json.loads((await it.__anext__())[6:])
+    assert role["choices"][0]["delta"]["role"] == "assistant"
+    assert first["choices"][0]["delta"]["content"] and first["choices"][0]["finish_reason"] is None
+    assert engine.gen_tokens < 50  # the request is still generating
+    # The client disconnects: Starlette closes the body iterator -> the engine request is aborted.
+    await it.aclose()
+    assert engine.aborted == [role["id"]]
+    assert engine.stats().num_free_blocks == engine.num_blocks
+
+
+async def test_models_and_health(env):
+    http, _, _, _ = env
+    r = await http.get("/v1/models")
+    assert r.status_code == 200
+    assert r.json()["object"] == "list" and [m["id"] for m in r.json()["data"]] == ["tiny"]
+    assert r.json()["data"][0]["max_model_len"] == 128
+    r = await http.get("/health")
+    assert r.status_code == 200 and r.json()["status"] == "ok"
+
+
+def assert_openai_error(r: httpx.Response, status: int, code: str | None = None, param: str | None = None) -> dict:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    if code is not None:
+        assert err["code"] == code
+    if param is not None:
+        assert err["param"] == param
+    return err
+
+
+@pytest.mark.parametrize(
+    "body, param, words",
+    [
+        ({**CHAT, "n": 2}, "n", "n must be 1"),
+        ({**CHAT, "temperature": -1}, "temperature", "greater than or equal"),
+        ({**CHAT, "top_p": 0}, "top_p", "greater than"),
+        ({**CHAT, "max_tokens": 0}, "max_tokens", "greater than or equal"),
+        ({**CHAT, "tools": [{"type": "function"}]}, "tools", "Unrecognized request argument supplied: tools"),
+        ({**CHAT, "logprobs": True}, None, "logprobs is not supported"),
+        ({**CHAT, "stream_options": {"include_usage": True}}, None, "only allowed when stream"),
+        ({**CHAT, "messages": []}, "messages", "at least 1"),
+        ({**CHAT, "messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role", "Input should be"),
+        ({"model": MODEL}, "messages", "Missing required parameter"),
+        ({**CHAT, "min_tokens": 9}, "min_tokens", "must not exceed max_tokens"),  # SamplingParams check
+        ({**CHAT, "presence_penalty": 0.5}, None, "presence_penalty is not supported"),
+    ],
+)
+async def test_invalid_chat_bodies_answer_400(env, body, param, words):
+    http, _, _, client = env
+    r = await http.post("/v1/chat/completions", json=body)
+    err = assert_openai_error(r, 400, param=param)
+    assert words in err["message"] and err["type"] == "invalid_request_error"
+    assert client.requests == []  # nothing reached a replica
+
+
+@pytest.mark.parametrize(
+    "prompt, words",
+    [
+        (["a", "b"], "batches of prompts are not supported"),
+        ([], "must not be empty"),
+        ([1, 5000], "prompt token ids must be in"),
+        ({"x": 1}, "Input should be"),
+    ],
+)
+async def test_invalid_completion_prompts_answer_400(env, prompt, words):
+    http, _, _, _ = env
+    r = await http.post("/v1/completions", json={"model": MODEL, "prompt": prompt})
+    assert words in assert_openai_error(r, 400)["message"]
+
+
+async def test_malformed_json_answers_400(env):
+    http, _, _, _ = env
+    r = await http.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert "not valid JSON" in assert_openai_error(r, 400)["message"]
+    r = await http.post("/v1/chat/completions", json=[1, 2])
+    assert_openai_error(r, 400)
+
+
+async def test_context_length_exceeded(env):
+    http, _, _, client = env
+    r = await http.post("/v1/completions", json={"model": MODEL, "prompt": "x" * 200})
+    err = assert_openai_error(r, 400, code="context_length_exceeded")
+    assert "maximum context length is 128 tokens" in err["message"]
+    r = await http.post("/v1/completions", json={"model": MODEL, "prompt": "x" * 20, "max_tokens": 120})
+    assert "21 in the prompt, 120 in the completion" in assert_openai_error(r, 400, code="context_length_exceeded")["message"]
+    assert client.requests == []
+
+
+async def test_unknown_model_and_route_answer_404(env):
+    http, _, _, _ = env
+    r = await http.post("/v1/chat/completions", json={**CHAT, "model": "gpt-9"})
+    assert "`gpt-9` does not exist" in assert_openai_error(r, 404, code="model_not_found", param="model")["message"]
+    assert_openai_error(await http.get("/v2/nothing"), 404)
+
+
+async def test_full_queue_answers_429_with_retry_after(env):
+    http, service, engine, _ = env
+    # Three started streams that nobody reads hold the 2 running + 1 waiting slots.
+    busy = [await service.chat(ChatCompletionRequest(**{**CHAT, "stream": True})) for _ in range(3)]
+    for stream in (False, True):
+        r = await http.post("/v1/chat/completions", json={**CHAT, "stream": stream})
+        assert_openai_error(r, 429, code="queue_full")
+        assert r.headers["retry-after"] == "1"
+    for b in busy:  # the clients read a chunk, then go away
+        await b.body_iterator.__anext__()
+        await b.body_iterator.aclose()
+    assert not engine.blocks
+
+
+async def test_draining_replica_answers_503(env):
+    http, service, _, client = env
+    await client.server.shutdown()
+    for stream in (False, True):
+        r = await http.post("/v1/chat/completions", json={**CHAT, "stream": stream})
+        assert_openai_error(r, 503, code="engine_unavailable")
+
+
+async def test_engine_failure_mid_request(env):
+    http, _, engine, _ = env
+    engine.fail_after = 2
+    r = await http.post("/v1/chat/completions", json=CHAT)
+    assert "device lost" in assert_openai_error(r, 500, code="internal_error")["message"]
+    r = await http.post("/v1/chat/completions", json={**CHAT, "stream": True})
+    assert r.status_code == 200  # headers were sent with the first token
+    events = sse_events(r.text)
+    assert "device lost" in events[-1]["error"]["message"]
+
+
+async def test_chat_template_failure_is_a_client_error(env):
+    http, _, _, _ = env
+    body = {**CHAT, "messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "boom"}]}
+    assert "chat template" in assert_openai_error(await http.post("/v1/chat/completions", json=body), 400)["message"]
+
+
+async def test_message_content_parts_and_developer_role(env):
+    http, _, _, client = env
+    body = {
+        **CHAT,
+        "messages": [
+            {"role": "developer", "content": "be brief"},
+            {"role": "user", "content": [{"type": "text", "text": "h"}, {"type": "text", "text": "i"}]},
+        ],
+    }
+    assert (await http.post("/v1/chat/completions", json=body)).status_code == 200
+    expected = FakeTokenizer().apply_chat_template(
+        [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    )
+    assert list(client.requests[-1].prompt_token_ids) == expected
+    bad = {**CHAT, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}
+    assert_openai_error(await http.post("/v1/chat/completions", json=bad), 400)
