@@ -14,6 +14,7 @@ import logging
 import threading
 import time
 from collections import deque
+from dataclasses import replace
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -345,6 +346,10 @@ class LLMEngine:
         return sum(n for _, n in self._rate) / span
 
     def stats(self) -> EngineStats:
+        return self.build_stats(self._tokens_per_s())
+
+    def build_stats(self, tokens_per_s: float) -> EngineStats:
+        """Counters only (plain reads), so another thread may call it during a step."""
         kv = self.scheduler.kv
         return EngineStats(
             num_waiting=self.scheduler.num_waiting,
@@ -358,7 +363,7 @@ class LLMEngine:
             prompt_tokens_total=self._prompt_tokens_total,
             generation_tokens_total=self._generation_tokens_total,
             cached_prompt_tokens_total=self._cached_prompt_tokens_total,
-            tokens_per_s=self._tokens_per_s(),
+            tokens_per_s=tokens_per_s,
             num_steps=self._num_steps,
             max_model_len=self.max_model_len,
         )
@@ -395,7 +400,7 @@ class AsyncEngine:
         self._stop = False
         self._dead: str | None = None
         self._failures = 0
-        self._stats = self.engine.stats()
+        self._tokens_per_s = 0.0  # refreshed by the step thread (the rate window is its own)
         self._hashes: list[int] = []
         self._hashes_limit = 4096
         self._hashes_at = 0.0
@@ -489,10 +494,8 @@ class AsyncEngine:
     def stats(self) -> EngineStats:
         if self._thread is None:
             return self.engine.stats()
-        s = self._stats
+        s = self.engine.build_stats(self._tokens_per_s)
         if self._num_inbox_adds:
-            from dataclasses import replace
-
             s = replace(s, num_waiting=s.num_waiting + self._num_inbox_adds)
         return s
 
@@ -617,7 +620,7 @@ class AsyncEngine:
         return deltas
 
     def _refresh(self, *, force: bool = False) -> None:
-        self._stats = self.engine.stats()
+        self._tokens_per_s = self.engine._tokens_per_s()
         now = time.monotonic()
         if force or now - self._hashes_at >= self._HASHES_REFRESH_S:
             self._hashes = self.engine.cached_block_hashes(self._hashes_limit)

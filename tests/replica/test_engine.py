@@ -1,0 +1,384 @@
+"""LLMEngine and AsyncEngine with injected components: a character tokenizer and fake
+runners (no model), so every path is fast and deterministic. The real-model equivalence
+lives in test_engine_exact.py."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+import torch
+
+from replica.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from replica.engine import AsyncEngine, LLMEngine, kv_cache_num_blocks
+from replica.errors import EngineUnavailableError, InvalidRequestError, QueueFullError, RequestTooLongError
+from replica.outputs import RunnerOutput, SchedulerOutput
+from replica.request import FinishReason, SamplingParams
+from tests.replica.test_scheduler import PagedFakeRunner, reference_tokens
+
+EOS = 3
+VOCAB = 1000
+BS = 4
+
+
+class CharTokenizer:
+    """One token per character (code points below VOCAB); id 3 is EOS."""
+
+    eos_token_ids = frozenset({EOS})
+    vocab_size = VOCAB
+
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        return [ord(c) for c in text]
+
+    def decode(self, token_ids, *, skip_special_tokens: bool = False) -> str:
+        return "".join(chr(t) for t in token_ids if not (skip_special_tokens and t == EOS))
+
+
+class ScriptedRunner:
+    """Samples ``script[request_id][index]``: lets a test choose exact outputs."""
+
+    def __init__(self) -> None:
+        self.script: dict[str, list[int]] = {}
+        self.vocab_size = VOCAB
+
+    def run(self, out: SchedulerOutput) -> RunnerOutput:
+        return RunnerOutput(
+            {c.request_id: self.script[c.request_id][c.num_output_tokens] for c in out.chunks if c.sample}
+        )
+
+
+def config(num_blocks=32, budget=32, max_seqs=4, max_waiting=64, max_model_len=128) -> EngineConfig:
+    return EngineConfig(
+        model=ModelConfig(model="fake", max_model_len=max_model_len),
+        cache=CacheConfig(block_size=BS, num_blocks=num_blocks, watermark=0.0),
+        scheduler=SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget, max_waiting=max_waiting),
+    )
+
+
+def engine(runner=None, **kw) -> LLMEngine:
+    return LLMEngine(config(**kw), runner=runner or PagedFakeRunner(BS, VOCAB), tokenizer=CharTokenizer())
+
+
+GREEDY = dict(temperature=0.0, ignore_eos=True)
+
+
+# ----- LLMEngine --------------------------------------------------------------------------
+
+
+def test_generate_returns_exact_outputs_in_order_under_pressure():
+    eng = engine(num_blocks=12, budget=8, max_seqs=4, max_waiting=3)  # small cache, small queue
+    prompts = [f"prompt {i} " * (1 + i % 3) for i in range(10)]
+    params = [SamplingParams(max_tokens=2 + i, **GREEDY) for i in range(10)]
+    outs = eng.generate(prompts, params, use_tqdm=True)
+    tok = CharTokenizer()
+    assert [o.prompt_token_ids for o in outs] == [tuple(tok.encode(p)) for p in prompts]
+    for o, p in zip(outs, params, strict=True):
+        assert list(o.token_ids) == reference_tokens(o.prompt_token_ids, p)
+        assert o.text == tok.decode(o.token_ids, skip_special_tokens=True)
+        assert o.finish_reason is FinishReason.LENGTH
+        assert o.usage.prompt_tokens == len(o.prompt_token_ids) and o.usage.completion_tokens == p.max_tokens
+    s = eng.stats()
+    assert s.num_preemptions > 0  # the small cache forced some
+    assert s.num_free_blocks == s.num_total_blocks and s.num_running == s.num_waiting == 0
+    assert s.generation_tokens_total == sum(p.max_tokens for p in params)
+    assert s.prompt_tokens_total == sum(len(o.prompt_token_ids) for o in outs)
+    assert s.tokens_per_s > 0 and s.num_steps > 0 and s.num_refused == 0
+
+
+def test_generate_accepts_a_single_prompt_and_token_ids():
+    eng = engine()
+    (a,) = eng.generate("hello", SamplingParams(max_tokens=3, **GREEDY), use_tqdm=False)
+    (b,) = eng.generate([104, 101, 108, 108, 111], SamplingParams(max_tokens=3, **GREEDY), use_tqdm=False)
+    assert a.token_ids == b.token_ids and a.prompt_token_ids == b.prompt_token_ids
+
+
+def test_generate_refuses_before_any_work():
+    eng = engine(max_model_len=32)
+    with pytest.raises(RequestTooLongError):
+        eng.generate(["ok", "x" * 40], SamplingParams(max_tokens=2), use_tqdm=False)
+    assert eng.stats().num_steps == 0 and not eng.has_unfinished()
+
+
+def test_stop_string_truncates_text_and_frees_blocks():
+    runner = ScriptedRunner()
+    eng = engine(runner)
+    runner.script["r"] = [ord(c) for c in "hello world, and more"]
+    eng.add_request("r", "say:", SamplingParams(max_tokens=20, stop=("wor",), **GREEDY))
+    deltas = []
+    while eng.has_unfinished():
+        deltas += eng.step()
+    text = "".join(d.text for d in deltas)
+    assert text == "hello "
+    last = deltas[-1]
+    assert last.finish_reason is FinishReason.STOP and last.usage.completion_tokens == len("hello wor")
+    assert sum(len(d.token_ids) for d in deltas) == len("hello wor")  # nothing generated after the hit
+    assert eng.stats().num_free_blocks == eng.stats().num_total_blocks
+
+
+def test_eos_and_stop_token_end_without_adding_text():
+    runner = ScriptedRunner()
+    eng = engine(runner)
+    runner.script["eos"] = [ord("a"), ord("b"), EOS, ord("c")]
+    runner.script["tok"] = [ord("x"), ord("y"), ord("z")]
+    runner.script["min"] = [EOS, ord("q"), EOS, ord("r")]
+    eng.add_request("eos", "p", SamplingParams(max_tokens=10, temperature=0))
+    eng.add_request("tok", "p", SamplingParams(max_tokens=10, temperature=0, stop_token_ids=(ord("y"),)))
+    eng.add_request("min", "p", SamplingParams(max_tokens=10, min_tokens=2, temperature=0))
+    text, tokens, final = {}, {}, {}
+    while eng.has_unfinished():
+        for d in eng.step():
+            text[d.request_id] = text.get(d.request_id, "") + d.text
+            tokens.setdefault(d.request_id, []).extend(d.token_ids)
+            if d.finished:
+                final[d.request_id] = d
+    assert text["eos"] == "ab" and tokens["eos"] == [97, 98, EOS] and final["eos"].finish_reason is FinishReason.STOP
+    assert text["tok"] == "x" and tokens["tok"] == [120, 121] and final["tok"].finish_reason is FinishReason.STOP
+    # min_tokens=2: the first EOS does not stop (and adds no text), the second one does.
+    assert tokens["min"] == [EOS, 113, EOS] and text["min"] == "q"
+
+
+def test_refusals_are_counted_and_disturb_nothing():
+    eng = engine(max_waiting=1, max_model_len=32, max_seqs=1)
+    eng.add_request("a", "aaaa", SamplingParams(max_tokens=4))
+    eng.step()  # a runs
+    eng.add_request("b", "bbbb", SamplingParams(max_tokens=4))  # b waits: max_num_seqs
+    before = eng.stats()
+    with pytest.raises(QueueFullError):
+        eng.add_request("c", "cccc", SamplingParams(max_tokens=4))
+    with pytest.raises(RequestTooLongError, match="maximum context length is 32"):
+        eng.add_request("d", "d" * 40, SamplingParams(max_tokens=4))
+    with pytest.raises(RequestTooLongError):
+        eng.add_request("e", "e" * 10, SamplingParams(max_tokens=30))
+    with pytest.raises(InvalidRequestError, match="token ids"):
+        eng.add_request("f", [5, VOCAB + 1], SamplingParams(max_tokens=4))
+    with pytest.raises(InvalidRequestError, match="at least one token"):
+        eng.add_request("g", "", SamplingParams(max_tokens=4))
+    after = eng.stats()
+    assert after.num_refused == before.num_refused + 3
+    assert (after.num_waiting, after.num_running, after.num_free_blocks) == (
+        before.num_waiting,
+        before.num_running,
+        before.num_free_blocks,
+    )
+
+
+def test_abort_frees_at_once_and_reports_a_final_delta():
+    eng = engine()
+    eng.add_request("a", "abcdefghij", SamplingParams(max_tokens=50, **GREEDY))
+    eng.step()
+    eng.step()
+    assert eng.stats().num_free_blocks < eng.stats().num_total_blocks
+    eng.abort("a")
+    assert eng.stats().num_free_blocks == eng.stats().num_total_blocks
+    eng.abort("a")  # twice: harmless
+    (d,) = eng.step()
+    assert d.finish_reason is FinishReason.ABORT and d.usage.completion_tokens == 2 and d.token_ids == ()
+    assert not eng.has_unfinished()
+
+
+def test_prefix_cache_counts_cached_tokens_and_exposes_hashes():
+    eng = engine()
+    shared = "the same long system prompt; "
+    (a,) = eng.generate(shared + "q1", SamplingParams(max_tokens=2, **GREEDY), use_tqdm=False)
+    (b,) = eng.generate(shared + "q2", SamplingParams(max_tokens=2, **GREEDY), use_tqdm=False)
+    assert a.usage.cached_tokens == 0 and b.usage.cached_tokens == (len(shared) // BS) * BS
+    assert list(b.token_ids) == reference_tokens(b.prompt_token_ids, SamplingParams(max_tokens=2, **GREEDY))
+    from replica.prefix_hash import block_hashes
+
+    assert set(block_hashes(b.prompt_token_ids, BS)) <= set(eng.cached_block_hashes())
+    assert eng.stats().num_cached_blocks > 0 and eng.stats().cached_prompt_tokens_total == b.usage.cached_tokens
+
+
+def test_kv_pool_size_from_memory_budget():
+    from transformers import LlamaConfig
+
+    hf = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2)
+    model = torch.nn.Linear(2, 2).to(torch.float32)
+    model.config = hf
+    per_block = 2 * 2 * 16 * 2 * 16 * 4  # K+V, layers, block, kv heads, head dim, float32
+    base = EngineConfig(cache=CacheConfig(block_size=16, cpu_cache_gib=per_block * 10 / 2**30))
+    assert kv_cache_num_blocks(base, model, max_model_len=4096) == 10
+    capped = EngineConfig(
+        cache=CacheConfig(block_size=16, cpu_cache_gib=1.0), scheduler=SchedulerConfig(max_num_seqs=2)
+    )
+    assert kv_cache_num_blocks(capped, model, max_model_len=64) == 2 * 4
+    fixed = EngineConfig(cache=CacheConfig(num_blocks=7))
+    assert kv_cache_num_blocks(fixed, model, max_model_len=64) == 7
+    tiny = EngineConfig(cache=CacheConfig(block_size=16, cpu_cache_gib=1e-9))
+    with pytest.raises(ValueError, match="no room"):
+        kv_cache_num_blocks(tiny, model, max_model_len=64)
+
+
+# ----- AsyncEngine -----------------------------------------------------------------------
+
+
+async def collect(stream):
+    deltas = [d async for d in stream]
+    return deltas
+
+
+async def test_async_streams_concurrent_requests():
+    eng = AsyncEngine(config(num_blocks=16, budget=8), engine=engine(num_blocks=16, budget=8))
+    await eng.start()
+    params = [SamplingParams(max_tokens=3 + i, **GREEDY) for i in range(6)]
+    prompts = [f"request {i} asks something" for i in range(6)]
+    streams = [eng.add_request(f"r{i}", p, sp) for i, (p, sp) in enumerate(zip(prompts, params, strict=True))]
+    results = await asyncio.wait_for(asyncio.gather(*(collect(s) for s in streams)), 30)
+    tok = CharTokenizer()
+    for prompt, sp, deltas in zip(prompts, params, results, strict=True):
+        assert sum(1 for d in deltas if d.finished) == 1 and deltas[-1].finished
+        tokens = [t for d in deltas for t in d.token_ids]
+        assert tokens == reference_tokens(tok.encode(prompt), sp)
+        assert deltas[-1].usage.completion_tokens == sp.max_tokens
+    s = eng.stats()
+    assert s.generation_tokens_total == sum(p.max_tokens for p in params)
+    await eng.shutdown()
+
+
+class GatedRunner(PagedFakeRunner):
+    """Blocks in ``run`` until released: lets a test hold the step thread mid-step."""
+
+    def __init__(self) -> None:
+        super().__init__(BS, VOCAB)
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+
+    def run(self, out):
+        self.entered.set()
+        assert self.gate.wait(30)
+        return super().run(out)
+
+
+async def test_async_refusals_are_synchronous_and_distinct():
+    runner = GatedRunner()
+    eng = AsyncEngine(config(max_waiting=1, max_seqs=1), engine=engine(runner, max_waiting=1, max_seqs=1))
+    a = eng.add_request("a", "aaaa", SamplingParams(max_tokens=2))
+    await asyncio.to_thread(runner.entered.wait, 10)  # the step thread is inside run() with "a"
+    b = eng.add_request("b", "bbbb", SamplingParams(max_tokens=2))  # fills the queue of 1
+    with pytest.raises(QueueFullError):
+        eng.add_request("c", "cccc", SamplingParams(max_tokens=2))
+    with pytest.raises(RequestTooLongError):
+        eng.add_request("d", "d" * 200, SamplingParams(max_tokens=2))
+    with pytest.raises(InvalidRequestError, match="already in use"):
+        eng.add_request("a", "aaaa", SamplingParams(max_tokens=2))
+    assert eng.stats().num_waiting == 1 and eng.stats().num_refused == 2
+    runner.gate.set()
+    da, db = await asyncio.wait_for(asyncio.gather(collect(a), collect(b)), 30)
+    assert da[-1].finish_reason is FinishReason.LENGTH and db[-1].finish_reason is FinishReason.LENGTH
+    await eng.shutdown()
+
+
+async def test_cancelled_consumer_aborts_and_frees_blocks():
+    eng = AsyncEngine(config(), engine=engine())
+    stream = eng.add_request("long", "x" * 20, SamplingParams(max_tokens=100, **GREEDY))
+    first = await asyncio.wait_for(stream.__anext__(), 10)
+    assert first.token_ids and not first.finished
+    await stream.aclose()  # e.g. the HTTP client went away
+    for _ in range(500):
+        s = eng.stats()
+        if s.num_running == 0 and s.num_free_blocks == s.num_total_blocks:
+            break
+        await asyncio.sleep(0.01)
+    assert s.num_running == 0 and s.num_free_blocks == s.num_total_blocks
+    assert s.generation_tokens_total < 100
+    await eng.shutdown()
+
+
+async def test_cancelled_task_aborts_the_request():
+    eng = AsyncEngine(config(), engine=engine())
+    stream = eng.add_request("long", "y" * 20, SamplingParams(max_tokens=100, **GREEDY))
+    got = []
+
+    async def consume():
+        async for d in stream:
+            got.append(d)
+
+    task = asyncio.create_task(consume())
+    while not got:
+        await asyncio.sleep(0.005)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    for _ in range(500):
+        if not eng.engine.has_unfinished() and eng.stats().num_running == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert eng.stats().num_free_blocks == eng.stats().num_total_blocks
+    await eng.shutdown()
+
+
+async def test_async_abort_ends_the_stream_with_abort():
+    runner = GatedRunner()
+    eng = AsyncEngine(config(), engine=engine(runner))
+    stream = eng.add_request("a", "abc", SamplingParams(max_tokens=100, **GREEDY))
+    await asyncio.to_thread(runner.entered.wait, 10)
+    await eng.abort("a")
+    runner.gate.set()
+    deltas = await asyncio.wait_for(collect(stream), 10)
+    assert deltas[-1].finish_reason is FinishReason.ABORT
+    assert sum(len(d.token_ids) for d in deltas) < 100
+    await eng.shutdown()
+
+
+class FailingRunner(PagedFakeRunner):
+    def __init__(self, failures: int) -> None:
+        super().__init__(BS, VOCAB)
+        self.failures = failures
+
+    def run(self, out):
+        if self.failures > 0:
+            self.failures -= 1
+            raise RuntimeError("device fell over")
+        return super().run(out)
+
+
+async def test_failed_step_errors_its_requests_and_engine_stays_usable():
+    eng = AsyncEngine(config(), engine=engine(FailingRunner(failures=1)))
+    deltas = await asyncio.wait_for(collect(eng.add_request("a", "abc", SamplingParams(max_tokens=4))), 10)
+    assert deltas[-1].finish_reason is FinishReason.ERROR and "device fell over" in deltas[-1].error
+    ok = await asyncio.wait_for(collect(eng.add_request("b", "abc", SamplingParams(max_tokens=4))), 10)
+    assert ok[-1].finish_reason is FinishReason.LENGTH
+    s = eng.stats()
+    assert s.num_free_blocks == s.num_total_blocks
+    await eng.shutdown()
+
+
+async def test_engine_that_keeps_failing_is_marked_dead():
+    eng = AsyncEngine(config(), engine=engine(FailingRunner(failures=100)))
+    for i in range(AsyncEngine._MAX_CONSECUTIVE_FAILURES):
+        deltas = await asyncio.wait_for(collect(eng.add_request(f"r{i}", "abc", SamplingParams(max_tokens=4))), 10)
+        assert deltas[-1].finish_reason is FinishReason.ERROR
+    for _ in range(200):
+        if eng.is_dead:
+            break
+        await asyncio.sleep(0.01)
+    with pytest.raises(EngineUnavailableError, match="failed"):
+        eng.add_request("late", "abc", SamplingParams(max_tokens=4))
+    await eng.shutdown(drain_timeout_s=1)
+
+
+async def test_shutdown_drains_running_requests_and_refuses_new_ones():
+    runner = GatedRunner()
+    eng = AsyncEngine(config(), engine=engine(runner))
+    stream = eng.add_request("a", "abc", SamplingParams(max_tokens=5, **GREEDY))
+    consumer = asyncio.create_task(collect(stream))
+    await asyncio.to_thread(runner.entered.wait, 10)
+    shutdown = asyncio.create_task(eng.shutdown(drain_timeout_s=30))
+    await asyncio.sleep(0.05)
+    with pytest.raises(EngineUnavailableError, match="shutting down"):
+        eng.add_request("b", "abc", SamplingParams(max_tokens=5))
+    runner.gate.set()
+    deltas = await asyncio.wait_for(consumer, 10)
+    await asyncio.wait_for(shutdown, 10)
+    assert deltas[-1].finish_reason is FinishReason.LENGTH and sum(len(d.token_ids) for d in deltas) == 5
+
+
+async def test_shutdown_timeout_aborts_what_is_left():
+    eng = AsyncEngine(config(), engine=engine())
+    stream = eng.add_request("a", "abc", SamplingParams(max_tokens=120, **GREEDY))
+    consumer = asyncio.create_task(collect(stream))
+    await asyncio.wait_for(eng.shutdown(drain_timeout_s=0.0), 10)
+    deltas = await asyncio.wait_for(consumer, 10)
+    assert deltas[-1].finished and deltas[-1].finish_reason in (FinishReason.ABORT, FinishReason.LENGTH)
+    assert eng.engine.stats().num_free_blocks == eng.engine.stats().num_total_blocks
