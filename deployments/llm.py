@@ -28,6 +28,7 @@ from replica.config import EngineConfig
 from replica.errors import EngineError, EngineUnavailableError
 from replica.outputs import Delta, EngineStats
 from replica.request import FinishReason, SamplingParams
+from router.stats import build_routing_stats
 
 logger = logging.getLogger("ray.serve")
 
@@ -194,18 +195,20 @@ class LLMServer:
         )
 
     def record_routing_stats(self) -> dict[str, Any]:
-        """Pulled by Serve every ``request_routing_stats_period_s``; read by the router."""
+        """Pulled by Serve every ``request_routing_stats_period_s``; read by router.kv_router.
+        The dict's shape (keys, timestamp, bounded prefix summary) is router.stats'."""
         s = self._engine.stats()
-        return {
-            "num_waiting": s.num_waiting,
-            "num_running": s.num_running,
-            "num_free_blocks": s.num_free_blocks,
-            "num_total_blocks": s.num_total_blocks,
-            "block_size": s.block_size,
-            "kv_usage": s.kv_usage,
-            "draining": self._draining,
-            "prefix_hashes": self._engine.cached_block_hashes(self._settings.routing_num_block_hashes),
-        }
+        n = self._settings.routing_num_block_hashes
+        return build_routing_stats(
+            block_size=s.block_size,
+            num_free_blocks=s.num_free_blocks,
+            num_total_blocks=s.num_total_blocks,
+            num_waiting=s.num_waiting,
+            num_running=s.num_running,
+            draining=self._draining,
+            prefix_hashes=self._engine.cached_block_hashes(n),
+            max_prefix_hashes=n,
+        )
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Pulled by Serve for custom autoscaling policies: numbers only."""
