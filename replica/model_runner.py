@@ -19,6 +19,7 @@ from transformers import PreTrainedModel
 
 from replica.attention import AttentionMetadata, PagedKVCache, install, resolve_backend
 from replica.config import CacheConfig, RunnerConfig
+from replica.cuda_graphs import DecodeGraphs, DecodeInputs
 from replica.outputs import RunnerOutput, SchedulerOutput
 from replica.sampler import Sampler, SamplingRow
 
@@ -87,6 +88,34 @@ class ModelRunner:
         self.vocab_size = int(_text_config(model.config).vocab_size)
         self.eos_token_ids = tuple(sorted(set(eos_token_ids if eos_token_ids is not None else _model_eos(model))))
         self.sampler = Sampler(seed, self.device)
+        self.graphs: DecodeGraphs | None = None
+        if self.device.type == "cuda" and runner.use_cuda_graphs and getattr(self.backend, "cuda_graph_safe", False):
+            self.graphs = self._capture_graphs(runner.max_graph_batch_size)
+
+    def _capture_graphs(self, max_batch_size: int) -> DecodeGraphs:
+        cfg = _text_config(self.model.config)
+        max_len = int(getattr(cfg, "max_position_embeddings", 0) or 8192)
+        graphs = DecodeGraphs(
+            self._graph_forward,
+            device=self.device,
+            block_size=self.block_size,
+            max_batch_size=max_batch_size,
+            max_blocks_per_seq=min(self.num_blocks, -(-max_len // self.block_size)),
+        )
+        graphs.capture()
+        return graphs
+
+    def _graph_forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, meta: AttentionMetadata):
+        # Every row of a decode step samples: keep all logits (logits_to_keep=0 means all).
+        result = self.model(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            use_cache=False,
+            logits_to_keep=0,
+            attn_metadata=meta,
+            kv_cache=self.kv_cache,
+        )
+        return result.logits[0]
 
     @staticmethod
     def block_bytes(hf_config, block_size: int, dtype: torch.dtype | str) -> int:
@@ -104,12 +133,47 @@ class ModelRunner:
     def run(self, out: SchedulerOutput) -> RunnerOutput:
         if out.is_empty:
             return RunnerOutput(sampled={})
+        if self.graphs is not None:
+            fast = self._run_decode_graph(out)
+            if fast is not None:
+                return fast
         inputs = self.prepare(out)
         logits = self.forward(inputs)
         if not inputs.sample_rows:
             return RunnerOutput(sampled={})
         tokens = self.sampler(logits, inputs.sample_rows).tolist()  # the step's one host sync
         return RunnerOutput(sampled=dict(zip(inputs.sample_request_ids, tokens, strict=True)))
+
+    @torch.inference_mode()
+    def _run_decode_graph(self, out: SchedulerOutput) -> RunnerOutput | None:
+        """A decode-only step (one new token per request, all sampling) replayed from a CUDA
+        graph; None when the step doesn't qualify (then the eager path runs)."""
+        chunks = out.chunks
+        b = len(chunks)
+        if b > self.graphs.max_batch_size or any(len(c.token_ids) != 1 or not c.sample for c in chunks):
+            return None
+        bs = self.block_size
+        pos = np.fromiter((c.start_pos for c in chunks), np.int64, b)
+        nbt = np.fromiter((len(c.block_table) for c in chunks), np.int64, b)
+        if not self.graphs.fits(b, int(nbt.max())):
+            return None
+        ids = np.fromiter((c.token_ids[0] for c in chunks), np.int64, b)
+        if ids.min() < 0 or ids.max() >= self.vocab_size:
+            raise ValueError(f"token ids must be in [0, {self.vocab_size}), got min {ids.min()} max {ids.max()}")
+        if (pos < 0).any() or (nbt * bs <= pos).any():
+            return None  # let prepare() raise its precise error
+        tables = [c.block_table for c in chunks]
+        if max(max(t) for t in tables) >= self.num_blocks or min(min(t) for t in tables) < 0:
+            raise ValueError(f"block ids must be in [0, {self.num_blocks})")
+        if len({c.request_id for c in chunks}) != b:
+            raise ValueError("a request appears twice in one SchedulerOutput")
+        logits, greedy = self.graphs.replay(DecodeInputs(ids, pos, tables))
+        rows = [SamplingRow(c.params, c.num_output_tokens, self._banned(c.params, c.num_output_tokens)) for c in chunks]
+        if all(r.params.greedy and not r.banned_token_ids for r in rows):
+            tokens = greedy.tolist()  # the step's one host sync
+        else:
+            tokens = self.sampler(logits, rows).tolist()
+        return RunnerOutput(sampled=dict(zip((c.request_id for c in chunks), tokens, strict=True)))
 
     @torch.inference_mode()
     def forward(self, inputs: StepInputs) -> torch.Tensor:

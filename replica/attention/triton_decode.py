@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E: tl.constexpr = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
@@ -149,13 +149,13 @@ def _decode_merge_kernel(
 
 
 def default_num_splits(batch_size: int, num_kv_heads: int, num_sms: int = 132) -> int:
-    """Enough programs to cover the GPU about twice; a power of two, 1..16.
+    """Enough programs to cover the GPU about twice; a power of two, 1..32.
 
     Depends on the batch only (not on context lengths) so one CUDA graph per padded
     batch size keeps one launch shape."""
     progs = max(1, batch_size * num_kv_heads)
     s = 1
-    while s < 16 and progs * s < 2 * num_sms:
+    while s < 32 and progs * s < 2 * num_sms:
         s *= 2
     return s
 
@@ -172,6 +172,8 @@ def paged_decode_attention(
     block_n: int | None = None,
     sliding_window: int | None = None,
     softcap: float | None = None,
+    num_warps: int = 4,
+    num_stages: int = 3,
 ) -> torch.Tensor:
     """Attention of one query per sequence over its paged context.
 
@@ -199,10 +201,11 @@ def paged_decode_attention(
         return out
     block_d = triton.next_power_of_2(dim)
     block_g = max(16, triton.next_power_of_2(group))
-    if block_n is None:
-        block_n = min(64, page) if page >= 16 else 16
     if num_splits is None:
         num_splits = default_num_splits(bsz, hkv)
+    if block_n is None:
+        # Measured on H100 (bench/GPU_NOTES.md): 128-token tiles win with few splits, 64 with many.
+        block_n = max(16, min(128 if num_splits <= 4 else 64, page))
     use_window = sliding_window is not None and sliding_window > 0
     use_softcap = softcap is not None and softcap > 0
     scalars = (float(scale), float(softcap) if use_softcap else 1.0, int(sliding_window) if use_window else 0)
@@ -215,7 +218,7 @@ def paged_decode_attention(
             query, k_cache, v_cache, block_tables, context_lens, out, out, *scalars,
             query.stride(0), query.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            NUM_SPLITS=1, num_warps=4, **common,
+            NUM_SPLITS=1, num_warps=num_warps, num_stages=num_stages, **common,
         )
         return out
     part = torch.empty(bsz, hq, num_splits, block_d, dtype=torch.float32, device=query.device)
@@ -224,7 +227,7 @@ def paged_decode_attention(
         query, k_cache, v_cache, block_tables, context_lens, part, lse, *scalars,
         query.stride(0), query.stride(1), 0, 0, block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        NUM_SPLITS=num_splits, num_warps=4, **common,
+        NUM_SPLITS=num_splits, num_warps=num_warps, num_stages=num_stages, **common,
     )
     _decode_merge_kernel[(bsz, hq)](
         part, lse, out, out.stride(0), out.stride(1),

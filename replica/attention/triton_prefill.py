@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E: tl.constexpr = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
@@ -126,6 +126,8 @@ def paged_prefill_attention(
     block_n: int | None = None,
     sliding_window: int | None = None,
     softcap: float | None = None,
+    num_warps: int = 4,
+    num_stages: int = 2,
 ) -> torch.Tensor:
     """Causal attention for a ragged batch of query chunks over their paged contexts.
 
@@ -168,6 +170,6 @@ def paged_prefill_attention(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         GROUP=hq // hkv, HEAD_DIM=dim, PAGE=page, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         USE_SOFTCAP=use_softcap, USE_WINDOW=use_window,
-        num_warps=4, num_stages=2,
+        num_warps=num_warps, num_stages=num_stages,
     )
     return out

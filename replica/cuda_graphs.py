@@ -1,0 +1,172 @@
+"""CUDA graphs for decode-only steps: the whole HF forward (and greedy sampling) replayed
+from graphs captured at padded batch sizes 1, 2, 4, ..., max.
+
+Small models are launch-bound: an eager HF forward issues about a thousand kernels from
+Python (tens of ms of host time), a replay issues one graph. Every input lives in a
+persistent device buffer that the graph reads; a step copies its inputs into pinned host
+staging buffers and from there into the device buffers (asynchronous copies), replays the
+graph of the smallest captured size >= batch, and reads the sampled ids back with one
+host copy. Padding rows have slot -1 (no KV write) and context length 0 (no attention
+work, a zero row), so they cost almost nothing and never touch real cache blocks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from replica.attention.metadata import AttentionMetadata
+
+
+def graph_batch_sizes(max_batch_size: int) -> list[int]:
+    """1, 2, 4, 8, 16, 32, ... up to and including ``max_batch_size`` (itself if not a power)."""
+    if max_batch_size < 1:
+        raise ValueError("max_batch_size must be >= 1")
+    sizes, s = [], 1
+    while s < max_batch_size:
+        sizes.append(s)
+        s *= 2
+    sizes.append(max_batch_size)
+    return sizes
+
+
+@dataclass
+class DecodeInputs:
+    """Host-side inputs of one decode step (numpy, unpadded, length B)."""
+
+    token_ids: np.ndarray  # [B] int64
+    positions: np.ndarray  # [B] int64: position of the new token (= tokens already cached)
+    block_tables: Sequence[Sequence[int]]  # B block tables
+
+
+class DecodeGraphs:
+    """Captured decode graphs over one model and one KV cache.
+
+    ``forward(input_ids [1,B], position_ids [1,B], meta) -> logits [B, V]`` is the model call
+    to capture (it must run only graph-safe device work). ``greedy`` also captures an argmax,
+    so a greedy step returns token ids straight from the graph.
+    """
+
+    def __init__(
+        self,
+        forward: Callable[[torch.Tensor, torch.Tensor, AttentionMetadata], torch.Tensor],
+        *,
+        device: torch.device,
+        block_size: int,
+        max_batch_size: int,
+        max_blocks_per_seq: int,
+    ) -> None:
+        self.forward = forward
+        self.device = device
+        self.block_size = block_size
+        self.max_batch_size = max_batch_size
+        self.max_blocks_per_seq = max_blocks_per_seq
+        self.sizes = graph_batch_sizes(max_batch_size)
+        n, m = max_batch_size, max_blocks_per_seq
+        i64 = dict(dtype=torch.int64, device=device)
+        i32 = dict(dtype=torch.int32, device=device)
+        # Persistent device inputs (graphs read these addresses).
+        self.input_ids = torch.zeros(n, **i64)
+        self.positions = torch.zeros(n, **i64)
+        self.slot_mapping = torch.full((n,), -1, **i64)
+        self.seq_lens = torch.zeros(n, **i32)
+        self.block_tables = torch.zeros(n, m, **i32)
+        self.query_start_loc = torch.arange(n + 1, **i32)
+        # Pinned host staging: one packed int64 row [ids | positions | slots | seq_lens] and the table.
+        self._stage = torch.zeros(4, n, dtype=torch.int64, pin_memory=True)
+        self._stage_bt = torch.zeros(n, m, dtype=torch.int32, pin_memory=True)
+        self._stage_np = self._stage.numpy()
+        self._stage_bt_np = self._stage_bt.numpy()
+        self._stage_dev = torch.zeros(4, n, **i64)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.logits: dict[int, torch.Tensor] = {}
+        self.tokens: dict[int, torch.Tensor] = {}
+        self.pool = None
+
+    # -- capture ---------------------------------------------------------------------------
+
+    def _meta(self, bs: int) -> AttentionMetadata:
+        qsl = np.arange(bs + 1, dtype=np.int64)
+        return AttentionMetadata(
+            slot_mapping=self.slot_mapping[:bs],
+            query_start_loc=self.query_start_loc[: bs + 1],
+            seq_lens=self.seq_lens[:bs],
+            block_tables=self.block_tables[:bs],
+            query_start_loc_host=qsl,
+            seq_lens_host=np.ones(bs, dtype=np.int64),  # unused by graph-safe backends
+            max_query_len=1,
+            max_seq_len=self.max_blocks_per_seq * self.block_size,
+            block_size=self.block_size,
+        )
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Capture every batch size, largest first (smaller graphs reuse its memory pool)."""
+        self.slot_mapping.fill_(-1)
+        self.seq_lens.fill_(0)
+        self.pool = torch.cuda.graph_pool_handle()
+        for bs in reversed(self.sizes):
+            meta = self._meta(bs)
+            ids, pos = self.input_ids[:bs][None], self.positions[:bs][None]
+            # Warm up on a side stream (Triton compiles, cuBLAS picks kernels) before capture.
+            s = torch.cuda.Stream(self.device)
+            s.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(s):
+                self.forward(ids, pos, meta)
+            torch.cuda.current_stream(self.device).wait_stream(s)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=self.pool):
+                logits = self.forward(ids, pos, meta)
+                tokens = torch.argmax(logits, dim=-1)
+            self.graphs[bs], self.logits[bs], self.tokens[bs] = g, logits, tokens
+        torch.cuda.synchronize(self.device)
+
+    # -- replay ----------------------------------------------------------------------------
+
+    def padded_size(self, batch: int) -> int | None:
+        for s in self.sizes:
+            if s >= batch:
+                return s
+        return None
+
+    def fits(self, batch: int, max_blocks: int) -> bool:
+        return bool(self.graphs) and batch <= self.max_batch_size and max_blocks <= self.max_blocks_per_seq
+
+    def replay(self, inp: DecodeInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run one decode step; returns (logits [B, V], greedy token ids [B]) as device views
+        of the graph's outputs (valid until the next replay)."""
+        b = len(inp.token_ids)
+        bs = self.padded_size(b)
+        if bs is None or bs not in self.graphs:
+            raise ValueError(f"no graph for batch {b}")
+        st, bt = self._stage_np, self._stage_bt_np
+        page = self.block_size
+        st[0, :b] = inp.token_ids
+        st[1, :b] = inp.positions
+        lens = np.fromiter((len(t) for t in inp.block_tables), np.int64, b)
+        if lens.max(initial=0) > self.max_blocks_per_seq:
+            raise ValueError("a block table is wider than the captured graphs allow")
+        flat = np.fromiter((x for t in inp.block_tables for x in t), np.int64, int(lens.sum()))
+        bt[:b] = 0
+        bt[:b][np.arange(self.max_blocks_per_seq)[None, :] < lens[:, None]] = flat
+        pos = inp.positions
+        st[2, :b] = bt[np.arange(b), pos // page].astype(np.int64) * page + pos % page
+        st[3, :b] = pos + 1
+        # Padding rows: no KV write, no attention work.
+        st[0, b:bs] = 0
+        st[1, b:bs] = 0
+        st[2, b:bs] = -1
+        st[3, b:bs] = 0
+        self._stage_dev[:, :bs].copy_(self._stage[:, :bs], non_blocking=True)
+        self.block_tables[:bs].copy_(self._stage_bt[:bs], non_blocking=True)
+        self.input_ids[:bs].copy_(self._stage_dev[0, :bs])
+        self.positions[:bs].copy_(self._stage_dev[1, :bs])
+        self.slot_mapping[:bs].copy_(self._stage_dev[2, :bs])
+        self.seq_lens[:bs].copy_(self._stage_dev[3, :bs])
+        self.graphs[bs].replay()
+        # The pinned staging buffers are reused next step; the caller's host copy of the
+        # sampled ids (a sync) guarantees these async copies are done by then.
+        return self.logits[bs][:b], self.tokens[bs][:b]
