@@ -303,8 +303,9 @@ class LLMEngine:
             bar = tqdm(total=len(order), desc="generate", unit="req", dynamic_ncols=True)
         try:
             while todo or self.has_unfinished():
-                while todo and self.scheduler.num_waiting < self.config.scheduler.max_waiting:
-                    self.add(todo.popleft())
+                # Feed the bounded queue as it drains (at least one waiting, even with max_waiting 0).
+                while todo and self.scheduler.num_waiting < max(1, self.config.scheduler.max_waiting):
+                    self.add(todo.popleft(), enforce_queue_limit=False)
                 for d in self.step():
                     if d.request_id not in texts:
                         continue  # someone else's request sharing this engine

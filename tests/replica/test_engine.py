@@ -93,6 +93,14 @@ def test_generate_accepts_a_single_prompt_and_token_ids():
     assert a.token_ids == b.token_ids and a.prompt_token_ids == b.prompt_token_ids
 
 
+def test_generate_feeds_a_queue_that_refuses_direct_adds():
+    eng = engine(max_waiting=0)
+    with pytest.raises(QueueFullError):
+        eng.add_request("x", "abc", SamplingParams(max_tokens=2))
+    outs = eng.generate(["abc", "def", "ghi"], SamplingParams(max_tokens=2, **GREEDY), use_tqdm=False)
+    assert [len(o.token_ids) for o in outs] == [2, 2, 2]
+
+
 def test_generate_refuses_before_any_work():
     eng = engine(max_model_len=32)
     with pytest.raises(RequestTooLongError):
