@@ -457,7 +457,7 @@ class AsyncEngine:
                 raise EngineUnavailableError("the engine is shutting down and no longer accepts requests")
             if request_id in self._streams:
                 raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
-            max_waiting = self.config.scheduler.max_waiting
+            max_waiting = self.engine.config.scheduler.max_waiting
             queued = self.engine.scheduler.num_waiting + self._num_inbox_adds
             if queued >= max_waiting:
                 self.engine._num_refused += 1
