@@ -3,8 +3,8 @@
 Ray Serve's default policy counts requests in flight to a replica. An LLM replica
 accepts far more requests than it runs (its engine queues them), and what hurts is
 the engine's waiting queue and KV pressure, so this policy reads what each engine
-reports through ``LLMReplica.record_autoscaling_stats()`` (``autoscaling_stats``
-below): waiting, running and KV usage, averaged by Serve over ``look_back_period_s``.
+reports through ``LLMReplica.record_autoscaling_stats()``: waiting, running and KV
+usage, averaged by Serve over ``look_back_period_s``.
 
 Decision, each controller tick (``decide``):
 
@@ -48,7 +48,8 @@ from typing import Any
 
 logger = logging.getLogger("ray.serve")
 
-# Names of the custom metrics LLMReplica.record_autoscaling_stats() reports.
+# Names of the custom metrics LLMReplica.record_autoscaling_stats() reports
+# (deployments/llm.py; tests/deployments/test_autoscaling.py checks they agree).
 WAITING = "num_waiting"
 RUNNING = "num_running"
 KV_USAGE = "kv_usage"
@@ -56,11 +57,6 @@ KV_USAGE = "kv_usage"
 # Keys this policy keeps in Serve's policy_state between ticks.
 _STATE_DIRECTION = "cbserve_pending_direction"
 _STATE_SINCE = "cbserve_pending_since"
-
-
-def autoscaling_stats(*, num_waiting: int, num_running: int, kv_usage: float) -> dict[str, float]:
-    """What ``LLMReplica.record_autoscaling_stats()`` returns (replica side)."""
-    return {WAITING: float(num_waiting), RUNNING: float(num_running), KV_USAGE: float(kv_usage)}
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,6 @@ from deployments.autoscaling import (
     LoadSnapshot,
     QueueDepthAutoscalingPolicy,
     QueueDepthPolicyConfig,
-    autoscaling_stats,
     decide,
 )
 
@@ -196,8 +195,18 @@ def test_policy_falls_back_to_serve_request_count_without_engine_metrics():
     assert n == 2
 
 
-def test_replica_side_metrics_have_the_policy_names():
-    assert autoscaling_stats(num_waiting=3, num_running=2, kv_usage=0.25) == {WAITING: 3.0, RUNNING: 2.0, KV_USAGE: 0.25}
+async def test_replica_reports_the_metrics_the_policy_reads():
+    from replica.request import SamplingParams
+    from tests.deployments.fakes import make_server
+    from deployments.llm import GenerateRequest
+
+    server, _ = await make_server()
+    gen = server.generate(GenerateRequest("r", tuple(range(3, 11)), SamplingParams(max_tokens=50)))
+    await gen.__anext__()  # one request running
+    stats = server.record_autoscaling_stats()
+    assert {WAITING, RUNNING, KV_USAGE} <= set(stats)
+    assert stats[RUNNING] + stats[WAITING] == 1.0 and 0.0 < stats[KV_USAGE] <= 1.0
+    await gen.aclose()
 
 
 def test_serve_wrapper_passes_decisions_through_when_its_delays_are_zero():
