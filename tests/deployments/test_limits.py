@@ -1,0 +1,220 @@
+"""Request limits: the checks, the body-size middleware (over real ASGI calls), the deadline client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+from fastapi import FastAPI, Request
+from pydantic import ValidationError
+
+from deployments.errors import APIError, ReplicaError
+from deployments.limits import BodySizeLimitMiddleware, DeadlineClient, RequestLimits
+from replica.outputs import Delta
+from replica.request import MAX_STOP_STRING_LEN, MAX_STOP_STRINGS, FinishReason
+
+pytestmark = pytest.mark.timeout(60)
+
+
+# ------------------------------------------------------------- RequestLimits
+
+
+def test_defaults_allow_what_the_engine_allows():
+    lim = RequestLimits()
+    lim.check(n_prompt=100_000, max_tokens=100_000, stop=["x"] * MAX_STOP_STRINGS, what="prompt")
+    lim.check(n_prompt=1, max_tokens=None, stop="y" * MAX_STOP_STRING_LEN, what="prompt")
+    assert lim.default_max_tokens(1234) == 1234
+    assert lim.request_timeout_s == 600 and lim.max_body_bytes == 4 * 2**20
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "status", "code", "param"),
+    [
+        (dict(n_prompt=11, max_tokens=1, stop=None, what="messages"), 400, "prompt_too_long", "messages"),
+        (dict(n_prompt=5, max_tokens=9, stop=None, what="prompt"), 400, "max_tokens_too_large", "max_tokens"),
+        (dict(n_prompt=5, max_tokens=1, stop=["a", "b", "c"], what="prompt"), 400, "invalid_request", "stop"),
+        (dict(n_prompt=5, max_tokens=1, stop="abcde", what="prompt"), 400, "invalid_request", "stop"),
+    ],
+)
+def test_exceeding_a_limit_is_a_400_in_openai_shape(kwargs, status, code, param):
+    lim = RequestLimits(max_prompt_tokens=10, max_tokens=8, max_stop_strings=2, max_stop_string_len=4)
+    with pytest.raises(APIError) as ei:
+        lim.check(**kwargs)
+    err = ei.value
+    assert err.status == status
+    body = err.body()["error"]
+    assert set(body) == {"message", "type", "param", "code"}
+    assert body["code"] == code and body["param"] == param and body["type"] == "invalid_request_error"
+
+
+def test_limits_at_the_bound_pass_and_default_is_capped():
+    lim = RequestLimits(max_prompt_tokens=10, max_tokens=8, max_stop_strings=2, max_stop_string_len=4)
+    lim.check(n_prompt=10, max_tokens=8, stop=["abcd", "efgh"], what="prompt")
+    assert lim.default_max_tokens(100) == 8 and lim.default_max_tokens(3) == 3
+
+
+def test_settings_are_validated():
+    with pytest.raises(ValidationError):
+        RequestLimits(max_stop_strings=MAX_STOP_STRINGS + 1)  # the engine would refuse them anyway
+    with pytest.raises(ValidationError):
+        RequestLimits(max_body_bytes=0)
+    with pytest.raises(ValidationError):
+        RequestLimits(request_timeout_s=-1)
+    with pytest.raises(ValidationError):
+        RequestLimits(max_body=10)  # unknown key
+    assert RequestLimits(request_timeout_s=None).request_timeout_s is None
+
+
+# ------------------------------------------------------------- body size middleware
+
+
+def _app(max_bytes: int, rejected: list) -> tuple[FastAPI, list]:
+    seen: list[bytes] = []
+    api = FastAPI()
+
+    @api.post("/v1/echo")
+    async def echo(request: Request) -> dict:
+        body = await request.body()
+        seen.append(body)
+        return {"n": len(body)}
+
+    api.add_middleware(BodySizeLimitMiddleware, max_bytes=max_bytes, on_reject=lambda p, s: rejected.append((p, s)))
+    return api, seen
+
+
+async def test_body_over_limit_is_413_and_never_reaches_the_app():
+    rejected: list = []
+    api, seen = _app(100, rejected)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=api), base_url="http://t") as http:
+        ok = await http.post("/v1/echo", content=b"x" * 100)
+        assert ok.status_code == 200 and ok.json() == {"n": 100}
+        big = await http.post("/v1/echo", content=b"x" * 101)
+        assert big.status_code == 413
+        err = big.json()["error"]
+        assert err["code"] == "request_too_large" and "100 bytes" in err["message"]
+        assert set(err) == {"message", "type", "param", "code"}
+
+        async def chunked():  # no Content-Length: counted while reading
+            for _ in range(5):
+                yield b"y" * 30
+
+        r = await http.post("/v1/echo", content=chunked())
+        assert r.status_code == 413
+    assert seen == [b"x" * 100]
+    assert rejected == [("/v1/echo", 413), ("/v1/echo", 413)]
+
+
+async def _asgi_call(app, messages: list[dict], headers: list[tuple[bytes, bytes]]) -> tuple[list[dict], int]:
+    """Drive the ASGI app directly; returns what it sent and how many receive() calls it made."""
+    sent: list[dict] = []
+    calls = 0
+
+    async def receive():
+        nonlocal calls
+        calls += 1
+        if messages:
+            return messages.pop(0)
+        await asyncio.sleep(3600)
+
+    async def send(m):
+        sent.append(m)
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/echo", "headers": headers, "query_string": b""}
+    await app(scope, receive, send)
+    return sent, calls
+
+
+async def test_declared_oversize_is_refused_without_reading_the_body():
+    api, seen = _app(100, [])
+    sent, calls = await _asgi_call(
+        api, [{"type": "http.request", "body": b"z" * 10, "more_body": True}], [(b"content-length", b"5000")]
+    )
+    assert sent[0]["status"] == 413 and calls == 0 and not seen
+    assert (b"connection", b"close") in sent[0]["headers"]
+    assert json.loads(sent[1]["body"])["error"]["code"] == "request_too_large"
+
+
+async def test_body_is_replayed_then_receive_reaches_the_server():
+    """After the replay the app's receive() is the server's: a streaming response still sees
+    the disconnect."""
+    got: list = []
+
+    async def app(scope, receive, send):
+        got.append(await receive())
+        got.append(await receive())
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    mw = BodySizeLimitMiddleware(app, max_bytes=10)
+    msgs = [
+        {"type": "http.request", "body": b"ab", "more_body": True},
+        {"type": "http.request", "body": b"cd", "more_body": False},
+        {"type": "http.disconnect"},
+    ]
+    sent, _ = await _asgi_call(mw, msgs, [])
+    assert got == [{"type": "http.request", "body": b"abcd", "more_body": False}, {"type": "http.disconnect"}]
+    assert sent[0]["status"] == 204
+
+
+async def test_client_gone_before_body_answers_nothing():
+    api, seen = _app(100, [])
+    sent, _ = await _asgi_call(api, [{"type": "http.disconnect"}], [])
+    assert sent == [] and seen == []
+
+
+# ------------------------------------------------------------- deadline
+
+
+class _SlowClient:
+    """Yields ``n_fast`` deltas, then hangs; records whether its stream was closed."""
+
+    def __init__(self, n_fast: int) -> None:
+        self.n_fast = n_fast
+        self.closed = asyncio.Event()
+
+    async def model_info(self):
+        return "info"
+
+    async def generate(self, req):
+        try:
+            for i in range(self.n_fast):
+                yield Delta(req.request_id, str(i), (i,))
+            await asyncio.sleep(3600)
+            yield Delta(req.request_id, "", (), FinishReason.LENGTH)
+        finally:
+            self.closed.set()
+
+
+class _Req:
+    request_id = "r1"
+
+
+@pytest.mark.parametrize("n_fast", [0, 2])
+async def test_deadline_closes_the_stream_and_reports_a_timeout(n_fast):
+    inner = _SlowClient(n_fast)
+    client = DeadlineClient(inner, timeout_s=0.2)
+    items = [x async for x in client.generate(_Req())]
+    assert [x.text for x in items[:-1]] == [str(i) for i in range(n_fast)]
+    last = items[-1]
+    assert isinstance(last, ReplicaError) and last.code == "request_timeout"
+    assert inner.closed.is_set()  # the replica's stream was closed: its engine request is aborted
+    assert await client.model_info() == "info"
+
+
+async def test_no_deadline_passes_everything_through():
+    class Quick:
+        async def generate(self, req):
+            yield Delta(req.request_id, "a", (1,))
+            yield Delta(req.request_id, "b", (2,), FinishReason.STOP)
+
+    items = [x async for x in DeadlineClient(Quick(), None).generate(_Req())]
+    assert [x.text for x in items] == ["a", "b"]
+    items = [x async for x in DeadlineClient(Quick(), 30).generate(_Req())]
+    assert [x.text for x in items] == ["a", "b"]
+
+
+async def test_timeout_error_maps_to_408():
+    err = APIError.from_replica(ReplicaError("request_timeout", "late"))
+    assert err.status == 408 and err.code == "request_timeout"
