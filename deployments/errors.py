@@ -20,6 +20,10 @@ _STATUS: dict[str, tuple[int, str]] = {
     "not_found": (404, "invalid_request_error"),
     "queue_full": (429, "rate_limit_error"),
     "engine_unavailable": (503, "service_unavailable"),
+    # limits and auth (deployments/limits.py, deployments/auth.py)
+    "invalid_api_key": (401, "invalid_request_error"),
+    "request_timeout": (408, "timeout_error"),
+    "request_too_large": (413, "invalid_request_error"),
     "internal_error": (500, "internal_error"),
 }
 
