@@ -16,6 +16,7 @@ import time
 
 from replica.config import CacheConfig, EngineConfig, ModelConfig, RunnerConfig, SchedulerConfig
 from replica.errors import EngineError
+from replica.models import ModelLoadError
 from replica.request import SamplingParams
 
 
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             for i, out in enumerate(outs):
                 print(f"--- [{i}] {args.prompts[i]!r}\n{out.text}\n")
             n_tokens, reason = sum(len(o.token_ids) for o in outs), ",".join(sorted({o.finish_reason.value for o in outs}))
-    except (EngineError, ValueError) as e:
+    except (EngineError, ModelLoadError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     elapsed = time.perf_counter() - start
