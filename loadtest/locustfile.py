@@ -68,6 +68,7 @@ class RunContext:
         self.model: str | None = options.model or None
         self.sampler_greenlet: gevent.Greenlet | None = None
         self.warned_no_usage = False
+        self.finished = 0  # requests done (ok or not), for --max-requests
 
     def user_rng(self) -> random.Random:
         return random.Random(f"{self.options.seed}:{self._worker_index}:{next(self._user_ids)}")
@@ -131,6 +132,13 @@ def _on_test_stop(environment: Any, **_: Any) -> None:
     if ctx is not None and ctx.sampler_greenlet is not None:
         ctx.sampler_greenlet.kill()
         ctx.sampler_greenlet = None
+    parsed = environment.parsed_options
+    if getattr(parsed, "csv_prefix", None) and not isinstance(environment.runner, WorkerRunner):
+        # Locust rewrites <prefix>_stats.csv once a second and not again at exit; wait for one
+        # more pass so the CSV holds the final numbers (users are stopped, stats are final).
+        from locust.stats import CSV_STATS_INTERVAL_SEC
+
+        gevent.sleep(CSV_STATS_INTERVAL_SEC + 0.25)
 
 
 def _json(obj: dict[str, Any]) -> str:
@@ -231,6 +239,11 @@ class _StreamingUser(HttpUser):
 
     def _report(self, record: RequestRecord) -> None:
         self.ctx.write(record.to_json(itl_list=self.opts.itl_list))
+        self.ctx.finished += 1
+        if self.opts.max_requests and self.ctx.finished == self.opts.max_requests:
+            log.info("--max-requests %d reached: stopping", self.opts.max_requests)
+            # Not from this greenlet: quitting kills the users, this one included.
+            gevent.spawn(self.environment.runner.quit)
         if not record.ok:
             return
         if not record.tokens_from_usage and not self.ctx.warned_no_usage:

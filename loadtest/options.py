@@ -27,6 +27,7 @@ _ARGS: tuple[tuple[str, Any, type, str], ...] = (
     ("--request-rate", 1.0, float, "poisson pacing: requests/s per user (total rate = users x this)"),
     ("--think-time", 0.0, float, "closed pacing: seconds a user waits between its requests"),
     ("--max-inflight", 256, int, "poisson pacing: most requests one user keeps open; more arrivals wait"),
+    ("--max-requests", 0, int, "stop the test after this many finished requests per locust process (0: no limit)"),
     ("--request-timeout", 600.0, float, "seconds before a request is abandoned"),
     ("--jsonl", "", str, "per-request JSONL path; empty: <csv prefix>_requests.jsonl or loadtest_requests.jsonl"),
     ("--itl-list", False, bool, "also write every inter-token gap to the JSONL (not just its stats)"),
@@ -73,6 +74,7 @@ class LoadTestOptions:
     request_rate: float
     think_time: float
     max_inflight: int
+    max_requests: int
     request_timeout: float
     jsonl: str
     itl_list: bool
@@ -119,6 +121,8 @@ class LoadTestOptions:
             raise ValueError("--request-rate must be > 0 with --pacing poisson")
         if self.max_inflight < 1:
             raise ValueError("--max-inflight must be >= 1")
+        if self.max_requests < 0:
+            raise ValueError("--max-requests must be >= 0")
         if self.think_time < 0 or self.request_timeout <= 0 or self.replica_interval <= 0:
             raise ValueError("--think-time must be >= 0; --request-timeout and --replica-interval > 0")
         if self.replica_source == "metrics" and not self.replica_metric:

@@ -135,9 +135,11 @@ class RequestRecord:
         if ttft is not None and e2e is not None and output_tokens > 1:
             tpot = (e2e - ttft) / (output_tokens - 1)
         itl = tuple(b - a for a, b in zip(res.chunk_times, res.chunk_times[1:]))
-        ok = error is None and status == 200 and ttft is not None
-        if error is None and not ok:
+        if error is None and status != 200:
+            error = f"HTTP {status}"
+        if error is None and ttft is None:
             error = "no output text in stream"
+        ok = error is None
         return cls(
             ts=ts,
             endpoint=endpoint,

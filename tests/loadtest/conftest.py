@@ -4,10 +4,15 @@ fake engine client that streams one word per token, so load tests run without Ra
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -66,17 +71,33 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
+# What Ray's Serve REST API answers (trimmed): two LLM replicas running, three wanted.
+SERVE_DETAILS = {
+    "applications": {
+        "cbserve": {
+            "deployments": {
+                "LLMReplica": {"target_num_replicas": 3, "replicas": [{"state": "RUNNING"}] * 2 + [{"state": "STARTING"}]},
+                "OpenAIIngress": {"target_num_replicas": 1, "replicas": [{"state": "RUNNING"}]},
+            }
+        }
+    }
+}
+
+
+@pytest.fixture(scope="session")
 def openai_server() -> Iterator[str]:
-    """Base URL of a live ingress on 127.0.0.1 (model name: ``fake``)."""
+    """Base URL of a live ingress on 127.0.0.1 (model name: ``fake``); it also answers
+    ``GET /api/serve/applications/`` like Ray's dashboard, for the replica sampler."""
     pytest.importorskip("ray")  # deployments.ingress imports ray.serve
     import uvicorn
 
     from deployments.ingress import IngressSettings, OpenAIService, build_api
 
     service = OpenAIService(FakeLLMClient(), WordTokenizer(), IngressSettings(model="fake"))
+    api = build_api(service)
+    api.get("/api/serve/applications/")(lambda: SERVE_DETAILS)
     port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(build_api(service), host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(api, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -87,3 +108,48 @@ def openai_server() -> Iterator[str]:
     yield f"http://127.0.0.1:{port}"
     server.should_exit = True
     thread.join(timeout=10)
+
+
+ROOT = Path(__file__).resolve().parents[2]
+LOCUST = Path(sys.executable).with_name("locust")
+
+
+def run_locust(args: list[str], cwd: Path, timeout: float = 180) -> subprocess.CompletedProcess:
+    """``locust --headless`` as a subprocess (its gevent monkey-patching stays out of pytest)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {k: v for k, v in env.items() if not k.startswith("CBSERVE_LT_")}
+    cmd = [str(LOCUST), "-f", *args[:1], "--headless", "--only-summary", "--loglevel", "WARNING", *args[1:]]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@dataclass(frozen=True)
+class LocustRun:
+    proc: subprocess.CompletedProcess
+    prefix: Path  # the --csv prefix
+
+    @property
+    def jsonl(self) -> Path:
+        return Path(f"{self.prefix}_requests.jsonl")
+
+    def check(self) -> None:
+        """Fail with locust's own output when the run itself failed."""
+        assert self.proc.returncode == 0, f"locust exited {self.proc.returncode}:\n{self.proc.stdout[-4000:]}\n{self.proc.stderr[-4000:]}"
+
+
+@pytest.fixture(scope="session")
+def locust_run(openai_server: str, tmp_path_factory) -> LocustRun:
+    """Closed-loop load from both users until 60 requests are done (a time limit alone could end
+    before any request on a busy machine); replica samples from the fake Serve API."""
+    out = tmp_path_factory.mktemp("locust")
+    prefix = out / "run"
+    proc = run_locust(
+        [
+            str(ROOT / "loadtest" / "locustfile.py"),
+            "-H", openai_server, "-u", "4", "-r", "4", "-t", "120s", "--max-requests", "60", "--csv", str(prefix),
+            "--input-len", "uniform:8:32", "--output-len", "uniform:4:12",
+            "--replica-url", f"{openai_server}/api/serve/applications/", "--replica-interval", "0.2",
+            "--replica-deployments", "LLMReplica",
+        ],
+        cwd=out,
+    )
+    return LocustRun(proc, prefix)
