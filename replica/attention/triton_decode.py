@@ -46,6 +46,7 @@ def _decode_split_kernel(
     NUM_SPLITS: tl.constexpr,
     USE_SOFTCAP: tl.constexpr,
     USE_WINDOW: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -82,7 +83,7 @@ def _decode_split_kernel(
         off = blk * c_stride_block + (n % PAGE) * c_stride_slot + kvh * c_stride_h
         kv_mask = nmask[:, None] & dmask[None, :]
         k = tl.load(kc_ptr + off[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale  # [BLOCK_G, BLOCK_N]
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale  # [BLOCK_G, BLOCK_N]
         if USE_SOFTCAP:
             s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))  # softcap * tanh(s / softcap)
         s = tl.where(nmask[None, :], s * LOG2E, float("-inf"))  # log2 domain from here on
@@ -91,7 +92,7 @@ def _decode_split_kernel(
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(vc_ptr + off[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)  # empty context (padding row): zeros, not NaN
@@ -212,6 +213,8 @@ def paged_decode_attention(
     common = dict(
         GROUP=group, HEAD_DIM=dim, PAGE=page, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=block_n,
         USE_SOFTCAP=use_softcap, USE_WINDOW=use_window,
+        # float32 caches (exactness tests) get full-precision dots, not tf32.
+        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
     )
     if num_splits == 1:
         _decode_split_kernel[(bsz, hkv, 1)](

@@ -46,6 +46,7 @@ def _prefill_kernel(
     BLOCK_D: tl.constexpr,
     USE_SOFTCAP: tl.constexpr,
     USE_WINDOW: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     mt = tl.program_id(0)
     seq = tl.program_id(1)
@@ -86,7 +87,7 @@ def _prefill_kernel(
         off = blk * c_stride_block + (n % PAGE) * c_stride_slot + kvh * c_stride_h
         kv_mask = nmask[:, None] & dmask[None, :]
         k = tl.load(kc_ptr + off[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale
         if USE_SOFTCAP:
             s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))  # softcap * tanh(s / softcap)
         # Key n is visible to the query at qpos iff n <= qpos (and qpos - window < n).
@@ -101,7 +102,7 @@ def _prefill_kernel(
         alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(vc_ptr + off[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -170,6 +171,8 @@ def paged_prefill_attention(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         GROUP=hq // hkv, HEAD_DIM=dim, PAGE=page, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         USE_SOFTCAP=use_softcap, USE_WINDOW=use_window,
+        # float32 caches (exactness tests) get full-precision dots, not tf32.
+        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         num_warps=num_warps, num_stages=num_stages,
     )
     return out

@@ -1,0 +1,333 @@
+"""Offline throughput on one GPU: static batching (HF generate), transformers' continuous
+batching, and this engine, in one run, on the same seeded workload.
+
+Workload W1: N requests (default 256), prompt and output lengths uniform in [100, 1024]
+(seeded), random prompt token ids, EOS ignored, greedy. Models: real shapes with dummy bf16
+weights (``dummy:qwen2.5-0.5b``, ``dummy:llama-3.2-1b``).
+
+    python -m bench.throughput --model qwen2.5-0.5b [--baseline-requests 32] [--out r.json]
+
+The baselines are slow (~1k tok/s), so they run on the first ``--baseline-requests``
+requests of the same workload and report tok/s over that subset; the engine runs all N.
+Printed last: output tok/s of each, ratios, host time per decode step, and the roofline of
+the engine run (weights + KV bytes per step over the measured copy bandwidth, prefill
+FLOPs over the measured matmul rate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from replica.config import CacheConfig, EngineConfig, ModelConfig, RunnerConfig, SchedulerConfig
+from replica.models import DUMMY_CONFIGS, SMOLLM2_VOCAB, LoadedModel, build_random_model
+from replica.request import SamplingParams
+
+
+def workload(n: int, seed: int, lo: int = 100, hi: int = 1024) -> tuple[list[list[int]], list[int]]:
+    rng = np.random.default_rng(seed)
+    p_lens = rng.integers(lo, hi + 1, n)
+    o_lens = rng.integers(lo, hi + 1, n)
+    prompts = [rng.integers(3, SMOLLM2_VOCAB, int(p)).tolist() for p in p_lens]
+    return prompts, [int(o) for o in o_lens]
+
+
+def build_model(name: str, seed: int, attn: str | None = None):
+    model = build_random_model(DUMMY_CONFIGS[name], seed=seed, dtype=torch.bfloat16, device=torch.device("cuda"))
+    if attn:
+        model.set_attn_implementation(attn)
+    return model
+
+
+def free_cuda() -> None:
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------------------ baselines
+
+
+def run_static(name: str, seed: int, prompts, outs, batch: int) -> dict:
+    """transformers ``generate`` in padded static batches; useful tokens = each request's own
+    output length (a batch runs until its longest request is done)."""
+    from transformers import GenerationConfig
+
+    model = build_model(name, seed, "sdpa")
+    pad = 0
+    useful, t_total = 0, 0.0
+    for i in range(0, len(prompts), batch):
+        ps, os_ = prompts[i : i + batch], outs[i : i + batch]
+        width = max(map(len, ps))
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in ps], device=model.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in ps], device=model.device)
+        n_new = max(os_)
+        cfg = GenerationConfig(max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, eos_token_id=None,
+                               pad_token_id=pad)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(input_ids=ids, attention_mask=mask, generation_config=cfg)
+        torch.cuda.synchronize()
+        t_total += time.perf_counter() - t
+        useful += sum(os_)
+    del model
+    free_cuda()
+    return dict(requests=len(prompts), output_tokens=useful, seconds=t_total, tok_s=useful / t_total, batch=batch)
+
+
+def run_hf_continuous(name: str, seed: int, prompts, outs, args_timeout: float = 60.0) -> dict:
+    """transformers' own continuous batching (``init_continuous_batching``, default settings)."""
+    from transformers import GenerationConfig
+
+    model = build_model(name, seed)
+    cfg = GenerationConfig(max_new_tokens=max(outs), do_sample=False, eos_token_id=-1)
+    manager = model.init_continuous_batching(generation_config=cfg)
+    manager.start()
+    try:
+        t = time.perf_counter()
+        for i, (p, o) in enumerate(zip(prompts, outs)):
+            manager.add_request(p, request_id=f"r{i}", max_new_tokens=o, eos_token_id=-1)
+        got, tokens = 0, 0
+        while got < len(prompts):
+            res = manager.get_result(timeout=args_timeout)
+            if res is None:
+                raise RuntimeError("transformers continuous batching produced no result in 60 s")
+            if not res.is_finished():
+                continue
+            got += 1
+            tokens += len(res.generated_tokens)
+        dt = time.perf_counter() - t
+    finally:
+        manager.stop(block=True)
+        if hasattr(model, "destroy_cached_continuous_batching_manager"):
+            model.destroy_cached_continuous_batching_manager()
+    del manager, model
+    free_cuda()
+    return dict(requests=len(prompts), output_tokens=tokens, seconds=dt, tok_s=tokens / dt)
+
+
+# ------------------------------------------------------------------------------ engine
+
+
+def _tokenizer(tok_dir: str | None):
+    from replica.tokenizer import Tokenizer
+
+    try:
+        from replica.models import load_tokenizer
+
+        return load_tokenizer("dummy:x")
+    except Exception:
+        pass
+    from transformers import AutoTokenizer
+
+    if tok_dir is None or not Path(tok_dir).is_dir():
+        raise SystemExit("no SmolLM2 tokenizer here: pass --tokenizer-dir (a converted tokenizer folder)")
+    return Tokenizer(AutoTokenizer.from_pretrained(tok_dir), eos_token_ids=[2], name="smollm2")
+
+
+class StepProbe:
+    """Wraps the runner to time each step's parts without touching the engine: host time of a
+    decode step = step wall time - runner.run wall time + (graph replay launched - run start)."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+        runner = engine.runner
+        self.records: list[dict] = []
+        self._run = runner.run
+        self._cur: dict = {}
+        runner.run = self._wrapped_run
+        if runner.graphs is not None:
+            self._replay = runner.graphs.replay
+            runner.graphs.replay = self._wrapped_replay
+
+    def _wrapped_replay(self, inp):
+        res = self._replay(inp)
+        self._cur["launched"] = time.perf_counter()
+        return res
+
+    def _wrapped_run(self, out):
+        self._cur = {"start": time.perf_counter(), "out": out}
+        res = self._run(out)
+        self._cur["end"] = time.perf_counter()
+        return res
+
+    def step(self):
+        t0 = time.perf_counter()
+        deltas = self.engine.step()
+        t1 = time.perf_counter()
+        c = self._cur
+        self._cur = {}
+        if c:
+            out = c["out"]
+            decode = all(ch.num_tokens == 1 for ch in out.chunks)
+            rec = dict(
+                wall=t1 - t0,
+                run=c["end"] - c["start"],
+                graph=("launched" in c),
+                decode=decode,
+                batch=len(out.chunks),
+                tokens=out.num_batched_tokens,
+                ctx=int(sum(ch.start_pos + ch.num_tokens for ch in out.chunks)),
+                attn_pairs=float(sum(ch.num_tokens * ch.start_pos + ch.num_tokens * (ch.num_tokens + 1) / 2
+                                     for ch in out.chunks)),
+                sampled=sum(1 for ch in out.chunks if ch.sample),
+            )
+            if "launched" in c:
+                rec["host_in_run"] = c["launched"] - c["start"]
+            self.records.append(rec)
+        return deltas
+
+
+def run_engine(name: str, seed: int, prompts, outs, args) -> tuple[dict, list[dict], object]:
+    from replica.engine import LLMEngine
+
+    model = build_model(name, seed)
+    tok = _tokenizer(args.tokenizer_dir)
+    loaded = LoadedModel(model=model, tokenizer=tok, name=f"dummy:{name}", max_model_len=args.max_model_len)
+    cfg = EngineConfig(
+        model=ModelConfig(model=f"dummy:{name}", dtype="bfloat16", device="cuda", max_model_len=args.max_model_len),
+        cache=CacheConfig(block_size=args.block_size, enable_prefix_caching=False),
+        scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_batched_tokens,
+                                  max_waiting=max(1024, len(prompts))),
+        runner=RunnerConfig(attention_backend="auto", max_graph_batch_size=args.max_num_seqs,
+                            use_cuda_graphs=not args.no_graphs),
+    )
+    t = time.perf_counter()
+    engine = LLMEngine(cfg, loaded=loaded)
+    init_s = time.perf_counter() - t
+    # Warm-up (Triton JIT of prefill/decode variants) on a few short requests, not timed.
+    for i in range(min(8, len(prompts))):
+        engine.add_request(f"w{i}", prompts[i][: 50 + 40 * i], SamplingParams(max_tokens=8, temperature=0.0,
+                                                                             ignore_eos=True))
+    while engine.has_unfinished():
+        engine.step()
+    probe = StepProbe(engine)
+    for i, (p, o) in enumerate(zip(prompts, outs)):
+        engine.add_request(f"r{i}", p, SamplingParams(max_tokens=o, temperature=0.0, ignore_eos=True))
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    n_tok = 0
+    while engine.has_unfinished():
+        for d in probe.step():
+            n_tok += len(d.token_ids)
+    torch.cuda.synchronize()
+    dt = time.perf_counter() - t
+    res = dict(requests=len(prompts), output_tokens=n_tok, seconds=dt, tok_s=n_tok / dt, init_s=init_s,
+               num_blocks=engine.num_blocks, backend=engine.runner.backend.name,
+               graphs=engine.runner.graphs is not None)
+    recs = probe.records
+    del probe, engine, loaded, model
+    free_cuda()
+    return res, recs, None
+
+
+def roofline(name: str, recs: list[dict], bw: float, peak: float) -> dict:
+    cfg = DUMMY_CONFIGS[name]
+    h, L, v = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
+    hq, hkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    d = cfg.get("head_dim") or h // hq
+    inter = cfg["intermediate_size"]
+    layer_params = h * (hq * d) + 2 * h * (hkv * d) + (hq * d) * h + 3 * h * inter
+    body = L * layer_params
+    weight_bytes = 2 * (body + v * h)  # bf16; embedding/lm_head read once per step
+    kv_tok = 2 * L * hkv * d * 2  # K and V, all layers, bf16
+    t_floor = 0.0
+    for r in recs:
+        bytes_ = weight_bytes + r["ctx"] * kv_tok
+        flops = 2 * body * r["tokens"] + 2 * v * h * r["sampled"] + 4 * L * hq * d * r["attn_pairs"]
+        t_floor += max(bytes_ / bw, flops / peak)
+    return dict(weight_bytes=weight_bytes, kv_bytes_per_token=kv_tok, floor_s=t_floor)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="qwen2.5-0.5b", choices=sorted(DUMMY_CONFIGS))
+    ap.add_argument("--requests", type=int, default=256)
+    ap.add_argument("--baseline-requests", type=int, default=32, help="0 skips the baselines")
+    ap.add_argument("--static-batch", type=int, default=32)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--block-size", type=int, default=256)
+    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--max-batched-tokens", type=int, default=8192)
+    ap.add_argument("--max-model-len", type=int, default=4096)
+    ap.add_argument("--no-graphs", action="store_true")
+    ap.add_argument("--tokenizer-dir", default=os.environ.get("CBSERVE_TOKENIZER_DIR"))
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("needs CUDA", file=sys.stderr)
+        return 2
+    from bench.kernels import copy_bandwidth, matmul_tflops
+
+    dev = torch.cuda.get_device_name(0)
+    bw, peak = copy_bandwidth(1.0), matmul_tflops(8192) * 1e12
+    prompts, outs = workload(args.requests, args.seed)
+    result: dict = dict(device=dev, model=args.model, args=vars(args), copy_GBps=bw / 1e9, matmul_TFLOPs=peak / 1e12,
+                        prompt_tokens=sum(map(len, prompts)), output_tokens=sum(outs))
+    nb = min(args.baseline_requests, args.requests)
+    if nb:
+        for key, fn in (("static", lambda: run_static(args.model, args.seed, prompts[:nb], outs[:nb], args.static_batch)),
+                        ("hf_continuous", lambda: run_hf_continuous(args.model, args.seed, prompts[:nb], outs[:nb]))):
+            try:
+                result[key] = fn()
+                print(f"{key}:", result[key], flush=True)
+            except Exception as e:  # report the failure, still measure the engine
+                result[key + "_error"] = repr(e)[:500]
+                print(f"{key} FAILED: {e!r}", flush=True)
+                free_cuda()
+        nb = nb if "static" in result and "hf_continuous" in result else 0
+    eng, recs, _ = run_engine(args.model, args.seed, prompts, outs, args)
+    result["engine"] = eng
+    dec = [r for r in recs if r["decode"]]
+    graph = [r for r in dec if r["graph"]]
+    host = [r["wall"] - r["run"] + r["host_in_run"] for r in graph]
+    big = [h for h, r in zip(host, graph) if r["batch"] >= 192]
+    result["steps"] = dict(
+        total=len(recs), decode=len(dec), graph=len(graph), mixed_or_prefill=len(recs) - len(dec),
+        decode_wall_s=sum(r["wall"] for r in dec), other_wall_s=sum(r["wall"] for r in recs if not r["decode"]),
+        host_ms_per_graph_step_median=1e3 * statistics.median(host) if host else None,
+        host_ms_per_graph_step_batch_ge192_median=1e3 * statistics.median(big) if big else None,
+        decode_step_ms_median=1e3 * statistics.median(r["wall"] for r in dec) if dec else None,
+        mean_decode_batch=statistics.mean(r["batch"] for r in dec) if dec else None,
+    )
+    rl = roofline(args.model, recs, bw, peak)
+    result["roofline"] = rl | dict(tok_s_ceiling=eng["output_tokens"] / rl["floor_s"])
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(dict(result, step_records=recs), f, indent=1)
+
+    s = result["steps"]
+    print(f"\n=== W1 {args.model} on {dev}: {args.requests} requests, {result['prompt_tokens']} prompt / "
+          f"{result['output_tokens']} output tokens ===")
+    print(f"{'system':28s} {'requests':>8s} {'out tok':>9s} {'seconds':>8s} {'tok/s':>9s}")
+    for key in ("static", "hf_continuous", "engine"):
+        if key in result:
+            r = result[key]
+            print(f"{key:28s} {r['requests']:8d} {r['output_tokens']:9d} {r['seconds']:8.2f} {r['tok_s']:9.0f}")
+    if nb:
+        print(f"engine / static: {eng['tok_s'] / result['static']['tok_s']:.1f}x   "
+              f"engine / hf_continuous: {eng['tok_s'] / result['hf_continuous']['tok_s']:.1f}x "
+              f"(baselines on the first {nb} requests)")
+    print(f"steps: {s['total']} ({s['decode']} decode, {s['graph']} from graphs, {s['mixed_or_prefill']} with prefill); "
+          f"decode {s['decode_wall_s']:.2f} s, prefill/mixed {s['other_wall_s']:.2f} s")
+    print(f"decode step median {s['decode_step_ms_median']:.2f} ms at mean batch {s['mean_decode_batch']:.0f}; host time "
+          f"per graph decode step median {s['host_ms_per_graph_step_median']:.3f} ms "
+          f"(batch >= 192: {s['host_ms_per_graph_step_batch_ge192_median']})")
+    print(f"roofline: weights {rl['weight_bytes'] / 1e9:.2f} GB/step, KV {rl['kv_bytes_per_token'] / 1e3:.1f} kB/token, "
+          f"copy {bw / 1e9:.0f} GB/s, matmul {peak / 1e12:.0f} TFLOP/s -> floor {rl['floor_s']:.2f} s = "
+          f"{result['roofline']['tok_s_ceiling']:.0f} tok/s; engine at {rl['floor_s'] / eng['seconds']:.0%} of it")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
