@@ -24,6 +24,8 @@ def ray_session():
             include_dashboard=False,
             log_to_driver=False,
             ignore_reinit_error=True,
+            # Replica processes share 2 real cores: one BLAS thread each avoids oversubscription.
+            runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}},
         )
     yield ray
     from ray import serve
@@ -32,3 +34,19 @@ def ray_session():
         serve.shutdown()
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def serve_url(ray_session) -> str:
+    """Serve's HTTP proxy for this session, on a free port (pytest runs side by side must not
+    fight over 8000); returns its base URL. Modules deploy their own apps and delete them."""
+    import socket
+
+    from ray import serve
+    from ray.serve.context import _get_global_client
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    return f"http://127.0.0.1:{_get_global_client().http_config.port}"
