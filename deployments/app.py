@@ -28,7 +28,7 @@ class EngineArgs(_Args):
     """Engine settings (replica/config.py); unset fields keep the engine's defaults."""
 
     dtype: Literal["auto", "float32", "float64", "bfloat16", "float16"] | None = Field(default=None, description="Weights/activations dtype.")
-    device: str | None = Field(default=None, description="auto | cpu | cuda | cuda:N (default: cuda where the replica has a GPU, else cpu).")
+    device: str | None = Field(default=None, description="auto | cpu | cuda | cuda:N (auto: cuda when Ray gave the replica a GPU, else cpu).")
     max_model_len: int | None = Field(default=None, gt=0, description="Context length (default: the model's own).")
     seed: int | None = Field(default=None, description="Seed for dummy weights and unseeded sampling.")
     block_size: int | None = Field(default=None, gt=0, description="Tokens per KV block.")
@@ -112,9 +112,10 @@ class AppArgs(_Args):
             return float(self.num_gpus)
         return 1.0 if _cluster_has_gpus() else 0.0
 
-    def engine_config(self, num_gpus: float) -> EngineConfig:
+    def engine_config(self) -> EngineConfig:
+        """The replica resolves device "auto" from the GPUs Ray gives it (see llm._placed), so
+        a Serve config that overrides ray_actor_options still gets the right device."""
         e = self.engine
-        device = e.device or ("auto" if num_gpus > 0 else "cpu")  # a GPU-less replica must not grab a visible GPU
         return EngineConfig(
             model=ModelConfig(
                 **{
@@ -122,7 +123,7 @@ class AppArgs(_Args):
                     for k, v in dict(
                         model=self.model,
                         dtype=e.dtype,
-                        device=device,
+                        device=e.device,
                         max_model_len=e.max_model_len,
                         seed=e.seed,
                         served_name=self.served_model_name,
@@ -150,7 +151,7 @@ def _cluster_has_gpus() -> bool:
 def build_app(args: dict[str, Any] | None = None) -> Application:
     a = AppArgs.model_validate(args or {})
     num_gpus = a.resolved_num_gpus()
-    engine_config = a.engine_config(num_gpus)
+    engine_config = a.engine_config()
 
     actor_options: dict[str, Any] = {"num_cpus": a.num_cpus, "num_gpus": num_gpus}
     if a.accelerator_resource:

@@ -16,7 +16,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -98,6 +98,7 @@ class LLMServer:
         engine_factory: Callable[[EngineConfig], Any] | None = None,
         metrics_backend: Any = None,
     ) -> None:
+        engine_config = _placed(engine_config)
         self._config = engine_config
         self._settings = ReplicaUserConfig.model_validate(user_config or {})
         factory = engine_factory or _default_engine
@@ -250,6 +251,21 @@ class LLMServer:
             except Exception:
                 logger.exception("metrics update failed")
             await asyncio.sleep(self._settings.metrics_interval_s)
+
+
+def _placed(config: EngineConfig) -> EngineConfig:
+    """device "auto" inside Ray: CUDA only if Ray assigned this replica a GPU. Ray leaves
+    CUDA_VISIBLE_DEVICES alone for actors with num_gpus=0, so "auto" alone would grab GPU 0."""
+    if config.model.device != "auto":
+        return config
+    try:
+        import ray
+
+        if not ray.is_initialized() or ray.get_gpu_ids():
+            return config
+    except Exception:
+        return config
+    return replace(config, model=replace(config.model, device="cpu"))
 
 
 def _replica_id() -> str:

@@ -1,0 +1,109 @@
+"""build_app: argument validation and what it turns them into (no Ray cluster needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pydantic
+import pytest
+import yaml
+
+from deployments.app import AppArgs, build_app
+from deployments.llm import ReplicaUserConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def llm_deployment(app):
+    ingress = app._bound_deployment
+    (llm_app, settings) = ingress.init_args
+    return ingress, llm_app._bound_deployment, settings
+
+
+def test_defaults_build_the_two_deployment_graph():
+    ingress, llm, settings = llm_deployment(build_app({}))
+    assert ingress.name == "OpenAIIngress" and llm.name == "LLMReplica"
+    assert settings == {"model": "default", "served_model_name": None, "default_max_tokens": None}
+    (engine_config,) = llm.init_args
+    assert engine_config.model.model == "default" and engine_config.model.device == "auto"
+    assert llm.num_replicas == 1
+    # The engine's own queue decides 429: Serve must let one more than it holds through.
+    sched = engine_config.scheduler
+    assert llm.max_ongoing_requests == sched.max_num_seqs + sched.max_waiting + 1
+    assert llm.user_config == ReplicaUserConfig().model_dump()  # reconfigure() gets validated settings
+
+
+def test_engine_args_map_onto_the_frozen_engine_config():
+    args = {
+        "model": "tiny:llama",
+        "served_model_name": "tiny",
+        "engine": {"dtype": "float32", "max_model_len": 512, "block_size": 8, "num_blocks": 100,
+                   "max_num_seqs": 4, "max_waiting": 3, "attention_backend": "torch", "use_cuda_graphs": False},
+        "num_gpus": 1,
+        "accelerator_resource": "fake_gpu",
+        "max_ongoing_requests": 9,
+        "replica": {"log_requests": True},
+    }
+    ingress, llm, settings = llm_deployment(build_app(args))
+    (cfg,) = llm.init_args
+    assert (cfg.model.model, cfg.model.served_name, cfg.model.dtype, cfg.model.max_model_len) == (
+        "tiny:llama", "tiny", "float32", 512,
+    )
+    assert (cfg.cache.block_size, cfg.cache.num_blocks) == (8, 100)
+    assert (cfg.scheduler.max_num_seqs, cfg.scheduler.max_waiting) == (4, 3)
+    assert cfg.scheduler.max_num_batched_tokens == 2048  # unset: the engine's default
+    assert (cfg.runner.attention_backend, cfg.runner.use_cuda_graphs) == ("torch", False)
+    assert llm.ray_actor_options["num_gpus"] == 1 and llm.ray_actor_options["resources"] == {"fake_gpu": 1}
+    assert llm.max_ongoing_requests == 9 and llm.user_config["log_requests"] is True
+    assert settings["served_model_name"] == "tiny"
+
+
+def test_num_gpus_auto_is_zero_without_gpus():
+    assert AppArgs().resolved_num_gpus() == 0.0  # no Ray cluster with GPUs here
+    assert AppArgs(num_gpus=0.5).resolved_num_gpus() == 0.5
+
+
+def test_autoscaling_and_router_options_reach_serve():
+    args = {
+        "autoscaling": {"min_replicas": 1, "max_replicas": 3, "upscale_delay_s": 5,
+                        "policy": "deployments.autoscaling:QueueDepthAutoscalingPolicy",
+                        "policy_kwargs": {"target_requests_per_replica": 8}},
+        "router": {"request_router_class": "router.kv_router:KVCacheAwareRouter", "request_routing_stats_period_s": 1},
+    }
+    _, llm, _ = llm_deployment(build_app(args))
+    auto = llm._deployment_config.autoscaling_config
+    assert (auto.min_replicas, auto.max_replicas, auto.upscale_delay_s) == (1, 3, 5)
+    assert auto.policy.policy_function == "deployments.autoscaling:QueueDepthAutoscalingPolicy"
+    router = llm._deployment_config.request_router_config
+    assert router.request_routing_stats_period_s == 1
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        ({"modle": "x"}, "Extra inputs are not permitted"),
+        ({"engine": {"max_num_seqs": 0}}, "greater than 0"),
+        ({"engine": {"dtype": "int8"}}, "Input should be"),
+        ({"engine": {"block_sizes": 16}}, "Extra inputs"),
+        ({"autoscaling": {"min_replicas": 5, "max_replicas": 2}}, "min_replicas must be <= max_replicas"),
+        ({"replica": {"drain_timeout_s": -1}}, "greater than or equal"),
+        ({"num_gpus": "lots"}, "num_gpus"),
+    ],
+)
+def test_bad_arguments_are_rejected_clearly(args, words):
+    with pytest.raises(pydantic.ValidationError, match=words):
+        build_app(args)
+
+
+@pytest.mark.parametrize("name", ["deployments.yaml", "deployments.gpu.yaml"])
+def test_shipped_configs_validate(name):
+    cfg = yaml.safe_load((ROOT / name).read_text())
+    from ray.serve.schema import ServeDeploySchema
+
+    ServeDeploySchema.model_validate(cfg)  # Serve's own schema for `serve run` / `serve deploy`
+    (app,) = cfg["applications"]
+    assert app["import_path"] == "deployments.app:build_app"
+    AppArgs.model_validate(app["args"])  # and our arguments
+    assert {d["name"] for d in app["deployments"]} == {"OpenAIIngress", "LLMReplica"}
+    if name == "deployments.yaml":
+        assert app["args"]["model"] == "default" and app["args"]["num_gpus"] == "auto"
