@@ -269,7 +269,9 @@ def _load_hf_model(source: str, dtype: torch.dtype, device: torch.device):
     from transformers import AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(source), dtype=dtype)
+        # Straight onto the GPU (no full CPU copy first) when there is one.
+        placement = {"device_map": {"": device}} if device.type == "cuda" else {}
+        model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(source), dtype=dtype, **placement)
     except OSError as e:
         offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
         hint = " (HF_HUB_OFFLINE is set: only local paths and already-cached hub models load)" if offline else \
