@@ -9,8 +9,9 @@ GPU differences, e.g. ``num_gpus: 1`` per LLM replica). The cluster around it:
 - head: ``num-cpus: 0`` and ``num-gpus: 0``, so the Serve controller and proxy live there
   but no replica (every deployment asks for CPU or GPU) is ever scheduled on it;
 - one GPU worker group, ``nvidia.com/gpu: 1`` per pod, minReplicas/maxReplicas derived from
-  the GPU deployment's autoscaling bounds (one replica per GPU), so Serve's autoscaler drives
-  KubeRay's in-tree autoscaler (``enableInTreeAutoscaling: true``), which adds/removes pods.
+  the GPU deployment's replica range (build_app's ``autoscaling`` args, or the deployment's
+  own options) times its GPUs per replica, so Serve's autoscaler drives KubeRay's in-tree
+  autoscaler (``enableInTreeAutoscaling: true``), which adds and removes GPU pods.
 """
 
 from __future__ import annotations
@@ -115,33 +116,75 @@ def apply_overrides(serve_config: dict[str, Any], overrides: dict[str, Any]) -> 
     return out
 
 
-def find_deployment(serve_config: dict[str, Any], name: str) -> dict[str, Any]:
-    for app in serve_config.get("applications") or []:
-        for dep in app.get("deployments") or []:
-            if dep.get("name") == name:
-                return dep
-    raise ValueError(f"no deployment {name!r} in the Serve config (the GPU worker group is sized from it)")
+@dataclass(frozen=True)
+class ReplicaPlan:
+    """What the GPU deployment asks of the cluster: GPUs per replica and its replica range."""
+
+    gpus_per_replica: float
+    min_replicas: int
+    max_replicas: int
+
+
+def _app_args(app: dict[str, Any]) -> Any:
+    """The application's args through build_app's own validation (unknown keys are errors)."""
+    if str(ROOT) not in sys.path:  # run as `python k8s/generate.py`
+        sys.path.insert(0, str(ROOT))
+    from deployments.app import AppArgs  # lazy: imports Ray Serve
+
+    try:
+        return AppArgs.model_validate(app.get("args") or {})
+    except Exception as e:  # pydantic's ValidationError: show it as a config error
+        raise ValueError(f"application {_app_name(app)!r}: bad args for build_app: {e}") from e
+
+
+def replica_plan(serve_config: dict[str, Any], spec: ClusterSpec) -> ReplicaPlan:
+    """Read the GPU deployment's needs the way Serve will: options in its ``deployments:``
+    entry win (Serve replaces the code's ray_actor_options/num_replicas with them); otherwise
+    build_app's args decide (num_gpus, autoscaling or num_replicas)."""
+    apps = serve_config.get("applications") or []
+    named = [(a, d) for a in apps for d in a.get("deployments") or [] if d.get("name") == spec.gpu_deployment]
+    if named:
+        app, dep = named[0]
+    elif len(apps) == 1:
+        app, dep = apps[0], {}
+    else:
+        raise ValueError(f"no deployment {spec.gpu_deployment!r} in the Serve config (the GPU worker group is sized from it)")
+    args = None
+    if "ray_actor_options" in dep:
+        gpus = float((dep["ray_actor_options"] or {}).get("num_gpus", 0))
+    else:
+        args = _app_args(app)
+        if args.num_gpus == "auto":
+            raise ValueError("num_gpus is 'auto': the manifest needs a number (set it in k8s/gpu_overrides.yaml)")
+        gpus = float(args.num_gpus)
+    if gpus <= 0:
+        raise ValueError(f"deployment {spec.gpu_deployment!r} asks for no GPU; the overrides should set num_gpus")
+    if isinstance(dep.get("autoscaling_config"), dict):
+        auto = dep["autoscaling_config"]
+        lo, hi = int(auto.get("min_replicas", 1)), int(auto.get("max_replicas", 1))
+    elif "num_replicas" in dep:
+        if dep["num_replicas"] == "auto":
+            raise ValueError("num_replicas 'auto' has no fixed bounds; give autoscaling_config min/max")
+        lo = hi = int(dep["num_replicas"])
+    else:
+        args = args or _app_args(app)
+        if args.autoscaling is not None:
+            lo, hi = args.autoscaling.min_replicas, args.autoscaling.max_replicas
+        else:
+            lo = hi = args.num_replicas
+    return ReplicaPlan(gpus, lo, hi)
 
 
 def gpu_worker_bounds(serve_config: dict[str, Any], spec: ClusterSpec) -> tuple[int, int]:
-    """Worker pods needed at the GPU deployment's min and max replica count (one GPU per pod)."""
-    dep = find_deployment(serve_config, spec.gpu_deployment)
-    gpus = float((dep.get("ray_actor_options") or {}).get("num_gpus", 0))
-    if gpus <= 0:
-        raise ValueError(f"deployment {spec.gpu_deployment!r} asks for no GPU; the overrides should set num_gpus")
-    auto = dep.get("autoscaling_config")
-    num = dep.get("num_replicas", 1)
-    if isinstance(auto, dict):
-        lo, hi = int(auto.get("min_replicas", 1)), int(auto.get("max_replicas", 1))
-    elif num == "auto":  # Serve's default autoscaling bounds for num_replicas: auto
-        lo, hi = 1, 100
-    else:
-        lo = hi = int(num)
-    to_pods = lambda n: -(-int(n * gpus * 1000) // 1000)  # noqa: E731 - ceil without float fuzz
-    lo_pods, hi_pods = to_pods(lo), to_pods(hi)
+    """Worker pods (one GPU each) at the GPU deployment's min and max replica count."""
+    plan = replica_plan(serve_config, spec)
+
+    def pods(n: int) -> int:  # replicas with fractional GPUs share a pod
+        return -(-round(n * plan.gpus_per_replica * 1000) // 1000)
+
     return (
-        spec.min_workers if spec.min_workers is not None else lo_pods,
-        spec.max_workers if spec.max_workers is not None else hi_pods,
+        spec.min_workers if spec.min_workers is not None else pods(plan.min_replicas),
+        spec.max_workers if spec.max_workers is not None else pods(plan.max_replicas),
     )
 
 

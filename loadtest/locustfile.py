@@ -31,7 +31,7 @@ if str(_ROOT) not in sys.path:  # locust imports this file by path; make `loadte
     sys.path.insert(0, str(_ROOT))
 
 from loadtest.options import LoadTestOptions, add_arguments  # noqa: E402
-from loadtest.replicas import ReplicaSampler  # noqa: E402
+from loadtest.replicas import ReplicaSampler, ray_auth_token  # noqa: E402
 from loadtest.stream import RequestRecord, read_sse  # noqa: E402
 from loadtest.workload import WorkItem, Workload, load_prompt_set  # noqa: E402
 
@@ -122,6 +122,7 @@ def _on_test_start(environment: Any, **_: Any) -> None:
         metric=opts.replica_metric,
         deployments=opts.replica_deployments,
         interval=opts.replica_interval,
+        token=ray_auth_token(url, opts.replica_token) if opts.replica_source == "serve-api" else None,
     )
     ctx.sampler_greenlet = gevent.spawn(sampler.run)
 

@@ -34,6 +34,7 @@ _ARGS: tuple[tuple[str, Any, type, str], ...] = (
     ("--itl-events", "token", str, "ITL rows in locust stats: token (one per gap) | request (mean) | none"),
     ("--replica-source", "serve-api", str, "replica count sampling: serve-api | metrics | none"),
     ("--replica-url", "", str, "sampling URL; empty: http://<host>:8265/api/serve/applications/ or <host>/metrics"),
+    ("--replica-token", "", str, "serve-api: Ray dashboard auth token (default: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token)"),
     ("--replica-metric", "", str, "metrics source: Prometheus gauge whose samples are summed"),
     ("--replica-deployments", "", str, "serve-api source: comma-separated deployment names (empty: all)"),
     ("--replica-interval", 2.0, float, "seconds between replica samples"),
@@ -57,8 +58,10 @@ def add_arguments(parser: Any) -> None:
             parser.add_argument(flag, action="store_true", default=_env_bool(os.environ.get(env, "")),
                                 help=f"{help_} [env {env}]")
         else:
+            # Locust's web UI masks secrets; a plain argparse parser (tests) knows no such flag.
+            secret = {"is_secret": True} if flag.endswith("-token") and hasattr(parser, "secret_args_included_in_web_ui") else {}
             parser.add_argument(flag, type=typ, default=typ(os.environ.get(env, default)),
-                                help=f"{help_} (default {default!r}) [env {env}]")
+                                help=f"{help_} (default {default!r}) [env {env}]", **secret)
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,7 @@ class LoadTestOptions:
     itl_events: str
     replica_source: str
     replica_url: str
+    replica_token: str
     replica_metric: str
     replica_deployments: tuple[str, ...]
     replica_interval: float

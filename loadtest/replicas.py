@@ -10,15 +10,23 @@ Two sources:
 - ``metrics``: a Prometheus text endpoint (for example the ingress's ``/metrics``); the
   samples of one named gauge are summed.
 
+Ray >= 2.5x starts local clusters with token authentication on: the dashboard then wants
+``Authorization: Bearer <token>``. The token is taken from ``--replica-token``, else
+``$RAY_AUTH_TOKEN``, else the file at ``$RAY_AUTH_TOKEN_PATH``, else (only for a dashboard on
+this machine) ``~/.ray/auth_token`` -- the places Ray itself looks (``ray get-auth-token``).
+
 Samples go into the request JSONL as ``{"type": "replicas", ...}`` lines.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +72,23 @@ def parse_prometheus_gauge(text: str, metric: str) -> float | None:
     return total if seen else None
 
 
+def ray_auth_token(url: str, explicit: str = "") -> str | None:
+    """The Ray dashboard token for ``url``, looked up like Ray does (see the module docstring)."""
+    if explicit:
+        return explicit
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return os.environ["RAY_AUTH_TOKEN"].strip()
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if not path and urlsplit(url).hostname in {"127.0.0.1", "localhost", "::1"}:
+        path = str(Path.home() / ".ray" / "auth_token")  # never sent to another host unasked
+    if not path:
+        return None
+    try:
+        return Path(path).read_text().strip() or None
+    except OSError:
+        return None
+
+
 class ReplicaSampler:
     """Polls one source every ``interval`` seconds and hands each sample to ``sink``.
 
@@ -81,6 +106,7 @@ class ReplicaSampler:
         deployments: Iterable[str] = (),
         interval: float = 2.0,
         timeout: float = 5.0,
+        token: str | None = None,
     ) -> None:
         if source not in {"serve-api", "metrics"}:
             raise ValueError(f"replica source must be serve-api or metrics, got {source!r}")
@@ -91,13 +117,19 @@ class ReplicaSampler:
         self.source, self.url, self.sink = source, url, sink
         self.metric, self.deployments = metric, tuple(deployments)
         self.interval, self.timeout = interval, timeout
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._warned = False
 
     def sample_once(self) -> dict[str, Any] | None:
         import requests
 
         try:
-            resp = requests.get(self.url, timeout=self.timeout)
+            resp = requests.get(self.url, timeout=self.timeout, headers=self.headers)
+            if resp.status_code in (401, 403):
+                raise PermissionError(
+                    f"HTTP {resp.status_code}: the Ray dashboard wants its auth token "
+                    "(--replica-token or RAY_AUTH_TOKEN; `ray get-auth-token` prints it)"
+                )
             resp.raise_for_status()
             if self.source == "serve-api":
                 counts = parse_serve_details(resp.json(), self.deployments)

@@ -279,9 +279,12 @@ def plot_replicas(replicas: list[dict[str, Any]], users: tuple[np.ndarray, np.nd
     if not series:
         ax.text(0.5, 0.5, "no replica samples in the JSONL\n(see --replica-source)", ha="center", va="center",
                 transform=ax.transAxes)
+    from matplotlib.ticker import MaxNLocator
+
     ax.set_ylabel("replicas")
     ax.set_xlabel("time since first request (s)")
     ax.set_ylim(bottom=0)
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     if series:
         ax.legend(loc="upper left", fontsize=8)

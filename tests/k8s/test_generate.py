@@ -9,6 +9,7 @@ import yaml
 
 from k8s.generate import (
     ClusterSpec,
+    ReplicaPlan,
     apply_overrides,
     build_rayservice,
     generate,
@@ -16,6 +17,7 @@ from k8s.generate import (
     load_yaml,
     main,
     render,
+    replica_plan,
 )
 from tests.k8s.conftest import schema_errors
 
@@ -93,10 +95,46 @@ def test_worker_bounds_follow_the_gpu_deployment():
     assert gpu_worker_bounds(half, ClusterSpec()) == (1, 2)  # two replicas share a GPU pod
     with pytest.raises(ValueError, match="asks for no GPU"):
         gpu_worker_bounds(SAMPLE, ClusterSpec())
-    with pytest.raises(ValueError, match="no deployment 'Other'"):
-        gpu_worker_bounds(cfg, ClusterSpec(gpu_deployment="Other"))
     with pytest.raises(ValueError, match="min workers"):
         ClusterSpec(min_workers=3, max_workers=1)
+
+
+ARGS_APP = {
+    "applications": [
+        {
+            "name": "cbserve",
+            "import_path": "deployments.app:build_app",
+            "args": {"model": "tiny:llama", "num_replicas": 2, "num_gpus": "auto"},
+            "deployments": [{"name": "OpenAIIngress"}, {"name": "LLMReplica"}],
+        }
+    ]
+}
+
+
+def _args_over(**args):
+    return {"applications": {"cbserve": {"args": args}}}
+
+
+def test_worker_bounds_from_build_app_args():
+    """Without Serve-level options on LLMReplica, build_app's args decide, as they will in Serve."""
+    pytest.importorskip("ray")
+    with pytest.raises(ValueError, match="'auto'"):
+        gpu_worker_bounds(ARGS_APP, ClusterSpec())
+    fixed = apply_overrides(ARGS_APP, _args_over(num_gpus=1))
+    assert replica_plan(fixed, ClusterSpec()) == ReplicaPlan(1.0, 2, 2)
+    assert gpu_worker_bounds(fixed, ClusterSpec()) == (2, 2)
+    scaled = apply_overrides(ARGS_APP, _args_over(num_gpus=1, autoscaling={"min_replicas": 0, "max_replicas": 5}))
+    assert gpu_worker_bounds(scaled, ClusterSpec()) == (0, 5)
+    with pytest.raises(ValueError, match="bad args for build_app"):
+        gpu_worker_bounds(apply_overrides(ARGS_APP, _args_over(num_gpu=1)), ClusterSpec())
+    # Serve-level options on the deployment win over the args, as Serve applies them.
+    both = apply_overrides(scaled, {"applications": {"cbserve": {"deployments": {"LLMReplica": {
+        "num_replicas": 3, "ray_actor_options": {"num_cpus": 1, "num_gpus": 2}}}}}})
+    assert replica_plan(both, ClusterSpec()) == ReplicaPlan(2.0, 3, 3)
+    assert gpu_worker_bounds(both, ClusterSpec()) == (6, 6)
+    two_apps = {"applications": [ARGS_APP["applications"][0] | {"deployments": []}, {"name": "b", "import_path": "x:y"}]}
+    with pytest.raises(ValueError, match="no deployment 'LLMReplica'"):
+        gpu_worker_bounds(two_apps, ClusterSpec())
 
 
 def test_built_manifest_shape():

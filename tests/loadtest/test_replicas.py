@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from loadtest.replicas import ReplicaSampler, parse_prometheus_gauge, parse_serve_details
+from loadtest.replicas import ReplicaSampler, parse_prometheus_gauge, parse_serve_details, ray_auth_token
 
 DETAILS = {
     "applications": {
@@ -62,3 +62,41 @@ def test_unreachable_source_gives_no_sample(caplog):
     assert s.sample_once() is None
     assert s.sample_once() is None
     assert sum("replica sampling" in r.message for r in caplog.records) == 1  # warned once only
+
+
+def test_token_lookup_order(monkeypatch, tmp_path):
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    local, remote = "http://127.0.0.1:8265/api/serve/applications/", "http://10.1.2.3:8265/x"
+    assert ray_auth_token(local) is None
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("home-token\n")
+    assert ray_auth_token(local) == "home-token"
+    assert ray_auth_token(remote) is None  # the local token never goes to another host unasked
+    token_file = tmp_path / "tok"
+    token_file.write_text("file-token")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token_file))
+    assert ray_auth_token(remote) == "file-token"
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "env-token")
+    assert ray_auth_token(remote) == "env-token"
+    assert ray_auth_token(remote, "flag-token") == "flag-token"
+
+
+def test_sampler_sends_the_token_and_explains_401(monkeypatch, caplog):
+    import requests
+
+    seen = {}
+
+    class Resp:
+        status_code = 401
+
+    def fake_get(url, timeout, headers):
+        seen.update(headers)
+        return Resp()
+
+    monkeypatch.setattr(requests, "get", fake_get)
+    s = ReplicaSampler("serve-api", "http://127.0.0.1:1/api/serve/applications/", print, token="abc")
+    assert s.sample_once() is None
+    assert seen == {"Authorization": "Bearer abc"}
+    assert "auth token" in caplog.text
