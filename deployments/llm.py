@@ -28,7 +28,7 @@ from replica.config import EngineConfig
 from replica.errors import EngineError, EngineUnavailableError
 from replica.outputs import Delta, EngineStats
 from replica.request import FinishReason, SamplingParams
-from router.stats import build_routing_stats
+from router.stats import DEFAULT_MAX_PREFIX_HASHES, build_routing_stats
 
 logger = logging.getLogger("ray.serve")
 
@@ -70,12 +70,9 @@ class ReplicaUserConfig(BaseModel):
     drain_timeout_s: float = Field(default=30.0, ge=0, description="How long shutdown waits for running requests.")
     metrics_interval_s: float = Field(default=1.0, gt=0, description="Period of engine-stats gauges.")
     routing_num_block_hashes: int = Field(
-        default=4096, ge=0, description="Cached prefix block hashes reported to the router per stats call."
+        default=DEFAULT_MAX_PREFIX_HASHES, ge=0, description="Cached prefix block hashes reported to the router per stats call."
     )
     log_requests: bool = Field(default=False, description="Log each request's start and finish at INFO.")
-
-
-EngineFactory = Callable[[EngineConfig], Any]
 
 
 async def _default_engine(config: EngineConfig) -> Any:
@@ -228,12 +225,10 @@ class LLMServer:
         self._settings = ReplicaUserConfig.model_validate(user_config or {})
 
     def check_health(self) -> None:
-        """Serve restarts the replica if this raises (e.g. the engine's step loop died)."""
-        health = getattr(self._engine, "check_health", None)
-        if health is not None:
-            health()
-        else:
-            self._engine.stats()
+        """Serve restarts the replica if this raises: the engine's step loop died (a bug or a
+        broken device), so every request would fail."""
+        if getattr(self._engine, "is_dead", False):
+            raise RuntimeError(f"engine step loop is dead on replica {self._replica_id}")
 
     async def shutdown(self) -> None:
         """Refuse new requests, let running ones finish (bounded), stop the engine."""

@@ -137,3 +137,11 @@ def test_deployment_is_the_server_with_a_serve_destructor():
     cls = LLMReplica.func_or_class
     assert asyncio.iscoroutinefunction(cls.__del__)
     assert LLMReplica.name == "LLMReplica"
+
+
+async def test_health_check_fails_when_the_engine_died():
+    server, engine = await make_server()
+    server.check_health()
+    engine.is_dead = True
+    with pytest.raises(RuntimeError, match="dead"):
+        server.check_health()
