@@ -108,12 +108,12 @@ class RoutingDecision:
         return self.groups[0][0] if self.groups and self.groups[0] else None
 
 
-def matched_prefix_blocks(prompt_hashes: Sequence[int], held: frozenset[int] | set[int]) -> int:
-    """How many leading blocks of the prompt are held. Counted from block 0 and stopping
-    at the first gap: the engine can only reuse an unbroken prefix."""
+def matched_prefix_blocks(prompt_hashes: Sequence[int], *held: frozenset[int] | set[int]) -> int:
+    """How many leading blocks of the prompt are held (in any of the ``held`` sets).
+    Counted from block 0, stopping at the first gap: the engine reuses only an unbroken prefix."""
     n = 0
     for h in prompt_hashes:
-        if h not in held:
+        if not any(h in s for s in held):
             break
         n += 1
     return n
@@ -154,7 +154,7 @@ def rank_replicas(
         if s.block_size not in hashes_by_bs:
             hashes_by_bs[s.block_size] = block_hashes(tokens, s.block_size) if tokens else []
         hashes = hashes_by_bs[s.block_size]
-        m = matched_prefix_blocks(hashes, s.prefix_hashes | r.recent_prefixes) if hashes else 0
+        m = matched_prefix_blocks(hashes, s.prefix_hashes, r.recent_prefixes) if hashes else 0
         matched[r.replica_id] = m
         needed[r.replica_id] = math.ceil(len(tokens) / s.block_size) - m
 

@@ -155,6 +155,8 @@ def test_matched_prefix_stops_at_first_gap():
     held = frozenset(PROMPT_HASHES[:3]) | frozenset(PROMPT_HASHES[5:8])
     assert matched_prefix_blocks(PROMPT_HASHES, held) == 3
     assert matched_prefix_blocks(PROMPT_HASHES, frozenset()) == 0
+    # Reported and router-remembered blocks combine into one prefix.
+    assert matched_prefix_blocks(PROMPT_HASHES, frozenset(PROMPT_HASHES[:2]), frozenset(PROMPT_HASHES[2:4])) == 4
 
 
 def test_other_prompts_blocks_do_not_match():
