@@ -172,7 +172,7 @@ class APIKeyMiddleware:
         if scope["type"] not in ("http", "websocket") or not self.keys.enabled:
             await self.app(scope, receive, send)
             return
-        path = scope.get("path", "")
+        path = _route_path(scope)
         if path in self.open_paths:
             await self.app(scope, receive, send)
             return
@@ -194,6 +194,15 @@ class APIKeyMiddleware:
             return
         err = APIError(401, message, type="invalid_request_error", code="invalid_api_key")
         await send_api_error(send, err, {"www-authenticate": "Bearer"})
+
+
+def _route_path(scope: dict) -> str:
+    """The path the app routes on: Serve mounts the app under ``root_path`` (its route prefix)
+    and, like current ASGI servers, leaves that prefix in ``path``."""
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root):] or "/"
+    return path
 
 
 # ------------------------------------------------------------- logs

@@ -220,7 +220,7 @@ class DeadlineClient:
                 try:
                     if remaining <= 0:
                         raise TimeoutError
-                    item = await asyncio.wait_for(agen.__anext__(), remaining)
+                    item = await _next_before(agen, deadline, remaining)
                 except StopAsyncIteration:
                     return
                 except (TimeoutError, asyncio.TimeoutError):  # distinct types before Python 3.11
@@ -233,3 +233,14 @@ class DeadlineClient:
                 yield item
         finally:
             await agen.aclose()
+
+
+async def _next_before(agen: Any, deadline: float, remaining: float) -> Any:
+    """``agen.__anext__()`` bounded by ``deadline`` (loop time), in the caller's own task: a
+    helper task (``wait_for`` before 3.12) could still be running the generator when an
+    outer cancel scope (Starlette's, on a client disconnect) closes it."""
+    timeout_at = getattr(asyncio, "timeout_at", None)
+    if timeout_at is None:  # Python 3.10
+        return await asyncio.wait_for(agen.__anext__(), remaining)
+    async with timeout_at(deadline):
+        return await agen.__anext__()

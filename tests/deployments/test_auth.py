@@ -187,3 +187,63 @@ def test_log_redaction_masks_keys_and_bearer_tokens(caplog):
     finally:
         for f in list(lg.filters):
             lg.removeFilter(f)
+
+
+# ------------------------------------------------------------- wired into the ingress
+
+
+async def _ingress(auth: AuthSettings):
+    from deployments.ingress import IngressSettings, OpenAIService, build_api
+    from tests.deployments.fakes import FakeMetricsBackend, FakeTokenizer, LocalClient, make_server
+
+    server, _ = await make_server()
+    client = LocalClient(server)
+    service = OpenAIService(client, FakeTokenizer(), IngressSettings(model="m", auth=auth), metrics_backend=FakeMetricsBackend())
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=build_api(service)), base_url="http://t"), client
+
+
+async def test_ingress_401_never_reaches_a_replica():
+    http, client = await _ingress(AuthSettings(api_keys=[KEY], api_keys_env=None))
+    body = {"model": "m", "prompt": "hi", "max_tokens": 3}
+    async with http:
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            assert (await http.post("/v1/completions", json=body, headers=headers)).status_code == 401
+            assert (await http.get("/v1/models", headers=headers)).status_code == 401
+        assert client.requests == []
+        assert (await http.get("/health")).status_code == 200
+        r = await http.post("/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"})
+        assert r.status_code == 200 and len(client.requests) == 1
+
+
+async def test_ingress_keys_from_the_environment(monkeypatch):
+    monkeypatch.setenv("CBSERVE_API_KEYS", f"{OTHER},{KEY}")
+    http, client = await _ingress(AuthSettings())
+    async with http:
+        assert (await http.get("/v1/models")).status_code == 401
+        assert (await http.get("/v1/models", headers={"Authorization": f"Bearer {OTHER}"})).status_code == 200
+
+
+async def test_ingress_fails_closed_on_a_broken_key_file(tmp_path):
+    with pytest.raises(AuthConfigError):
+        await _ingress(AuthSettings(api_keys_file=str(tmp_path / "nope"), api_keys_env=None))
+
+
+async def test_open_paths_under_a_route_prefix():
+    """Serve mounts the app under its route prefix: scope path "/rel/health", root_path "/rel"."""
+    reached: list[str] = []
+
+    async def app(scope, receive, send):
+        reached.append(scope["path"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    mw = APIKeyMiddleware(app, keys=ApiKeys([KEY]), open_paths=("/health",))
+    statuses = []
+
+    async def send(m):
+        if m["type"] == "http.response.start":
+            statuses.append(m["status"])
+
+    for path, root in (("/rel/health", "/rel"), ("/health", ""), ("/rel/v1/models", "/rel"), ("/relhealth", "/rel")):
+        await mw({"type": "http", "path": path, "root_path": root, "headers": []}, None, send)
+    assert statuses == [200, 200, 401, 401] and reached == ["/rel/health", "/health"]

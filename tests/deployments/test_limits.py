@@ -218,3 +218,96 @@ async def test_no_deadline_passes_everything_through():
 async def test_timeout_error_maps_to_408():
     err = APIError.from_replica(ReplicaError("request_timeout", "late"))
     assert err.status == 408 and err.code == "request_timeout"
+
+
+# ------------------------------------------------------------- wired into the ingress
+
+
+@pytest.fixture
+async def limited():
+    from deployments.ingress import IngressSettings, OpenAIService, build_api
+    from tests.deployments.fakes import FakeEngine, FakeMetricsBackend, FakeTokenizer, LocalClient, make_server
+
+    server, engine = await make_server(FakeEngine(max_model_len=128))
+    client = LocalClient(server)
+    limits = RequestLimits(
+        max_body_bytes=2000, max_prompt_tokens=20, max_tokens=8, max_stop_strings=2, max_stop_string_len=5,
+        request_timeout_s=0.5,
+    )
+    service = OpenAIService(
+        client, FakeTokenizer(), IngressSettings(model="m", limits=limits), metrics_backend=FakeMetricsBackend()
+    )
+    http = httpx.AsyncClient(transport=httpx.ASGITransport(app=build_api(service)), base_url="http://t")
+    yield http, service, engine, client
+    await http.aclose()
+
+
+async def test_ingress_refuses_over_limit_requests_before_any_replica(limited):
+    http, _, _, client = limited
+    ok = {"model": "m", "prompt": "hi"}
+    cases = [
+        ({**ok, "prompt": "x" * 2100}, 413, "request_too_large", None),
+        ({**ok, "prompt": "y" * 25}, 400, "prompt_too_long", "prompt"),  # 26 tokens with BOS
+        ({**ok, "max_tokens": 9}, 400, "max_tokens_too_large", "max_tokens"),
+        ({**ok, "stop": ["a", "b", "c"]}, 400, "invalid_request", "stop"),
+        ({**ok, "stop": "abcdef"}, 400, "invalid_request", "stop"),
+        ({"model": "m", "messages": [{"role": "user", "content": "z" * 30}]}, 400, "prompt_too_long", "messages"),
+        ({"model": "m", "messages": [{"role": "user", "content": "z"}], "max_completion_tokens": 50}, 400,
+         "max_tokens_too_large", "max_tokens"),
+    ]
+    for body, status, code, param in cases:
+        path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+        r = await http.post(path, json=body)
+        assert r.status_code == status, (body, r.text)
+        err = r.json()["error"]
+        assert err["code"] == code and err["param"] == param and set(err) == {"message", "type", "param", "code"}
+    assert client.requests == []
+
+
+async def test_defaults_are_capped_by_the_max_tokens_limit(limited):
+    http, _, _, client = limited
+    r = await http.post("/v1/completions", json={"model": "m", "prompt": "hi"})  # OpenAI's default 16
+    assert r.status_code == 200 and client.requests[-1].params.max_tokens == 8
+    r = await http.post("/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 200 and client.requests[-1].params.max_tokens == 8  # not the rest of the context
+    r = await http.post("/v1/completions", json={"model": "m", "prompt": "hi", "max_tokens": 8, "stop": ["ab", "cd"]})
+    assert r.status_code == 200 and client.requests[-1].params.max_tokens == 8
+
+
+async def test_request_timeout_aborts_the_engine_request(limited):
+    http, _, engine, client = limited
+    engine.pause.clear()  # the engine stalls: no token comes
+    r = await http.post("/v1/completions", json={"model": "m", "prompt": "hi", "max_tokens": 4})
+    assert r.status_code == 408
+    assert r.json()["error"]["code"] == "request_timeout" and r.json()["error"]["type"] == "timeout_error"
+    rid = client.requests[-1].request_id
+    assert engine.aborted == [rid] and engine.blocks == {}  # aborted, blocks freed
+
+
+async def test_request_timeout_mid_stream_ends_with_an_error_event(limited):
+    from deployments.protocol import CompletionRequest
+
+    _, service, engine, client = limited
+    resp = await service.completions(CompletionRequest(model="m", prompt="hi", max_tokens=8, stream=True))
+    it = resp.body_iterator
+    first = await it.__anext__()
+    assert json.loads(first[6:])["choices"][0]["finish_reason"] is None
+    engine.pause.clear()
+    rest = [chunk async for chunk in it]
+    events = [json.loads(c[6:]) for c in rest if c != b"data: [DONE]\n\n"]
+    assert rest[-1] == b"data: [DONE]\n\n"
+    assert events[-1]["error"]["code"] == "request_timeout"
+    assert engine.aborted == [client.requests[-1].request_id] and engine.blocks == {}
+
+
+def test_app_args_reach_the_ingress_settings():
+    from deployments.app import build_app
+    from deployments.ingress import IngressSettings
+
+    app = build_app({"limits": {"max_tokens": 64, "request_timeout_s": 30}, "auth": {"api_keys": ["k-123456"]}})
+    _, settings = app._bound_deployment.init_args
+    s = IngressSettings.model_validate(settings)
+    assert s.limits == RequestLimits(max_tokens=64, request_timeout_s=30)
+    assert s.auth.load(environ={}).matches("k-123456") and "k-123456" not in repr(settings)
+    with pytest.raises(ValidationError):
+        build_app({"limits": {"max_tokens": 0}})
