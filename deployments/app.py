@@ -15,7 +15,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray.serve import Application
 
+from deployments.auth import AuthSettings
 from deployments.ingress import IngressSettings, OpenAIIngress
+from deployments.limits import RequestLimits
 from deployments.llm import LLMReplica, ReplicaUserConfig
 from replica.config import CacheConfig, EngineConfig, ModelConfig, RunnerConfig, SchedulerConfig
 
@@ -106,6 +108,8 @@ class AppArgs(_Args):
     ingress_num_cpus: float = Field(default=1, ge=0)
     default_max_tokens: int | None = Field(default=None, ge=1, description="Chat max_tokens when a client sends none (default: rest of the context).")
     graceful_shutdown_timeout_s: float = Field(default=60, ge=0, description="How long Serve waits for in-flight requests before stopping a replica.")
+    limits: RequestLimits = Field(default_factory=RequestLimits, description="Request limits: body size, prompt tokens, max_tokens, stop strings, timeout.")
+    auth: AuthSettings = Field(default_factory=AuthSettings, description="Optional API keys (list, file or environment variable).")
 
     def resolved_num_gpus(self) -> float:
         if self.num_gpus != "auto":
@@ -171,7 +175,10 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         options["request_router_config"] = a.router.serve_config()
     llm = LLMReplica.options(**options).bind(engine_config)
 
-    settings = IngressSettings(model=a.model, served_model_name=a.served_model_name, default_max_tokens=a.default_max_tokens)
+    settings = IngressSettings(
+        model=a.model, served_model_name=a.served_model_name, default_max_tokens=a.default_max_tokens,
+        limits=a.limits, auth=a.auth,
+    )
     ingress = OpenAIIngress.options(
         num_replicas=a.ingress_replicas, ray_actor_options={"num_cpus": a.ingress_num_cpus}
     ).bind(llm, settings.model_dump())

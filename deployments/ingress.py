@@ -25,8 +25,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
+from deployments.auth import APIKeyMiddleware, AuthSettings, install_log_redaction
 from deployments.errors import APIError, ReplicaError
+from deployments.failover import FailoverClient
+from deployments.limits import BodySizeLimitMiddleware, DeadlineClient, RequestLimits
 from deployments.llm import GenerateRequest, ModelInfo
 from deployments.metrics import IngressMetrics
 from deployments.protocol import (
@@ -110,6 +114,11 @@ class IngressSettings(BaseModel):
     default_max_tokens: int | None = Field(
         default=None, ge=1, description="Chat max_tokens when the client sends none (default: rest of the context)."
     )
+    limits: RequestLimits = Field(default_factory=RequestLimits, description="Request limits (deployments/limits.py).")
+    auth: AuthSettings = Field(default_factory=AuthSettings, description="Optional API keys (deployments/auth.py).")
+    max_attempts: int = Field(
+        default=3, ge=1, description="Tries of a request whose replica is unavailable before any output (then 503)."
+    )
 
     @property
     def served_name(self) -> str:
@@ -141,13 +150,31 @@ def _sse(model: BaseModel) -> bytes:
     return b"data: " + model.model_dump_json().encode() + b"\n\n"
 
 
+class _ClosingStreamingResponse(StreamingResponse):
+    """Closes its body iterator however the response ends. Starlette leaves it suspended when
+    send() fails (ASGI 2.4 servers report a gone client that way), so the replica request
+    would run on until garbage collection; closing it aborts the request now."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        except (OSError, ClientDisconnect):
+            logger.info("client went away mid-stream")  # nothing left to answer
+        finally:
+            await self.body_iterator.aclose()  # type: ignore[union-attr]
+
+
 class OpenAIService:
     def __init__(
         self, client: LLMClient, tokenizer: Any, settings: IngressSettings, *, metrics_backend: Any = None
     ) -> None:
-        self._client = client
+        # Deadline over all attempts; a replica that is gone before any output is retried elsewhere.
+        self._client = DeadlineClient(FailoverClient(client, settings.max_attempts), settings.limits.request_timeout_s)
         self._tokenizer = tokenizer
         self._settings = settings
+        self.api_keys = settings.auth.load()  # fails closed at start on a broken key source
+        if self.api_keys.enabled:
+            install_log_redaction(self.api_keys)
         self._info: ModelInfo | None = None
         self._info_lock = asyncio.Lock()
         self._metrics = IngressMetrics(backend=metrics_backend)
@@ -248,10 +275,15 @@ class OpenAIService:
             raise APIError.invalid("the prompt is empty after tokenization", param=what)
         info = await self.model_info()
         n_prompt, limit = len(token_ids), info.max_model_len
+        limits = self._settings.limits
+        sent = max_tokens is not None and bool(body.model_fields_set & {"max_tokens", "max_completion_tokens"})
+        limits.check(n_prompt=n_prompt, max_tokens=max_tokens if sent else None, stop=body.stop, what=what)
         if max_tokens is None:
             max_tokens = limit - n_prompt
             if self._settings.default_max_tokens is not None:
                 max_tokens = min(max_tokens, self._settings.default_max_tokens)
+        if not sent:  # a default (rest of the context, or completions' 16) stays within the limit
+            max_tokens = limits.default_max_tokens(max_tokens)
         if n_prompt >= limit or n_prompt + max_tokens > limit:
             raise APIError.from_code(
                 "context_length_exceeded",
@@ -297,7 +329,7 @@ class OpenAIService:
         if isinstance(first, ReplicaError):
             await agen.aclose()
             raise APIError.from_replica(first)
-        return StreamingResponse(
+        return _ClosingStreamingResponse(
             chunks(first, agen, include_usage),
             media_type="text/event-stream",
             headers={"x-request-id": greq.request_id, "Cache-Control": "no-cache"},
@@ -409,6 +441,13 @@ def _error_response(err: APIError) -> JSONResponse:
 def build_api(service: OpenAIService) -> FastAPI:
     """The FastAPI app around ``service``: routes plus OpenAI-shaped error handlers."""
     api = FastAPI(title="cbserve", description="OpenAI-compatible LLM service")
+    # Outermost last: the key check runs first, so a request without a key is never read.
+    settings = service._settings
+    api.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.limits.max_body_bytes, on_reject=service.record)
+    if service.api_keys.enabled:
+        api.add_middleware(
+            APIKeyMiddleware, keys=service.api_keys, open_paths=settings.auth.open_paths, on_reject=service.record
+        )
 
     @api.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:

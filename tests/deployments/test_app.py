@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from deployments.app import AppArgs, build_app
+from deployments.ingress import IngressSettings
 from deployments.llm import ReplicaUserConfig
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -23,7 +24,7 @@ def llm_deployment(app):
 def test_defaults_build_the_two_deployment_graph():
     ingress, llm, settings = llm_deployment(build_app({}))
     assert ingress.name == "OpenAIIngress" and llm.name == "LLMReplica"
-    assert settings == {"model": "default", "served_model_name": None, "default_max_tokens": None}
+    assert settings == IngressSettings(model="default").model_dump()  # limits and auth at their defaults
     (engine_config,) = llm.init_args
     assert engine_config.model.model == "default" and engine_config.model.device == "auto"
     assert llm.num_replicas == 1
