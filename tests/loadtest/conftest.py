@@ -84,18 +84,47 @@ SERVE_DETAILS = {
 }
 
 
-@pytest.fixture(scope="session")
-def openai_server() -> Iterator[str]:
-    """Base URL of a live ingress on 127.0.0.1 (model name: ``fake``); it also answers
-    ``GET /api/serve/applications/`` like Ray's dashboard, for the replica sampler."""
-    pytest.importorskip("ray")  # deployments.ingress imports ray.serve
+class InProcessReplica:
+    """LLMClient over the real replica logic (deployments.llm.LLMServer + AsyncEngine) in the
+    HTTP server's event loop: the project's app end to end, minus Ray."""
+
+    def __init__(self, config) -> None:
+        self._config = config
+        self._server = None
+        self._lock: asyncio.Lock | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    async def _get(self):
+        if self._server is None:
+            from deployments.llm import LLMServer
+
+            self._lock = self._lock or asyncio.Lock()
+            async with self._lock:
+                if self._server is None:
+                    server = object.__new__(LLMServer)  # LLMServer has an async __init__ (Serve style)
+                    await server.__init__(self._config)
+                    self._server, self.loop = server, asyncio.get_running_loop()
+        return self._server
+
+    async def model_info(self):
+        return (await self._get()).model_info()
+
+    async def generate(self, req) -> AsyncIterator:
+        inner = (await self._get()).generate(req)
+        try:
+            async for item in inner:
+                yield item
+        finally:
+            await inner.aclose()
+
+    def shutdown(self) -> None:
+        if self._server is not None and self.loop is not None and self.loop.is_running():
+            asyncio.run_coroutine_threadsafe(self._server.shutdown(), self.loop).result(timeout=30)
+
+
+def _serve_in_thread(api) -> tuple[str, object, threading.Thread]:
     import uvicorn
 
-    from deployments.ingress import IngressSettings, OpenAIService, build_api
-
-    service = OpenAIService(FakeLLMClient(), WordTokenizer(), IngressSettings(model="fake"))
-    api = build_api(service)
-    api.get("/api/serve/applications/")(lambda: SERVE_DETAILS)
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(api, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -103,9 +132,47 @@ def openai_server() -> Iterator[str]:
     deadline = time.monotonic() + 30
     while not server.started:
         if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("fake OpenAI server did not start")
+            raise RuntimeError("OpenAI test server did not start")
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
+    return f"http://127.0.0.1:{port}", server, thread
+
+
+@pytest.fixture(scope="session")
+def openai_server() -> Iterator[str]:
+    """Base URL of a live ingress on 127.0.0.1 (model name: ``fake``); it also answers
+    ``GET /api/serve/applications/`` like Ray's dashboard, for the replica sampler."""
+    pytest.importorskip("ray")  # deployments.ingress imports ray.serve
+    from deployments.ingress import IngressSettings, OpenAIService, build_api
+
+    service = OpenAIService(FakeLLMClient(), WordTokenizer(), IngressSettings(model="fake"))
+    api = build_api(service)
+    api.get("/api/serve/applications/")(lambda: SERVE_DETAILS)
+    url, server, thread = _serve_in_thread(api)
+    yield url
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def real_engine_server() -> Iterator[str]:
+    """The ingress over a real engine: tiny:llama (seeded random weights) on CPU, model ``tiny:llama``."""
+    pytest.importorskip("ray")
+    from deployments.ingress import IngressSettings, OpenAIService, build_api
+    from replica.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+    from replica.models import load_tokenizer
+
+    model = "tiny:llama"
+    replica = InProcessReplica(
+        EngineConfig(
+            model=ModelConfig(model=model, device="cpu", max_model_len=512),
+            cache=CacheConfig(num_blocks=256),
+            scheduler=SchedulerConfig(max_num_seqs=8),
+        )
+    )
+    service = OpenAIService(replica, load_tokenizer(model), IngressSettings(model=model))
+    url, server, thread = _serve_in_thread(build_api(service))
+    yield url
+    replica.shutdown()
     server.should_exit = True
     thread.join(timeout=10)
 

@@ -103,3 +103,29 @@ def test_bad_option_is_a_clear_error(openai_server, tmp_path):
     )
     assert proc.returncode != 0
     assert "bad --output-len spec 'gauss:3'" in proc.stderr
+
+
+def test_against_the_real_engine(real_engine_server, tmp_path):
+    """The project's ingress + replica logic + AsyncEngine (tiny:llama on CPU), no fakes: real
+    detokenized chunks, real usage counts, ignore_eos honoured by the engine."""
+    prefix = tmp_path / "real"
+    proc = run_locust(
+        [
+            str(ROOT / "loadtest" / "locustfile.py"),
+            "-H", real_engine_server, "-u", "2", "-r", "2", "-t", "120s", "--max-requests", "6",
+            "--csv", str(prefix), "--input-len", "dataset", "--output-len", "fixed:12", "--replica-source", "none",
+            "ChatUser",
+        ],
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    requests = [json.loads(line) for line in (tmp_path / "real_requests.jsonl").read_text().splitlines()]
+    assert len(requests) >= 6
+    for r in requests:
+        assert r["ok"], r
+        assert r["tokens_from_usage"] and r["output_tokens"] == 12  # exact length despite EOS
+        assert r["prompt_tokens"] > 5 and 0 < r["ttft"] < r["e2e"] and r["tpot"] > 0
+    rows = {(r["Type"], r["Name"]): r for r in _rows(f"{prefix}_stats.csv")}
+    for kind in ("TTFT", "TPOT", "E2E"):
+        assert int(rows[(kind, "/v1/chat/completions")]["Request Count"]) == len(requests)
+        assert rows[(kind, "/v1/chat/completions")]["Failure Count"] == "0"
