@@ -37,9 +37,6 @@ from loadtest.workload import WorkItem, Workload, load_prompt_set  # noqa: E402
 
 log = logging.getLogger("cbserve.loadtest")
 
-METRIC_TYPES = ("TTFT", "TPOT", "ITL", "E2E")
-
-
 class RunContext:
     """Per-process state of one locust run: options, workload, the JSONL sink, the model name."""
 
@@ -103,6 +100,7 @@ def _on_init(environment: Any, **_: Any) -> None:
 @events.test_start.add_listener
 def _on_test_start(environment: Any, **_: Any) -> None:
     ctx = _context(environment)
+    ctx.finished = 0  # a new test (web UI) starts a new --max-requests count
     opts = ctx.options
     if isinstance(environment.runner, WorkerRunner) or opts.replica_source == "none" or ctx.sampler_greenlet:
         return
@@ -112,7 +110,7 @@ def _on_test_start(environment: Any, **_: Any) -> None:
 
         host = urlsplit(environment.host or "http://127.0.0.1:8000")
         if opts.replica_source == "serve-api":
-            url = f"{host.scheme}://{host.hostname}:8265/api/serve/applications/"
+            url = f"http://{host.hostname}:8265/api/serve/applications/"  # the dashboard speaks plain HTTP
         else:
             url = f"{host.scheme}://{host.netloc}/metrics"
     sampler = ReplicaSampler(
