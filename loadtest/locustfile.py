@@ -158,6 +158,8 @@ class _StreamingUser(HttpUser):
         self.opts = self.ctx.options
         self.rng = self.ctx.user_rng()
         self.pool = Pool(self.opts.max_inflight)
+        if self.opts.api_key:
+            self.client.headers["Authorization"] = f"Bearer {self.opts.api_key}"
         if self.ctx.model is None:
             self.ctx.model = self._discover_model()
 

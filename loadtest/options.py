@@ -16,6 +16,7 @@ ENV_PREFIX = "CBSERVE_LT_"
 
 # (flag, default, type, help); the env var is derived from the flag.
 _ARGS: tuple[tuple[str, Any, type, str], ...] = (
+    ("--api-key", "", str, "sent as Authorization: Bearer <key> when the service requires API keys"),
     ("--model", "", str, "model name sent in requests; empty: the first id from GET /v1/models"),
     ("--input-len", "uniform:32:256", str, "prompt length: fixed:N | uniform:LO:HI | dataset"),
     ("--output-len", "fixed:128", str, "output length: fixed:N | uniform:LO:HI | dataset"),
@@ -59,13 +60,14 @@ def add_arguments(parser: Any) -> None:
                                 help=f"{help_} [env {env}]")
         else:
             # Locust's web UI masks secrets; a plain argparse parser (tests) knows no such flag.
-            secret = {"is_secret": True} if flag.endswith("-token") and hasattr(parser, "secret_args_included_in_web_ui") else {}
+            secret = {"is_secret": True} if flag.endswith(("-token", "-key")) and hasattr(parser, "secret_args_included_in_web_ui") else {}
             parser.add_argument(flag, type=typ, default=typ(os.environ.get(env, default)),
                                 help=f"{help_} (default {default!r}) [env {env}]", **secret)
 
 
 @dataclass(frozen=True)
 class LoadTestOptions:
+    api_key: str
     model: str
     input_len: LengthSpec
     output_len: LengthSpec

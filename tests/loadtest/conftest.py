@@ -122,7 +122,7 @@ class InProcessReplica:
             asyncio.run_coroutine_threadsafe(self._server.shutdown(), self.loop).result(timeout=30)
 
 
-def _serve_in_thread(api) -> tuple[str, object, threading.Thread]:
+def serve_in_thread(api) -> tuple[str, object, threading.Thread]:
     import uvicorn
 
     port = _free_port()
@@ -147,7 +147,7 @@ def openai_server() -> Iterator[str]:
     service = OpenAIService(FakeLLMClient(), WordTokenizer(), IngressSettings(model="fake"))
     api = build_api(service)
     api.get("/api/serve/applications/")(lambda: SERVE_DETAILS)
-    url, server, thread = _serve_in_thread(api)
+    url, server, thread = serve_in_thread(api)
     yield url
     server.should_exit = True
     thread.join(timeout=10)
@@ -170,7 +170,7 @@ def real_engine_server() -> Iterator[str]:
         )
     )
     service = OpenAIService(replica, load_tokenizer(model), IngressSettings(model=model))
-    url, server, thread = _serve_in_thread(build_api(service))
+    url, server, thread = serve_in_thread(build_api(service))
     yield url
     replica.shutdown()
     server.should_exit = True

@@ -129,3 +129,27 @@ def test_against_the_real_engine(real_engine_server, tmp_path):
     for kind in ("TTFT", "TPOT", "E2E"):
         assert int(rows[(kind, "/v1/chat/completions")]["Request Count"]) == len(requests)
         assert rows[(kind, "/v1/chat/completions")]["Failure Count"] == "0"
+
+
+def test_api_key_is_sent(tmp_path):
+    """Against an ingress that requires API keys: --api-key passes, its absence is a 401 failure."""
+    from deployments.auth import AuthSettings
+    from deployments.ingress import IngressSettings, OpenAIService, build_api
+    from tests.loadtest.conftest import FakeLLMClient, WordTokenizer, serve_in_thread
+
+    key = "lt-test-key-0123456789"
+    settings = IngressSettings(model="fake", auth=AuthSettings(api_keys=(key,), api_keys_env=None))
+    url, server, thread = serve_in_thread(build_api(OpenAIService(FakeLLMClient(), WordTokenizer(), settings)))
+    try:
+        common = [str(ROOT / "loadtest" / "locustfile.py"), "-H", url, "-u", "1", "-t", "60s", "--max-requests", "3",
+                  "--model", "fake", "--output-len", "fixed:3", "--input-len", "fixed:4", "--replica-source", "none",
+                  "ChatUser"]
+        ok = run_locust([*common, "--api-key", key, "--csv", str(tmp_path / "ok")], cwd=tmp_path)
+        assert ok.returncode == 0, ok.stdout[-2000:] + ok.stderr[-2000:]
+        denied = run_locust([*common, "--csv", str(tmp_path / "denied")], cwd=tmp_path)
+        assert denied.returncode != 0
+        failures = _rows(tmp_path / "denied_failures.csv")
+        assert failures and "HTTP 401" in failures[0]["Error"]
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
