@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from replica.request import FinishReason, SamplingParams
@@ -114,3 +115,28 @@ class EngineStats:
     @property
     def kv_usage(self) -> float:
         return 1.0 - self.num_free_blocks / max(1, self.num_total_blocks)
+
+
+def merge_deltas(deltas: Sequence[Delta]) -> Delta:
+    """One Delta for several consecutive deltas of the same request, in order: text and token
+    ids concatenated; ``finish_reason``, ``usage`` and ``error`` from the last one. Streams use
+    it to send what queued up while the consumer was busy as one item (fewer Ray items and SSE
+    events per token at high token rates). Only the last delta may be finished."""
+    if not deltas:
+        raise ValueError("merge_deltas needs at least one delta")
+    if len(deltas) == 1:
+        return deltas[0]
+    first, last = deltas[0], deltas[-1]
+    for d in deltas:
+        if d.request_id != first.request_id:
+            raise ValueError(f"cannot merge deltas of different requests: {first.request_id!r} and {d.request_id!r}")
+    if any(d.finished for d in deltas[:-1]):
+        raise ValueError(f"request {first.request_id!r}: a finished delta can only be the last one merged")
+    return Delta(
+        request_id=first.request_id,
+        text="".join(d.text for d in deltas),
+        token_ids=tuple(t for d in deltas for t in d.token_ids),
+        finish_reason=last.finish_reason,
+        usage=last.usage,
+        error=last.error,
+    )

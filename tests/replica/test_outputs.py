@@ -1,0 +1,48 @@
+"""replica/outputs.py: merging consecutive deltas of one request."""
+
+from __future__ import annotations
+
+import pytest
+
+from replica.outputs import Delta, Usage, merge_deltas
+from replica.request import FinishReason
+
+
+def test_merge_concatenates_in_order_and_keeps_the_last_finish():
+    usage = Usage(prompt_tokens=5, completion_tokens=3, cached_tokens=2)
+    merged = merge_deltas([
+        Delta("r", "Hel", (1,)),
+        Delta("r", "", (2,)),  # a token whose text is still held back by the detokenizer
+        Delta("r", "lo!", (3,), FinishReason.LENGTH, usage),
+    ])
+    assert merged == Delta("r", "Hello!", (1, 2, 3), FinishReason.LENGTH, usage)
+    assert merged.finished
+
+
+def test_merge_of_unfinished_deltas_stays_unfinished():
+    merged = merge_deltas([Delta("r", "a", (1,)), Delta("r", "b", (2,))])
+    assert merged == Delta("r", "ab", (1, 2))
+    assert not merged.finished and merged.usage is None
+
+
+def test_merge_carries_the_error_of_the_last_delta():
+    merged = merge_deltas([Delta("r", "a", (1,)), Delta("r", "", (), FinishReason.ERROR, Usage(1, 1), "boom")])
+    assert (merged.text, merged.token_ids, merged.finish_reason, merged.error) == ("a", (1,), FinishReason.ERROR, "boom")
+
+
+def test_merge_of_one_delta_is_that_delta():
+    d = Delta("r", "x", (7,))
+    assert merge_deltas([d]) is d
+
+
+@pytest.mark.parametrize(
+    "deltas, message",
+    [
+        ([], "at least one"),
+        ([Delta("a", "x", (1,)), Delta("b", "y", (2,))], "different requests"),
+        ([Delta("a", "", (), FinishReason.STOP, Usage(1, 0)), Delta("a", "y", (2,))], "only be the last"),
+    ],
+)
+def test_merge_refuses_what_cannot_be_one_delta(deltas, message):
+    with pytest.raises(ValueError, match=message):
+        merge_deltas(deltas)
