@@ -58,6 +58,7 @@ async def build_stack(
     block_size: int = 16,
     max_num_seqs: int = 4,
     max_waiting: int = 16,
+    metrics_backend: Any = None,
 ) -> Stack:
     """Build the stack on the running event loop (the engine binds to it)."""
     config = EngineConfig(
@@ -66,13 +67,29 @@ async def build_stack(
         scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=256, max_waiting=max_waiting),
     )
     server = object.__new__(LLMServer)
-    await server.__init__(config, {}, metrics_backend=FakeMetricsBackend())
+    await server.__init__(config, {}, metrics_backend=metrics_backend or FakeMetricsBackend())
     client = LocalClient(server)
     limits = limits or RequestLimits()
     auth = auth or AuthSettings(api_keys_env=None)
     settings = IngressSettings(model=MODEL, limits=limits, auth=auth)
-    service = OpenAIService(client, server._engine.tokenizer, settings, metrics_backend=FakeMetricsBackend())
+    service = OpenAIService(
+        client, server._engine.tokenizer, settings, metrics_backend=metrics_backend or FakeMetricsBackend()
+    )
     return Stack(app=build_api(service), service=service, server=server, client=client)
+
+
+class NullMetricsBackend:
+    """Metrics that keep nothing (FakeMetricsBackend records every value: a soak would see it grow)."""
+
+    class _Metric:
+        def inc(self, *a: Any, **k: Any) -> None: ...
+        def set(self, *a: Any, **k: Any) -> None: ...
+        def observe(self, *a: Any, **k: Any) -> None: ...
+
+    def _make(self, name: str, **kwargs: Any) -> Any:
+        return self._Metric()
+
+    Counter = Gauge = Histogram = _make
 
 
 # ------------------------------------------------------------- raw ASGI calls

@@ -3,7 +3,7 @@
 and every client that stayed got exactly the text of an undisturbed greedy run.
 
 The engine runs in float64 so greedy output does not depend on what shares the batch
-(or on preemption and recompute, which the small KV pool forces).
+(or on preemption and recompute, which the small KV pool may force).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def text_of(path: str, reply) -> str:
 
 async def test_disconnect_storm_leaks_nothing_and_stayers_get_the_greedy_output():
     rng = random.Random(1234)
-    stack = await build_stack(dtype="float64", num_blocks=48, max_num_seqs=8, max_waiting=N_CLIENTS)
+    stack = await build_stack(dtype="float64", num_blocks=24, max_num_seqs=8, max_waiting=N_CLIENTS)
     stayers = [i for i in range(N_CLIENTS) if i % 3 == 0]
 
     # Reference: each stayer alone, not streamed, nothing else running.
@@ -79,7 +79,6 @@ async def test_disconnect_storm_leaks_nothing_and_stayers_get_the_greedy_output(
     assert {plan[i][1] for i in dropped} == set(MODES)
 
     stats = await stack.wait_idle(timeout_s=30)
-    assert stats.num_preemptions > 0 or stats.num_total_blocks >= 48  # the pool was under pressure or not: both fine
     print(
         f"storm: {N_CLIENTS} clients, {len(dropped)} dropped mid-stream "
         f"({', '.join(f'{m}={sum(plan[i][1] == m for i in dropped)}' for m in MODES)}), "

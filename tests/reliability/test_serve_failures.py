@@ -184,6 +184,7 @@ def test_replica_killed_under_load(app):
     cut = [r for r in results if r["status"] == 200 and r["error"] is not None]
     refused = [r for r in results if r["status"] == 503]
     summary = {"complete": len(complete), "cut_mid_stream": len(cut), "503": len(refused),
+               "late_complete": sum(r["i"] >= 100 for r in complete),
                "other": [r for r in results if r not in complete + cut + refused]}
     print("replica kill:", summary)
     assert not summary["other"], summary
