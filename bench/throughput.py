@@ -224,7 +224,7 @@ def run_engine(name: str, seed: int, prompts, outs, args) -> tuple[dict, list[di
     dt = time.perf_counter() - t
     res = dict(requests=len(prompts), output_tokens=n_tok, seconds=dt, tok_s=n_tok / dt, init_s=init_s,
                num_blocks=engine.num_blocks, backend=engine.runner.backend.name,
-               graphs=engine.runner.graphs is not None)
+               graphs=engine.runner.graphs is not None, fused_modules=engine.runner.num_fused_modules)
     recs = probe.records
     del probe, engine, loaded, model
     free_cuda()
@@ -261,9 +261,14 @@ def main() -> int:
     ap.add_argument("--max-batched-tokens", type=int, default=8192)
     ap.add_argument("--max-model-len", type=int, default=4096)
     ap.add_argument("--no-graphs", action="store_true")
+    ap.add_argument("--no-fused", action="store_true", help="HF's RMSNorm / MLP instead of replica.fused_ops")
     ap.add_argument("--tokenizer-dir", default=os.environ.get("CBSERVE_TOKENIZER_DIR"))
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.no_fused:
+        from replica.fused_ops import ENV_DISABLE
+
+        os.environ[ENV_DISABLE] = "0"
     if not torch.cuda.is_available():
         print("needs CUDA", file=sys.stderr)
         return 2
@@ -297,6 +302,8 @@ def main() -> int:
         decode_wall_s=sum(r["wall"] for r in dec), other_wall_s=sum(r["wall"] for r in recs if not r["decode"]),
         host_ms_per_graph_step_median=1e3 * statistics.median(host) if host else None,
         host_ms_per_graph_step_batch_ge192_median=1e3 * statistics.median(big) if big else None,
+        run_ms_batch_ge192_median=1e3 * statistics.median(r["run"] for r in graph if r["batch"] >= 192)
+        if big else None,
         decode_step_ms_median=1e3 * statistics.median(r["wall"] for r in dec) if dec else None,
         mean_decode_batch=statistics.mean(r["batch"] for r in dec) if dec else None,
     )
@@ -322,7 +329,8 @@ def main() -> int:
           f"decode {s['decode_wall_s']:.2f} s, prefill/mixed {s['other_wall_s']:.2f} s")
     print(f"decode step median {s['decode_step_ms_median']:.2f} ms at mean batch {s['mean_decode_batch']:.0f}; host time "
           f"per graph decode step median {s['host_ms_per_graph_step_median']:.3f} ms "
-          f"(batch >= 192: {s['host_ms_per_graph_step_batch_ge192_median']})")
+          f"(batch >= 192: {s['host_ms_per_graph_step_batch_ge192_median']}; runner.run there "
+          f"{s['run_ms_batch_ge192_median']} ms); fused modules {eng['fused_modules']}")
     print(f"roofline: weights {rl['weight_bytes'] / 1e9:.2f} GB/step, KV {rl['kv_bytes_per_token'] / 1e3:.1f} kB/token, "
           f"copy {bw / 1e9:.0f} GB/s, matmul {peak / 1e12:.0f} TFLOP/s -> floor {rl['floor_s']:.2f} s = "
           f"{result['roofline']['tok_s_ceiling']:.0f} tok/s; engine at {rl['floor_s'] / eng['seconds']:.0%} of it")

@@ -77,6 +77,8 @@ class ModelRunner:
         self.num_blocks = num_blocks
         self.backend = resolve_backend(runner.attention_backend, self.device)
         self.attn_implementation = install(model, self.backend)
+        # Fused RMSNorm / SiLU-mul kernels (CUDA only; a no-op on CPU).
+        self.num_fused_modules = _patch_fused(model) if self.device.type == "cuda" else 0
         num_layers, num_kv_heads, head_dim = kv_shape(model.config)
         self.kv_cache = PagedKVCache(
             torch.zeros(
@@ -168,11 +170,17 @@ class ModelRunner:
         if len({c.request_id for c in chunks}) != b:
             raise ValueError("a request appears twice in one SchedulerOutput")
         logits, greedy = self.graphs.replay(DecodeInputs(ids, pos, tables))
-        rows = [SamplingRow(c.params, c.num_output_tokens, self._banned(c.params, c.num_output_tokens)) for c in chunks]
-        if all(r.params.greedy and not r.banned_token_ids for r in rows):
+        # Plain greedy rows (no min_tokens ban left) take the graph's argmax: no rows to build.
+        if all(c.params.greedy and c.num_output_tokens >= c.params.min_tokens for c in chunks):
             tokens = greedy.tolist()  # the step's one host sync
         else:
-            tokens = self.sampler(logits, rows).tolist()
+            rows = [
+                SamplingRow(c.params, c.num_output_tokens, self._banned(c.params, c.num_output_tokens)) for c in chunks
+            ]
+            if all(r.params.greedy and not r.banned_token_ids for r in rows):
+                tokens = greedy.tolist()
+            else:
+                tokens = self.sampler(logits, rows).tolist()
         return RunnerOutput(sampled=dict(zip((c.request_id for c in chunks), tokens, strict=True)))
 
     @torch.inference_mode()
@@ -277,6 +285,12 @@ class ModelRunner:
         if self.device.type == "cpu":
             return t
         return t.pin_memory().to(self.device, non_blocking=True)
+
+
+def _patch_fused(model: PreTrainedModel) -> int:
+    from replica.fused_ops import patch_model  # imports Triton: CUDA only
+
+    return patch_model(model)
 
 
 def _model_eos(model: PreTrainedModel) -> tuple[int, ...]:

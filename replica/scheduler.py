@@ -109,11 +109,20 @@ class Scheduler:
         preempted: list[str] = []
 
         # Running requests first: their next decode token or prefill chunk.
+        bs = self.kv.block_size
         i = 0
-        while i < len(self.running) and budget > 0:
-            req = self.running[i]
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+        running = self.running
+        while i < len(running) and budget > 0:
+            req = running[i]
+            computed = req.num_computed_tokens
+            num_new = min(len(req.prompt_token_ids) + len(req.output_token_ids) - computed, budget)
             assert num_new > 0, f"running request {req.request_id} has nothing to compute"
+            if computed + num_new <= len(req.block_table) * bs:
+                # The common decode case: the tokens fit the blocks it holds; no allocation.
+                chunks.append(self._chunk(req, num_new))
+                budget -= num_new
+                i += 1
+                continue
             while self.kv.allocate_slots(req, num_new) is None:
                 victim = self.admission.pick_victim(self.running[i:])
                 self._preempt(victim)
@@ -160,8 +169,11 @@ class Scheduler:
         """Apply a step's results: advance counters, append sampled tokens, finish and free
         requests that stopped, register newly full blocks. Returns requests that got a token."""
         got: list[Request] = []
+        requests = self._requests
+        bs = self.kv.block_size
+        caching = self.kv.enable_prefix_caching
         for ch in out.chunks:
-            req = self._requests.get(ch.request_id)
+            req = requests.get(ch.request_id)
             if req is None or req.status is not RequestStatus.RUNNING:
                 continue  # finished or aborted since it was scheduled
             if req.num_computed_tokens != ch.start_pos:
@@ -169,7 +181,7 @@ class Scheduler:
                     f"request {ch.request_id}: chunk starts at {ch.start_pos} "
                     f"but {req.num_computed_tokens} tokens are computed"
                 )
-            req.num_computed_tokens = ch.start_pos + ch.num_tokens
+            computed = req.num_computed_tokens = ch.start_pos + len(ch.token_ids)
             reason = None
             if ch.sample:
                 try:
@@ -179,7 +191,8 @@ class Scheduler:
                 req.output_token_ids.append(token)
                 got.append(req)
                 reason = self._stop_reason(req, token)
-            self.kv.cache_full_blocks(req)
+            if caching and ch.start_pos // bs != computed // bs:  # only a chunk that filled a block
+                self.kv.cache_full_blocks(req)
             if reason is not None:
                 self.finish(req.request_id, reason)
         return got
@@ -188,11 +201,12 @@ class Scheduler:
 
     def _stop_reason(self, req: Request, token: int) -> FinishReason | None:
         p = req.params
-        if req.num_output_tokens >= p.min_tokens and (
+        n_out = len(req.output_token_ids)
+        if n_out >= p.min_tokens and (
             (not p.ignore_eos and token in req.eos_token_ids) or token in p.stop_token_ids
         ):
             return FinishReason.STOP
-        if req.num_output_tokens >= p.max_tokens or req.num_tokens >= self.max_model_len:
+        if n_out >= p.max_tokens or len(req.prompt_token_ids) + n_out >= self.max_model_len:
             return FinishReason.LENGTH
         return None
 
@@ -213,8 +227,11 @@ class Scheduler:
     @staticmethod
     def _chunk(req: Request, n: int) -> ScheduledChunk:
         start = req.num_computed_tokens
-        prompt, outs, p = req.prompt_token_ids, req.output_token_ids, req.num_prompt_tokens
-        if start >= p:
+        prompt, outs = req.prompt_token_ids, req.output_token_ids
+        p = len(prompt)
+        if n == 1 and start >= p:  # a decode step
+            toks = (outs[start - p],)
+        elif start >= p:
             toks = outs[start - p : start - p + n]
         elif start + n <= p:
             toks = prompt[start : start + n]
@@ -225,8 +242,8 @@ class Scheduler:
             token_ids=tuple(toks),
             start_pos=start,
             block_table=tuple(req.block_table),
-            sample=start + n == req.num_tokens,
+            sample=start + n == p + len(outs),
             params=req.params,
-            num_output_tokens=req.num_output_tokens,
-            prompt_len=req.num_prompt_tokens,
+            num_output_tokens=len(outs),
+            prompt_len=p,
         )

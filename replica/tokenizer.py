@@ -145,6 +145,30 @@ class IncrementalDetokenizer:
         self._emitted = 0  # len of self._text handed out so far
         self.stopped: str | None = None  # the stop string that matched
         self._flushed = False
+        self._stream = self._make_stream(tokenizer, context, skip_special_tokens)
+
+    @staticmethod
+    def _make_stream(tokenizer: Any, context: list[int], skip_special: bool) -> tuple[Any, Any] | None:
+        """A Rust ``DecodeStream`` doing the same prefix/read-offset decoding in one call per
+        token (~10x cheaper than two Python-level decodes), when the tokenizer is a fast HF
+        one with no decode-time clean-up; None means the Python path. Not when the prompt
+        context itself ends in an incomplete character (the stream would then re-emit it)."""
+        hf = getattr(tokenizer, "hf", None)
+        rust = getattr(hf, "_tokenizer", None)
+        if not isinstance(tokenizer, Tokenizer) or rust is None or getattr(hf, "clean_up_tokenization_spaces", False):
+            return None
+        try:
+            from tokenizers import Tokenizer as RustTokenizer
+            from tokenizers.decoders import DecodeStream
+        except ImportError:
+            return None
+        if not isinstance(rust, RustTokenizer):
+            return None
+        vocab = tokenizer.vocab_size
+        ids = [t for t in context if 0 <= t < vocab]
+        if ids and rust.decode(ids, skip_special_tokens=skip_special).endswith(_REPLACEMENT_CHAR):
+            return None
+        return rust, DecodeStream(ids=ids, skip_special_tokens=skip_special)
 
     @property
     def text(self) -> str:
@@ -157,9 +181,58 @@ class IncrementalDetokenizer:
             return "", True
         if self._flushed:
             raise RuntimeError("add() after flush()")
-        self._ids.extend(int(t) for t in token_ids)
-        self._text += self._decode_new()
+        if self._stream is not None:
+            self._text += self._stream_new(token_ids)
+        else:
+            self._ids.extend(int(t) for t in token_ids)
+            self._text += self._decode_new()
+        if not self._stop:  # nothing to hold back or cut
+            out = self._text[self._emitted :]
+            self._emitted = len(self._text)
+            return out, False
         return self._release()
+
+    def _stream_new(self, token_ids: Sequence[int]) -> str:
+        """The Rust stream's text for new tokens. It keeps the same window as ``_decode_new``
+        (it advances ``prefix_offset`` / ``read_offset`` exactly when text comes out), mirrored
+        here so that ``flush`` and the Python fallback continue from the same state. Ids
+        outside the vocabulary decode to nothing, as in ``Tokenizer.decode``: skipped."""
+        rust, stream = self._stream  # type: ignore[misc]
+        vocab = self._tok.vocab_size
+        if len(token_ids) == 1:  # the decode step: no lists
+            t = int(token_ids[0])
+            if 0 <= t < vocab:
+                try:
+                    chunk = stream.step(rust, t)
+                except Exception:
+                    chunk = None
+                    self._stream = None
+                    self._ids.append(t)
+                    return self._decode_new()
+                self._ids.append(t)
+                if chunk is not None:
+                    self._prefix_offset = self._read_offset
+                    self._read_offset = len(self._ids)
+                    return chunk
+            return ""
+        parts: list[str] = []
+        ids = [int(t) for t in token_ids]
+        for k, t in enumerate(ids):
+            if not 0 <= t < vocab:
+                continue
+            try:
+                chunk = stream.step(rust, t)
+            except Exception:  # a decoder whose text is not prefix-stable: Python path from here
+                self._stream = None
+                self._ids.extend(ids[k:])
+                parts.append(self._decode_new())
+                return "".join(parts)
+            self._ids.append(t)
+            if chunk is not None:
+                self._prefix_offset = self._read_offset
+                self._read_offset = len(self._ids)
+                parts.append(chunk)
+        return "".join(parts)
 
     def flush(self) -> str:
         """At the end of generation: text still held back (a possible stop-string prefix,

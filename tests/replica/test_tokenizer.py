@@ -210,3 +210,32 @@ def test_streamed_text_equals_reference_cut(tok, pieces, stop, step):
     deltas, _, rest = stream(tok, ids, stop=stop, step=step)
     assert all(REPLACEMENT not in d for d in deltas)
     assert "".join(deltas) + rest == first_completed_stop(tok.decode(ids), stop)
+
+
+def _python_path(tok: Tokenizer, prompt, stop=()) -> IncrementalDetokenizer:
+    d = IncrementalDetokenizer(tok, prompt, stop)
+    d._stream = None  # the reference: two Python-level decodes per step
+    return d
+
+
+def test_the_fast_rust_stream_is_used_for_a_real_tokenizer(tok):
+    assert IncrementalDetokenizer(tok, tok.encode("hi"))._stream is not None
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    pieces=st.lists(st.sampled_from(list("ab é€😀\n,.") + ["日本", " the", "ünï"]), max_size=25),
+    extra=st.lists(st.integers(0, 60_000), max_size=6),
+    stop=st.lists(st.sampled_from(["é€", " the", "b\n", "😀a"]), max_size=2),
+)
+def test_fast_stream_deltas_equal_the_python_path(tok, pieces, extra, stop):
+    """Same deltas token by token (and the same flush) as the reference algorithm, with
+    multi-byte characters, stop strings and ids outside the tokenizer's vocabulary."""
+    ids = tok.encode("".join(pieces), add_special_tokens=False) + extra
+    prompt = tok.encode("Say:", add_special_tokens=False)
+    fast, ref = IncrementalDetokenizer(tok, prompt, tuple(stop)), _python_path(tok, prompt, tuple(stop))
+    assert fast._stream is not None
+    for t in ids:
+        assert fast.add([t]) == ref.add([t])
+    assert fast.flush() == ref.flush()
+    assert fast.text == ref.text
