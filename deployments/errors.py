@@ -22,7 +22,7 @@ _STATUS: dict[str, tuple[int, str]] = {
     "engine_unavailable": (503, "service_unavailable"),
     # limits and auth (deployments/limits.py, deployments/auth.py)
     "invalid_api_key": (401, "invalid_request_error"),
-    "request_timeout": (408, "timeout_error"),
+    "request_timeout": (400, "invalid_request_error"),
     "request_too_large": (413, "invalid_request_error"),
     "internal_error": (500, "internal_error"),
 }

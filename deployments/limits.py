@@ -6,7 +6,7 @@ of the app); exceeding one is answered in the OpenAI error shape before a replic
   prompt longer than ``max_prompt_tokens``      400  code ``prompt_too_long``
   max_tokens above ``max_tokens``               400  code ``max_tokens_too_large``
   too many / too long stop strings              400  code ``invalid_request``
-  no finish within ``request_timeout_s``        408  code ``request_timeout`` (the engine
+  no finish within ``request_timeout_s``        400  code ``request_timeout`` (the engine
                                                      request is aborted; mid-stream: an error event)
 
 The body limit is a pure ASGI middleware (it reads at most ``max_body_bytes + 1`` bytes and
@@ -60,7 +60,7 @@ class RequestLimits(BaseModel):
         default=600.0,
         gt=0,
         description="Deadline of one request from its arrival at the ingress; on expiry the engine request "
-        "is aborted and the client gets 408 (or an error event mid-stream). None: no deadline.",
+        "is aborted and the client gets 400 (or an error event mid-stream). None: no deadline.",
     )
 
     # ------------------------------------------------------------- checks before a replica is used
@@ -193,7 +193,7 @@ def _content_length(scope: dict) -> int | None:
 class DeadlineClient:
     """An ``LLMClient`` whose requests end at a deadline: on expiry the inner stream is closed
     (which aborts the replica's engine request and frees its KV blocks) and one
-    ``ReplicaError(request_timeout)`` is yielded, so the ingress answers 408 before the first
+    ``ReplicaError(request_timeout)`` is yielded, so the ingress answers 400 before the first
     token and an error event after it."""
 
     def __init__(self, inner: Any, timeout_s: float | None) -> None:

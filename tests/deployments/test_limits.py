@@ -215,9 +215,9 @@ async def test_no_deadline_passes_everything_through():
     assert [x.text for x in items] == ["a", "b"]
 
 
-async def test_timeout_error_maps_to_408():
+async def test_timeout_error_maps_to_400():
     err = APIError.from_replica(ReplicaError("request_timeout", "late"))
-    assert err.status == 408 and err.code == "request_timeout"
+    assert err.status == 400 and err.code == "request_timeout"
 
 
 # ------------------------------------------------------------- wired into the ingress
@@ -278,8 +278,8 @@ async def test_request_timeout_aborts_the_engine_request(limited):
     http, _, engine, client = limited
     engine.pause.clear()  # the engine stalls: no token comes
     r = await http.post("/v1/completions", json={"model": "m", "prompt": "hi", "max_tokens": 4})
-    assert r.status_code == 408
-    assert r.json()["error"]["code"] == "request_timeout" and r.json()["error"]["type"] == "timeout_error"
+    assert r.status_code == 400
+    assert r.json()["error"]["code"] == "request_timeout" and r.json()["error"]["type"] == "invalid_request_error"
     rid = client.requests[-1].request_id
     assert engine.aborted == [rid] and engine.blocks == {}  # aborted, blocks freed
 
