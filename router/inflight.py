@@ -65,6 +65,10 @@ class InflightTracker:
         self._remember(t, prefix_hashes, now)
         self._trim(t, now)
 
+    def routed_to(self, request_id: str) -> str | None:
+        """The replica an outstanding request was sent to, if this tracker knows it."""
+        return self._where.get(request_id)
+
     def outstanding(self, replica_id: str) -> int:
         t = self._replicas.get(replica_id)
         return len(t.outstanding) if t else 0

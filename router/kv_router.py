@@ -127,11 +127,20 @@ class KVCacheAwareRouter(RequestRouter):
 
     # -- lifecycle hooks -------------------------------------------------------
 
+    # Only calls that carried prompt token ids are tracked. Dependent handle calls share one
+    # internal request id (the ingress's model_info() and generate() for the same HTTP
+    # request), so a completion counts only for the replica the tracked call went to.
+
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
         rid = pending_request.metadata.internal_request_id
-        self._tracker.on_sent(replica_id.unique_id, rid, time.time(), self._prompt_hashes.get(rid, ()))
+        hashes = self._prompt_hashes.get(rid)
+        if hashes is None or extract_prompt_token_ids(pending_request.args, pending_request.kwargs, self._prompt_field) is None:
+            return
+        self._tracker.on_sent(replica_id.unique_id, rid, time.time(), hashes)
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        if self._tracker.routed_to(internal_request_id) != replica_id.unique_id:
+            return  # an untracked call, or a rejected attempt elsewhere
         hashes = self._prompt_hashes.pop(internal_request_id, ())
         self._tracker.on_finished(replica_id.unique_id, internal_request_id, time.time(), hashes)
 

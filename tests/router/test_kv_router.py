@@ -114,6 +114,26 @@ async def test_request_without_token_ids_routes_by_load():
     assert ranks[0][0] is b and router.decision_counts == {"load": 1}
 
 
+async def test_dependent_call_sharing_the_request_id_does_not_steal_the_prompt():
+    """The ingress calls model_info() then generate() under one internal request id; the
+    model_info completion may arrive after generate was chosen. The prefix must be
+    remembered where generate went, not where model_info went."""
+    router = make_router()
+    a, b = fake_replica("a"), fake_replica("b")
+    meta = RequestMetadata(request_id="h", internal_request_id="h", call_method="model_info")
+    info = PendingRequest(args=[], kwargs={}, metadata=meta)
+    await router.choose_replicas([a, b], info)
+    router.on_request_routed(info, a.replica_id, result=None)  # model_info -> a
+    gen = pending("h", SHARED)
+    await router.choose_replicas([a, b], gen)
+    router.on_request_completed(a.replica_id, "h")  # model_info finishes late
+    router.on_request_routed(gen, b.replica_id, result=None)  # generate -> b
+    assert router._tracker.outstanding("a") == 0 and router._tracker.outstanding("b") == 1
+    router.on_request_completed(b.replica_id, "h")
+    ranks = await router.choose_replicas([a, b], pending("next", SHARED + [5]))
+    assert ranks[0][0] is b and router.decision_counts["affinity"] == 1
+
+
 def test_unknown_router_kwargs_are_rejected():
     with pytest.raises(ValueError, match="imbalance_treshold"):
         parse_router_kwargs({"imbalance_treshold": 3})

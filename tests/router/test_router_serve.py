@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import socket
 import time
 
 import pytest
@@ -63,25 +62,16 @@ def default_app_args() -> dict:
 
 
 @pytest.fixture(scope="module")
-def base_url(ray_session):
+def base_url(serve_url):
     from ray import serve
-    from ray.serve.context import _get_global_client
 
     from deployments.app import build_app
 
-    # A free port: other Ray clusters on this machine may hold 8000. If Serve already
-    # runs in this session, start() keeps its port and we read it back below.
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        free_port = sock.getsockname()[1]
-    serve.start(http_options={"host": "127.0.0.1", "port": free_port})
     serve.run(build_app(kv_app_args()), name="kv", route_prefix="/kv", blocking=False)
     serve.run(build_app(default_app_args()), name="default", route_prefix="/default", blocking=False)
-    _wait(lambda: _app_running("kv"), 300, "kv app")
-    port = _get_global_client().http_config.port
-    url = f"http://127.0.0.1:{port}"
+    _wait(lambda: _app_running("kv") and _app_running("default"), 300, "both apps")
     time.sleep(2.0)  # a few routing-stats periods: the kv router starts with fresh stats
-    yield url
+    yield serve_url
     for name in ("kv", "default"):
         serve.delete(name)
 
