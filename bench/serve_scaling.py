@@ -293,6 +293,28 @@ def plot(results: list[dict[str, Any]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def plot_results(out: Path) -> None:
+    """scaling.png from ``out/results.json``; with ``runs/`` unpacked there, each run's report plots too."""
+    data = json.loads((out / "results.json").read_text())
+    info, st = data["machine"], data["settings"]
+    gpu = info["gpus"][0].split(",")[0] if info["gpus"] else "CPU"
+    plot(data["results"], out / "scaling.png",
+         f"{st['model']}, {st['users_per_replica']} streaming users per replica, prompt {st['input_len']} / "
+         f"output {st['output_len']} tokens ({gpu}, {info['date_utc']})")
+
+
+def replot(out: Path) -> None:
+    """Plots for results made where matplotlib was missing: scaling.png and each run's report."""
+    plot_results(out)
+    if (out / "runs.tar.gz").exists():
+        with tarfile.open(out / "runs.tar.gz") as tar:
+            tar.extractall(out, filter="data")
+        for run in sorted((out / "runs").iterdir()):
+            subprocess.run([sys.executable, "-m", "loadtest.report", "--jsonl", str(run / "load_requests.jsonl"),
+                            "--out", str(run / "plots"), "--window", "5"], cwd=ROOT, check=True, capture_output=True)
+    print(f"[scaling] plots in {out}")
+
+
 def machine() -> dict[str, Any]:
     info: dict[str, Any] = {"date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpus": os.cpu_count()}
     try:
@@ -339,7 +361,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tokenizer-dir", default=os.environ.get("CBSERVE_TOKENIZER_DIR", ""))
     p.add_argument("--out", default="results/serve_scaling")
+    p.add_argument("--plot-from", default="", help="only draw the plots of an earlier --out folder (writable)")
     a = p.parse_args(argv)
+    if a.plot_from:
+        replot(Path(a.plot_from))
+        return 0
     counts = [int(x) for x in a.replicas.split(",") if x.strip()]
     if not counts or min(counts) < 1:
         p.error("--replicas: positive integers, e.g. 1,2,4")
@@ -381,10 +407,10 @@ def main(argv: list[str] | None = None) -> int:
     (out / "results.json").write_text(json.dumps({"machine": info, "settings": settings, "results": results}, indent=1))
     tbl = table(results)
     (out / "table.md").write_text(tbl + "\n")
-    gpu = info["gpus"][0].split(",")[0] if info["gpus"] else "CPU"
-    plot(results, out / "scaling.png",
-         f"{a.model}, {a.users_per_replica} streaming users per replica, prompt {a.input_len} / output {a.output_len} "
-         f"tokens ({gpu}, {info['date_utc']})")
+    try:
+        plot_results(out)
+    except ImportError as e:  # no matplotlib on the GPU machine: --plot-from OUT later, elsewhere
+        print(f"[scaling] no plots here ({e}); run --plot-from {out} where matplotlib is", flush=True)
     with tarfile.open(out / "runs.tar.gz", "w:gz") as tar:
         tar.add(runs, arcname="runs")
     shutil.rmtree(runs)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from replica.config import EngineConfig
 from replica.errors import EngineError, EngineUnavailableError, InvalidRequestError, QueueFullError, RequestTooLongError
-from replica.outputs import CompletionOutput, Delta, EngineStats, RunnerOutput, SchedulerOutput, Usage
+from replica.outputs import CompletionOutput, Delta, EngineStats, RunnerOutput, SchedulerOutput, Usage, merge_deltas
 from replica.request import FinishReason, Request, SamplingParams
 from replica.scheduler import Scheduler
 
@@ -474,6 +474,13 @@ class AsyncEngine:
         try:
             while True:
                 delta = await queue.get()
+                if not delta.finished and not queue.empty():
+                    # Coalesce what queued up while the consumer was busy: one item per wakeup
+                    # instead of one per token (Ray stream items, SSE events) when it falls behind.
+                    batch = [delta]
+                    while not batch[-1].finished and not queue.empty():
+                        batch.append(queue.get_nowait())
+                    delta = merge_deltas(batch)
                 finished = delta.finished
                 yield delta
                 if finished:

@@ -258,6 +258,23 @@ class GatedRunner(PagedFakeRunner):
         return super().run(out)
 
 
+class HoldingRunner(PagedFakeRunner):
+    """Runs ``free_steps`` steps, then blocks in ``run`` until released: a request stays
+    unfinished while the test acts on its stream (streams coalesce queued deltas, so a fast
+    engine could otherwise deliver a whole request in one or two items)."""
+
+    def __init__(self, free_steps: int = 3) -> None:
+        super().__init__(BS, VOCAB)
+        self.free_steps = free_steps
+        self.gate = threading.Event()
+
+    def run(self, out):
+        if self.free_steps <= 0:
+            assert self.gate.wait(30)
+        self.free_steps -= 1
+        return super().run(out)
+
+
 async def test_async_refusals_are_synchronous_and_distinct():
     runner = GatedRunner()
     eng = AsyncEngine(config(max_waiting=1, max_seqs=1), engine=engine(runner, max_waiting=1, max_seqs=1))
@@ -278,11 +295,13 @@ async def test_async_refusals_are_synchronous_and_distinct():
 
 
 async def test_cancelled_consumer_aborts_and_frees_blocks():
-    eng = AsyncEngine(config(), engine=engine())
+    runner = HoldingRunner()
+    eng = AsyncEngine(config(), engine=engine(runner))
     stream = eng.add_request("long", "x" * 20, SamplingParams(max_tokens=100, **GREEDY))
     first = await asyncio.wait_for(stream.__anext__(), 10)
     assert first.token_ids and not first.finished
     await stream.aclose()  # e.g. the HTTP client went away
+    runner.gate.set()
     for _ in range(500):
         s = eng.stats()
         if s.num_running == 0 and s.num_free_blocks == s.num_total_blocks:
@@ -294,7 +313,8 @@ async def test_cancelled_consumer_aborts_and_frees_blocks():
 
 
 async def test_cancelled_task_aborts_the_request():
-    eng = AsyncEngine(config(), engine=engine())
+    runner = HoldingRunner()
+    eng = AsyncEngine(config(), engine=engine(runner))
     stream = eng.add_request("long", "y" * 20, SamplingParams(max_tokens=100, **GREEDY))
     got = []
 
@@ -308,6 +328,7 @@ async def test_cancelled_task_aborts_the_request():
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+    runner.gate.set()
     for _ in range(500):
         if not eng.engine.has_unfinished() and eng.stats().num_running == 0:
             break
@@ -390,3 +411,25 @@ async def test_shutdown_timeout_aborts_what_is_left():
     deltas = await asyncio.wait_for(consumer, 10)
     assert deltas[-1].finished and deltas[-1].finish_reason in (FinishReason.ABORT, FinishReason.LENGTH)
     assert eng.engine.stats().num_free_blocks == eng.engine.stats().num_total_blocks
+
+
+async def test_async_stream_coalesces_deltas_a_slow_consumer_left_queued():
+    runner = HoldingRunner(free_steps=1)
+    eng = AsyncEngine(config(), engine=engine(runner))
+    sp = SamplingParams(max_tokens=12, **GREEDY)
+    stream = eng.add_request("slow", "coalesce me", sp)
+    first = await asyncio.wait_for(stream.__anext__(), 10)  # the prefill step's token
+    assert len(first.token_ids) == 1 and not first.finished
+    runner.gate.set()
+    for _ in range(1000):  # the consumer stalls until the engine has finished the request
+        if eng.stats().num_running == 0:
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.05)  # the last deliveries run on this loop
+    rest = await asyncio.wait_for(collect(stream), 10)
+    assert len(rest) == 1 and rest[0].finished  # everything queued came as one delta
+    tokens = list(first.token_ids) + list(rest[0].token_ids)
+    assert tokens == reference_tokens(CharTokenizer().encode("coalesce me"), sp)
+    assert first.text + rest[0].text == CharTokenizer().decode(tokens)
+    assert rest[0].usage.completion_tokens == 12
+    await eng.shutdown()
