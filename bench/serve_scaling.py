@@ -391,10 +391,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[scaling] {info}", flush=True)
     results: list[dict[str, Any]] = []
     runs = out / "runs"
+    settings = {k: v for k, v in vars(a).items() if k not in ("tokenizer_dir", "out", "plot_from")}
     try:
         for n in counts:
             results.append(one_run(a, n, url, runs / f"n{n}"))
             r = results[-1]
+            add_efficiency(results)  # written after every run: a cut-short call keeps what it has
+            (out / "results.json").write_text(json.dumps({"machine": info, "settings": settings, "results": results}, indent=1))
             print(f"[scaling] N={n}: {r['output_tokens_per_s']:,.0f} output tok/s, TTFT p50 {r['ttft_ms']['p50']} ms, "
                   f"TPOT p50 {r['tpot_ms']['p50']} ms, {r['requests_started']} requests ({r['requests_failed']} failed)",
                   flush=True)
@@ -403,7 +406,6 @@ def main(argv: list[str] | None = None) -> int:
         ray.shutdown()
 
     add_efficiency(results)
-    settings = {k: v for k, v in vars(a).items() if k not in ("tokenizer_dir", "out")}
     (out / "results.json").write_text(json.dumps({"machine": info, "settings": settings, "results": results}, indent=1))
     tbl = table(results)
     (out / "table.md").write_text(tbl + "\n")
