@@ -15,7 +15,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
 from fastapi import FastAPI, Request
@@ -345,74 +345,58 @@ class OpenAIService:
                 return
 
     def _completion_chunks(self, greq: GenerateRequest):
-        rid, name = greq.request_id, self.served_name
-        created = int(time.time())
-
-        async def gen(first: Delta, agen: Any, include_usage: bool) -> AsyncIterator[bytes]:
-            try:
-                n_out = 0
-                async for d in self._deltas(first, agen):
-                    if isinstance(d, ReplicaError) or d.finish_reason is FinishReason.ERROR:
-                        yield self._error_event(d, rid)
-                        break
-                    n_out += len(d.token_ids)
-                    if d.text or d.finished:
-                        yield _sse(
-                            CompletionResponse(
-                                id=rid, created=created, model=name,
-                                choices=[CompletionChoice(text=d.text, finish_reason=_finish_reason(d.finish_reason))],
-                            )
-                        )
-                    if d.finished and include_usage:
-                        yield _sse(
-                            CompletionResponse(
-                                id=rid, created=created, model=name, choices=[],
-                                usage=_usage(d.usage, len(greq.prompt_token_ids), n_out),
-                            )
-                        )
-                yield SSE_DONE
-            finally:
-                await agen.aclose()
-
-        return gen
+        rid, name, created = greq.request_id, self.served_name, int(time.time())
+        return self._chunk_stream(
+            greq,
+            content=lambda d: CompletionResponse(
+                id=rid, created=created, model=name,
+                choices=[CompletionChoice(text=d.text, finish_reason=_finish_reason(d.finish_reason))],
+            ),
+            usage=lambda u: CompletionResponse(id=rid, created=created, model=name, choices=[], usage=u),
+        )
 
     def _chat_chunks(self, greq: GenerateRequest):
-        rid, name = greq.request_id, self.served_name
-        created = int(time.time())
+        rid, name, created = greq.request_id, self.served_name, int(time.time())
+        return self._chunk_stream(
+            greq,
+            head=ChatCompletionChunk(
+                id=rid, created=created, model=name,
+                choices=[ChatChunkChoice(delta=ChatDelta(role="assistant", content=""))],
+            ),
+            content=lambda d: ChatCompletionChunk(
+                id=rid, created=created, model=name,
+                choices=[
+                    ChatChunkChoice(delta=ChatDelta(content=d.text or None), finish_reason=_finish_reason(d.finish_reason))
+                ],
+            ),
+            usage=lambda u: ChatCompletionChunk(id=rid, created=created, model=name, choices=[], usage=u),
+        )
+
+    def _chunk_stream(
+        self,
+        greq: GenerateRequest,
+        *,
+        content: Callable[[Delta], BaseModel],
+        usage: Callable[[UsageInfo], BaseModel],
+        head: BaseModel | None = None,
+    ):
+        """SSE bytes for one request: an optional head chunk, a chunk per delta with text (or
+        the finish), the usage chunk when asked, then [DONE]; an error ends it with an error event."""
 
         async def gen(first: Delta, agen: Any, include_usage: bool) -> AsyncIterator[bytes]:
             try:
-                yield _sse(
-                    ChatCompletionChunk(
-                        id=rid, created=created, model=name,
-                        choices=[ChatChunkChoice(delta=ChatDelta(role="assistant", content=""))],
-                    )
-                )
+                if head is not None:
+                    yield _sse(head)
                 n_out = 0
                 async for d in self._deltas(first, agen):
                     if isinstance(d, ReplicaError) or d.finish_reason is FinishReason.ERROR:
-                        yield self._error_event(d, rid)
+                        yield self._error_event(d, greq.request_id)
                         break
                     n_out += len(d.token_ids)
                     if d.text or d.finished:
-                        yield _sse(
-                            ChatCompletionChunk(
-                                id=rid, created=created, model=name,
-                                choices=[
-                                    ChatChunkChoice(
-                                        delta=ChatDelta(content=d.text or None),
-                                        finish_reason=_finish_reason(d.finish_reason),
-                                    )
-                                ],
-                            )
-                        )
+                        yield _sse(content(d))
                     if d.finished and include_usage:
-                        yield _sse(
-                            ChatCompletionChunk(
-                                id=rid, created=created, model=name, choices=[],
-                                usage=_usage(d.usage, len(greq.prompt_token_ids), n_out),
-                            )
-                        )
+                        yield _sse(usage(_usage(d.usage, len(greq.prompt_token_ids), n_out)))
                 yield SSE_DONE
             finally:
                 await agen.aclose()
