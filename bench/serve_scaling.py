@@ -162,6 +162,71 @@ def run_locust(a: argparse.Namespace, n: int, url: str, prefix: Path) -> Path:
     return merged
 
 
+class EngineSampler:
+    """Polls every LLM replica's engine counters (steps, generated tokens, running requests)
+    through the deployment handle during a run, so the report can tell a slower engine step
+    from a smaller batch (requests held up outside the engine)."""
+
+    def __init__(self, n: int, interval: float = 1.0) -> None:
+        import threading
+
+        self.n, self.interval = n, interval
+        self.samples: list[dict[str, Any]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="engine-sampler", daemon=True)
+
+    def __enter__(self) -> EngineSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        from ray import serve
+
+        handle = serve.get_deployment_handle("LLMReplica", app_name=APP_NAME)
+        while not self._stop.is_set():
+            t = time.time()
+            try:
+                # The handle routes each call to some replica: ask several times, keep one per replica.
+                seen: dict[str, Any] = {}
+                for resp in [handle.stats.remote() for _ in range(4 * self.n)]:
+                    st = resp.result(timeout_s=5)
+                    seen[st.replica_id] = st
+                for rid, st in seen.items():
+                    e = st.engine
+                    self.samples.append({"ts": t, "replica": rid, "steps": e.num_steps,
+                                         "gen_tokens": e.generation_tokens_total, "running": e.num_running,
+                                         "waiting": e.num_waiting})
+            except Exception as ex:  # noqa: BLE001 - diagnostics only; never fail the run
+                self.samples.append({"ts": t, "error": repr(ex)})
+            self._stop.wait(self.interval)
+
+    def summary(self, t_lo: float, t_hi: float) -> dict[str, Any]:
+        """Per replica over [t_lo, t_hi]: steps/s, ms per step, tokens per step (mean decode batch),
+        mean running requests."""
+        out: dict[str, Any] = {}
+        by: dict[str, list[dict[str, Any]]] = {}
+        for x in self.samples:
+            if "replica" in x and t_lo <= x["ts"] <= t_hi:
+                by.setdefault(x["replica"], []).append(x)
+        for rid, xs in sorted(by.items()):
+            if len(xs) < 2:
+                continue
+            a, b = xs[0], xs[-1]
+            dt, steps, toks = b["ts"] - a["ts"], b["steps"] - a["steps"], b["gen_tokens"] - a["gen_tokens"]
+            out[rid[-8:]] = {
+                "steps_per_s": steps / dt,
+                "ms_per_step": 1000 * dt / steps if steps else None,
+                "tokens_per_step": toks / steps if steps else None,
+                "engine_tokens_per_s": toks / dt,
+                "mean_running": sum(x["running"] for x in xs) / len(xs),
+            }
+        return out
+
+
 def window_stats(records: list[dict[str, Any]], t_lo: float, t_hi: float) -> dict[str, Any]:
     """Output tokens/s inside [t_lo, t_hi] (each request's tokens spread evenly from its first
     token to its end) and latency percentiles of the requests that started inside it."""
@@ -212,7 +277,8 @@ def one_run(a: argparse.Namespace, n: int, url: str, run_dir: Path) -> dict[str,
     print(f"[scaling] N={n}: app up in {started_s:.1f} s", flush=True)
     prefix = run_dir / "load"
     try:
-        jsonl = run_locust(a, n, url, prefix)
+        with EngineSampler(n) as sampler:
+            jsonl = run_locust(a, n, url, prefix)
     finally:
         serve.delete(APP_NAME)
     records = [json.loads(x) for x in jsonl.read_text().splitlines() if x.strip()]
@@ -221,6 +287,8 @@ def one_run(a: argparse.Namespace, n: int, url: str, run_dir: Path) -> dict[str,
         raise RuntimeError(f"N={n}: no requests recorded (see {prefix}_p*_locust.log)")
     t0 = min(r["ts"] for r in records)
     stats = window_stats(records, t0 + a.warmup, t0 + a.warmup + a.duration)
+    stats["engines"] = sampler.summary(t0 + a.warmup, t0 + a.warmup + a.duration)
+    (run_dir / "engine_samples.json").write_text(json.dumps(sampler.samples))
     rep = subprocess.run(
         [sys.executable, "-m", "loadtest.report", "--jsonl", str(jsonl), "--out", str(run_dir / "plots"), "--window", "5"],
         cwd=ROOT, capture_output=True, text=True,
@@ -401,6 +469,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[scaling] N={n}: {r['output_tokens_per_s']:,.0f} output tok/s, TTFT p50 {r['ttft_ms']['p50']} ms, "
                   f"TPOT p50 {r['tpot_ms']['p50']} ms, {r['requests_started']} requests ({r['requests_failed']} failed)",
                   flush=True)
+            for rid, e in r["engines"].items():
+                print(f"[scaling]   engine {rid}: {e}", flush=True)
     finally:
         serve.shutdown()
         ray.shutdown()
