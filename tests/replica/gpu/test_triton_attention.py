@@ -11,10 +11,11 @@ import math
 import pytest
 import torch
 
-from replica.attention.triton_decode import paged_decode_attention
-from replica.attention.triton_kv_write import store_kv
-from replica.attention.triton_prefill import paged_prefill_attention
-from tests.replica.gpu._reference import attend, gather_kv, random_block_tables, rel_err
+pytest.importorskip("triton")  # CPU-only installs may lack it (these tests need CUDA or its interpreter)
+from replica.attention.triton_decode import paged_decode_attention  # noqa: E402
+from replica.attention.triton_kv_write import store_kv  # noqa: E402
+from replica.attention.triton_prefill import paged_prefill_attention  # noqa: E402
+from tests.replica.gpu._reference import attend, gather_kv, random_block_tables, rel_err  # noqa: E402
 
 TOL = 1e-2
 
