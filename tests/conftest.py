@@ -50,3 +50,29 @@ def serve_url(ray_session) -> str:
         port = s.getsockname()[1]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     return f"http://127.0.0.1:{_get_global_client().http_config.port}"
+
+
+@pytest.fixture(scope="session")
+def deploy_app(serve_url):
+    """Returns ``deploy(apps, timeout_s=300)``: runs each ``{name: (args, route_prefix)}`` with
+    ``build_app`` and waits until all are RUNNING, failing at once on DEPLOY_FAILED."""
+    import time
+
+    from ray import serve
+
+    from deployments.app import build_app
+
+    def deploy(apps: dict[str, tuple[dict, str]], timeout_s: float = 300.0) -> None:
+        for name, (args, prefix) in apps.items():
+            serve.run(build_app(args), name=name, route_prefix=prefix, blocking=False)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            statuses = {n: serve.status().applications[n].status for n in apps}
+            failed = {n: s for n, s in statuses.items() if str(getattr(s, "value", s)) == "DEPLOY_FAILED"}
+            assert not failed, f"deploy failed: {serve.status().applications}"
+            if all(str(getattr(s, "value", s)) == "RUNNING" for s in statuses.values()):
+                return
+            assert time.monotonic() < deadline, f"applications did not start within {timeout_s}s: {statuses}"
+            time.sleep(1)
+
+    return deploy

@@ -36,17 +36,10 @@ ARGS = {
 
 
 @pytest.fixture(scope="module")
-def app(serve_url):
+def app(serve_url, deploy_app):
     from ray import serve
 
-    from deployments.app import build_app
-
-    serve.run(build_app(ARGS), name=APP, route_prefix="/", blocking=False)
-    deadline = time.monotonic() + 300
-    while serve.status().applications[APP].status != "RUNNING":
-        assert serve.status().applications[APP].status != "DEPLOY_FAILED", serve.status().applications[APP]
-        assert time.monotonic() < deadline, "application did not start"
-        time.sleep(1)
+    deploy_app({APP: (ARGS, "/")})
     yield serve_url
     serve.delete(APP)
 

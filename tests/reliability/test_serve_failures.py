@@ -40,17 +40,10 @@ fuzz_counts: dict[int, int] = {}
 
 
 @pytest.fixture(scope="module")
-def app(serve_url):
+def app(serve_url, deploy_app):
     from ray import serve
 
-    from deployments.app import build_app
-
-    serve.run(build_app(ARGS), name=APP, route_prefix="/rel", blocking=False)
-    deadline = time.monotonic() + 300
-    while serve.status().applications[APP].status != "RUNNING":
-        assert serve.status().applications[APP].status != "DEPLOY_FAILED", serve.status().applications[APP]
-        assert time.monotonic() < deadline, "application did not start"
-        time.sleep(1)
+    deploy_app({APP: (ARGS, "/rel")})
     yield f"{serve_url}/rel"
     serve.delete(APP)
 

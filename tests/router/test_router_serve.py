@@ -62,25 +62,14 @@ def default_app_args() -> dict:
 
 
 @pytest.fixture(scope="module")
-def base_url(serve_url):
+def base_url(serve_url, deploy_app):
     from ray import serve
 
-    from deployments.app import build_app
-
-    serve.run(build_app(kv_app_args()), name="kv", route_prefix="/kv", blocking=False)
-    serve.run(build_app(default_app_args()), name="default", route_prefix="/default", blocking=False)
-    _wait(lambda: _app_running("kv") and _app_running("default"), 300, "both apps")
+    deploy_app({"kv": (kv_app_args(), "/kv"), "default": (default_app_args(), "/default")})
     time.sleep(2.0)  # a few routing-stats periods: the kv router starts with fresh stats
     yield serve_url
     for name in ("kv", "default"):
         serve.delete(name)
-
-
-def _app_running(name: str) -> bool:
-    from ray import serve
-
-    app = serve.status().applications.get(name)
-    return app is not None and str(getattr(app.status, "value", app.status)) == "RUNNING"
 
 
 def _running_replicas(app: str) -> int:
