@@ -129,7 +129,8 @@ class LLMEngine:
             config.scheduler, config.cache, num_blocks=num_blocks, max_model_len=self.max_model_len
         )
         self._detokenizer_factory = detokenizer_factory or _default_detokenizer
-        self._detoks: dict[str, Detokenizer] = {}
+        # Requests whose final delta has not been built yet, with their detokenizers.
+        self._live: dict[str, tuple[Request, Detokenizer]] = {}
         self._pending: list[Delta] = []  # deltas of requests finished outside a step (abort)
         self._last_scheduled: tuple[str, ...] = ()
         self._ids = itertools.count()
@@ -186,14 +187,14 @@ class LLMEngine:
 
     def add(self, req: Request, *, enforce_queue_limit: bool = True) -> None:
         """Queue a request built by ``make_request``."""
+        # Built first: a factory that raises must not leave a queued request without one.
+        detok = self._detokenizer_factory(self.tokenizer, req.prompt_token_ids, req.params.stop)
         try:
             self.scheduler.add(req, enforce_queue_limit=enforce_queue_limit)
         except (QueueFullError, RequestTooLongError):
             self._num_refused += 1
             raise
-        self._detoks[req.request_id] = self._detokenizer_factory(
-            self.tokenizer, req.prompt_token_ids, req.params.stop
-        )
+        self._live[req.request_id] = (req, detok)
 
     def abort(self, request_id: str) -> None:
         """Finish a request now, wherever it is; its final delta comes with the next step."""
@@ -202,12 +203,18 @@ class LLMEngine:
             self._pending.append(self._final(req, "", ()))
 
     def fail_requests(self, request_ids: Sequence[str], error: str) -> list[Delta]:
-        """Finish these requests with FinishReason.ERROR (after a failed step); returns their deltas."""
+        """Finish these requests with FinishReason.ERROR (after a failed step); returns their
+        deltas. A request the failed step had already finished (its final delta never
+        built) gets one too, so no stream waits for it forever."""
         deltas = []
         for rid in request_ids:
-            req = self.scheduler.finish(rid, FinishReason.ERROR)
-            if req is not None:
-                deltas.append(self._final(req, "", (), error=error))
+            live = self._live.get(rid)
+            if live is None:
+                continue
+            req = live[0]
+            if self.scheduler.finish(rid, FinishReason.ERROR) is None:
+                req.finish_reason = FinishReason.ERROR
+            deltas.append(self._final(req, "", (), error=error))
         return deltas
 
     def unfinished_request_ids(self) -> list[str]:
@@ -219,21 +226,26 @@ class LLMEngine:
     # ----- one step -------------------------------------------------------------------
 
     def step(self) -> list[Delta]:
-        deltas, self._pending = self._pending, []
         started = time.monotonic()
         out = self.scheduler.schedule()
-        if out.is_empty:
-            return deltas
-        self._last_scheduled = tuple(c.request_id for c in out.chunks)
-        res = self.runner.run(out)
-        got = self.scheduler.update(out, res)
-        self._last_scheduled = ()
-        self._num_steps += 1
-        self._generation_tokens_total += len(got)
-        self._rate.append((started, len(got)))
-        for req in got:
-            deltas.append(self._delta(req))
-        return deltas
+        new: list[Delta] = []
+        if not out.is_empty:
+            self._last_scheduled = tuple(c.request_id for c in out.chunks)
+            res = self.runner.run(out)
+            got = self.scheduler.update(out, res)
+            self._num_steps += 1
+            self._generation_tokens_total += len(got)
+            self._rate.append((started, len(got)))
+            try:
+                for req in got:
+                    new.append(self._delta(req))
+            except BaseException:
+                self._pending.extend(new)  # final deltas already built must still go out
+                raise
+            self._last_scheduled = ()
+        # Taken only now: a step that raises keeps them (e.g. an abort's final delta) for the next.
+        deltas, self._pending = self._pending, []
+        return deltas + new
 
     @property
     def last_scheduled(self) -> tuple[str, ...]:
@@ -242,7 +254,7 @@ class LLMEngine:
 
     def _delta(self, req: Request) -> Delta:
         token = req.output_token_ids[-1]
-        detok = self._detoks[req.request_id]
+        detok = self._live[req.request_id][1]
         # A stop token (EOS or stop_token_ids) ends the output without adding text.
         stopped_by_token = req.finish_reason is FinishReason.STOP
         text, hit = detok.add(() if stopped_by_token else (token,))
@@ -258,7 +270,7 @@ class LLMEngine:
         return self._final(req, text, (token,))
 
     def _final(self, req: Request, text: str, token_ids: tuple[int, ...], *, error: str | None = None) -> Delta:
-        self._detoks.pop(req.request_id, None)
+        self._live.pop(req.request_id, None)
         self._prompt_tokens_total += req.num_prompt_tokens
         self._cached_prompt_tokens_total += req.num_cached_tokens
         assert req.finish_reason is not None
@@ -328,6 +340,7 @@ class LLMEngine:
             for rid in order:
                 if rid not in results:
                     self.abort(rid)
+                    self._live.pop(rid, None)  # one a failed step finished: no delta will come
             self._pending = [d for d in self._pending if d.request_id not in texts]
             raise
         finally:
@@ -559,8 +572,10 @@ class AsyncEngine:
             logger.exception("engine step loop crashed")
             with self._lock:
                 self._dead = f"step loop crashed: {e!r}"
-            if self._loop is not None and not self._loop.is_closed():
-                self._loop.call_soon_threadsafe(self._end_streams, FinishReason.ERROR, self._dead)
+        if self._dead is not None and self._loop is not None and not self._loop.is_closed():
+            # After the last deliveries (call_soon_threadsafe is FIFO): any stream still open
+            # would otherwise wait forever for a loop that has stopped.
+            self._loop.call_soon_threadsafe(self._end_streams, FinishReason.ERROR, self._dead)
 
     def _loop_body(self) -> None:
         eng = self.engine

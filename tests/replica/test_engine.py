@@ -185,6 +185,20 @@ def test_abort_frees_at_once_and_reports_a_final_delta():
     assert not eng.has_unfinished()
 
 
+def test_a_failed_step_keeps_an_aborts_final_delta():
+    runner = FailingRunner(failures=0)
+    eng = engine(runner)
+    eng.add_request("a", "abc", SamplingParams(max_tokens=50, **GREEDY))
+    eng.add_request("b", "abc", SamplingParams(max_tokens=50, **GREEDY))
+    eng.step()
+    eng.abort("a")
+    runner.failures = 1
+    with pytest.raises(RuntimeError, match="device fell over"):
+        eng.step()
+    finished = [d for d in eng.step() if d.finished]
+    assert [(d.request_id, d.finish_reason) for d in finished] == [("a", FinishReason.ABORT)]
+
+
 def test_prefix_cache_counts_cached_tokens_and_exposes_hashes():
     eng = engine()
     shared = "the same long system prompt; "
@@ -368,6 +382,39 @@ async def test_failed_step_errors_its_requests_and_engine_stays_usable():
     assert deltas[-1].finish_reason is FinishReason.ERROR and "device fell over" in deltas[-1].error
     ok = await asyncio.wait_for(collect(eng.add_request("b", "abc", SamplingParams(max_tokens=4))), 10)
     assert ok[-1].finish_reason is FinishReason.LENGTH
+    s = eng.stats()
+    assert s.num_free_blocks == s.num_total_blocks
+    await eng.shutdown()
+
+
+class DetokenizerFailingAt:
+    """Raises on its ``fail_at``-th ``add`` (e.g. a tokenizer bug on an odd token)."""
+
+    def __init__(self, fail_at: int) -> None:
+        self.fail_at = fail_at
+        self.calls = 0
+
+    def add(self, token_ids):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise ValueError("cannot decode")
+        return "x", False
+
+    def flush(self) -> str:
+        return ""
+
+
+async def test_a_request_finished_by_a_step_that_then_fails_still_ends_its_stream():
+    # max_tokens=2: the second token finishes the request (its blocks are freed) and then
+    # turning that token into text raises; the stream must end with ERROR, not wait forever.
+    inner = LLMEngine(
+        config(), runner=PagedFakeRunner(BS, VOCAB), tokenizer=CharTokenizer(),
+        detokenizer_factory=lambda tok, prompt, stop: DetokenizerFailingAt(2),
+    )
+    eng = AsyncEngine(config(), engine=inner)
+    deltas = await asyncio.wait_for(collect(eng.add_request("a", "abc", SamplingParams(max_tokens=2))), 10)
+    assert deltas[-1].finish_reason is FinishReason.ERROR and "cannot decode" in deltas[-1].error
+    assert not inner._live and not inner.has_unfinished()
     s = eng.stats()
     assert s.num_free_blocks == s.num_total_blocks
     await eng.shutdown()
