@@ -46,7 +46,8 @@ class _SamplingFields(_Strict):
     # engine extras (not OpenAI; vLLM-compatible names) for benchmarking
     ignore_eos: bool = False
     min_tokens: int = Field(default=0, ge=0)
-    top_k: int = Field(default=0, ge=-1)
+    # Bounded: the sampler packs top_k into an int64 array; a larger value failed the whole engine step.
+    top_k: int = Field(default=0, ge=-1, le=2**63 - 1)
     stop_token_ids: list[int] | None = None
 
     @field_validator("n")

@@ -78,6 +78,13 @@ def test_unsupported_completion_fields_are_rejected(kwargs):
         CompletionRequest(**{"model": "m", "prompt": "x", **kwargs})
 
 
+def test_top_k_beyond_int64_is_rejected():
+    # The engine's sampler holds top_k in an int64 array; 2**63 used to fail every request of its step.
+    assert CompletionRequest(model="m", prompt="x", top_k=2**63 - 1).top_k == 2**63 - 1
+    with pytest.raises(pydantic.ValidationError, match="top_k"):
+        CompletionRequest(model="m", prompt="x", top_k=2**63)
+
+
 def test_validation_message_names_the_parameter():
     with pytest.raises(pydantic.ValidationError) as e:
         CompletionRequest(model="m", prompt="x", temperature=5)

@@ -110,7 +110,7 @@ def test_nan_and_huge_numbers_are_400_not_500(fuzz_env):
     """Explicit cases hypothesis found worth pinning."""
     loop, stack = fuzz_env
     for extra in ({"temperature": math.nan}, {"top_p": math.inf}, {"temperature": -math.inf}, {"max_tokens": 10**30},
-                  {"max_tokens": 9}, {"stop": ["x"] * 5}, {"stop": "y" * 33}):
+                  {"max_tokens": 9}, {"stop": ["x"] * 5}, {"stop": "y" * 33}, {"top_k": 2**63, "temperature": 1.0}):
         body = dumps({"model": MODEL, "prompt": "hi", **extra})
         reply = loop.run_until_complete(asgi_call(stack.app, "POST", "/v1/completions", body, headers=AUTH))
         assert reply.status == 400, (extra, reply.status, reply.body)
