@@ -20,15 +20,9 @@ from transformers import PreTrainedModel
 from replica.attention import AttentionMetadata, PagedKVCache, install, resolve_backend
 from replica.config import CacheConfig, RunnerConfig
 from replica.cuda_graphs import DecodeGraphs, DecodeInputs
+from replica.models import DTYPES
 from replica.outputs import RunnerOutput, SchedulerOutput
 from replica.sampler import Sampler, SamplingRow
-
-_DTYPES = {
-    "float32": torch.float32,
-    "float64": torch.float64,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
 
 
 def _text_config(hf_config):
@@ -123,9 +117,9 @@ class ModelRunner:
     def block_bytes(hf_config, block_size: int, dtype: torch.dtype | str) -> int:
         """Bytes of one KV block across all layers (K and V)."""
         if isinstance(dtype, str):
-            if dtype not in _DTYPES:
+            if dtype not in DTYPES:
                 raise ValueError(f"unknown dtype {dtype!r}")
-            dtype = _DTYPES[dtype]
+            dtype = DTYPES[dtype]
         num_layers, num_kv_heads, head_dim = kv_shape(hf_config)
         itemsize = torch.empty((), dtype=dtype).element_size()
         return 2 * num_layers * block_size * num_kv_heads * head_dim * itemsize
