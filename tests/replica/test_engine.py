@@ -451,12 +451,16 @@ async def test_shutdown_drains_running_requests_and_refuses_new_ones():
 
 
 async def test_shutdown_timeout_aborts_what_is_left():
-    eng = AsyncEngine(config(), engine=engine())
+    runner = HoldingRunner(free_steps=2)  # the request cannot finish before shutdown stops the loop
+    eng = AsyncEngine(config(), engine=engine(runner))
     stream = eng.add_request("a", "abc", SamplingParams(max_tokens=120, **GREEDY))
     consumer = asyncio.create_task(collect(stream))
-    await asyncio.wait_for(eng.shutdown(drain_timeout_s=0.0), 10)
+    shutdown = asyncio.create_task(eng.shutdown(drain_timeout_s=0.0))
+    await asyncio.sleep(0.05)
+    runner.gate.set()
+    await asyncio.wait_for(shutdown, 10)
     deltas = await asyncio.wait_for(consumer, 10)
-    assert deltas[-1].finished and deltas[-1].finish_reason in (FinishReason.ABORT, FinishReason.LENGTH)
+    assert deltas[-1].finish_reason is FinishReason.ABORT and sum(len(d.token_ids) for d in deltas) < 120
     assert eng.engine.stats().num_free_blocks == eng.engine.stats().num_total_blocks
 
 
