@@ -227,6 +227,7 @@ class LLMEngine:
 
     def step(self) -> list[Delta]:
         started = time.monotonic()
+        self._last_scheduled = ()  # a failing schedule() must not blame an earlier step's requests
         out = self.scheduler.schedule()
         new: list[Delta] = []
         if not out.is_empty:

@@ -199,6 +199,22 @@ def test_a_failed_step_keeps_an_aborts_final_delta():
     assert [(d.request_id, d.finish_reason) for d in finished] == [("a", FinishReason.ABORT)]
 
 
+def test_last_scheduled_names_only_the_step_that_raised(monkeypatch):
+    eng = engine(FailingRunner(failures=1))
+    eng.add_request("a", "abc", SamplingParams(max_tokens=4))
+    with pytest.raises(RuntimeError):
+        eng.step()
+    assert eng.last_scheduled == ("a",)
+
+    def broken_schedule():
+        raise AssertionError("scheduler bug")
+
+    monkeypatch.setattr(eng.scheduler, "schedule", broken_schedule)
+    with pytest.raises(AssertionError):
+        eng.step()
+    assert eng.last_scheduled == ()  # not "a" again: nothing was scheduled by this step
+
+
 def test_prefix_cache_counts_cached_tokens_and_exposes_hashes():
     eng = engine()
     shared = "the same long system prompt; "
