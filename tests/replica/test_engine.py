@@ -450,6 +450,25 @@ async def test_engine_that_keeps_failing_is_marked_dead():
     await eng.shutdown(drain_timeout_s=1)
 
 
+async def test_a_crashed_step_loop_ends_open_streams_and_refuses_new_requests(monkeypatch):
+    runner = GatedRunner()
+    eng = AsyncEngine(config(), engine=engine(runner))
+    stream = eng.add_request("a", "abc", SamplingParams(max_tokens=100, **GREEDY))
+    await asyncio.to_thread(runner.entered.wait, 10)
+
+    def broken_abort(request_id):
+        raise AssertionError("double free of block 0")
+
+    monkeypatch.setattr(eng.engine, "abort", broken_abort)
+    await eng.abort("a")  # the loop itself raises (not a step): nothing is left to deliver "a"'s end
+    runner.gate.set()
+    deltas = await asyncio.wait_for(collect(stream), 10)
+    assert deltas[-1].finish_reason is FinishReason.ERROR and "step loop crashed" in deltas[-1].error
+    with pytest.raises(EngineUnavailableError, match="failed"):
+        eng.add_request("b", "abc", SamplingParams(max_tokens=4))
+    await eng.shutdown(drain_timeout_s=1)
+
+
 async def test_shutdown_drains_running_requests_and_refuses_new_ones():
     runner = GatedRunner()
     eng = AsyncEngine(config(), engine=engine(runner))
