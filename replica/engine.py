@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import operator
 import threading
 import time
 from collections import deque
@@ -157,9 +158,12 @@ class LLMEngine:
             ids = self.tokenizer.encode(prompt)
         else:
             try:
-                ids = [int(t) for t in prompt]
-            except (TypeError, ValueError):
-                raise InvalidRequestError("prompt must be a string or a list of token ids", param="prompt") from None
+                # operator.index, not int(): a float or a numeric string is not a token id.
+                ids = [operator.index(t) for t in prompt]
+            except TypeError:
+                raise InvalidRequestError(
+                    "prompt must be a string or a list of integer token ids", param="prompt"
+                ) from None
             bad = [t for t in ids if not 0 <= t < self._vocab_size]
             if bad:
                 raise InvalidRequestError(

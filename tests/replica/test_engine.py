@@ -160,6 +160,9 @@ def test_refusals_are_counted_and_disturb_nothing():
         eng.add_request("e", "e" * 10, SamplingParams(max_tokens=30))
     with pytest.raises(InvalidRequestError, match="token ids"):
         eng.add_request("f", [5, VOCAB + 1], SamplingParams(max_tokens=4))
+    for not_ids in ([5, 6.7], ["5"], 5):
+        with pytest.raises(InvalidRequestError, match="integer token ids"):
+            eng.add_request("f", not_ids, SamplingParams(max_tokens=4))
     with pytest.raises(InvalidRequestError, match="at least one token"):
         eng.add_request("g", "", SamplingParams(max_tokens=4))
     after = eng.stats()
