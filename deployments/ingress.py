@@ -188,7 +188,10 @@ class OpenAIService:
         if self._info is None:
             async with self._info_lock:
                 if self._info is None:
-                    self._info = await self._client.model_info()
+                    try:
+                        self._info = await self._client.model_info()
+                    except Exception as exc:  # no replica answered (e.g. none running): 503, not 500
+                        raise APIError.from_code("engine_unavailable", f"model replicas unavailable: {exc}") from exc
         return self._info
 
     def record(self, endpoint: str, status: int) -> None:

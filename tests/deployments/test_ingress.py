@@ -241,6 +241,18 @@ async def test_draining_replica_answers_503(env):
         assert_openai_error(r, 503, code="engine_unavailable")
 
 
+async def test_unreachable_replicas_answer_503_not_500():
+    class NoReplicas(LocalClient):
+        async def model_info(self):
+            raise RuntimeError("deployment has no running replicas")
+
+    server, _ = await make_server()
+    service = OpenAIService(NoReplicas(server), FakeTokenizer(), IngressSettings(model=MODEL), metrics_backend=FakeMetricsBackend())
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=build_api(service)), base_url="http://t") as http:
+        for r in (await http.post("/v1/chat/completions", json=CHAT), await http.get("/v1/models")):
+            assert "no running replicas" in assert_openai_error(r, 503, code="engine_unavailable")["message"]
+
+
 async def test_engine_failure_mid_request(env):
     http, _, engine, _ = env
     engine.fail_after = 2
