@@ -120,9 +120,18 @@ class LLMEngine:
                 eos_token_ids=self.tokenizer.eos_token_ids,
             )
         else:
-            num_blocks = config.cache.num_blocks or getattr(runner, "num_blocks", None)
+            runner_blocks = getattr(runner, "num_blocks", None)
+            num_blocks = config.cache.num_blocks or runner_blocks
             if not num_blocks:
                 raise ValueError("set CacheConfig.num_blocks (or runner.num_blocks) with an injected runner")
+            # The scheduler hands out block ids and slots for the runner's pool: they must agree.
+            if runner_blocks and num_blocks > runner_blocks:
+                raise ValueError(f"CacheConfig.num_blocks {num_blocks} exceeds the runner's {runner_blocks} blocks")
+            runner_bs = getattr(runner, "block_size", None)
+            if runner_bs is not None and runner_bs != config.cache.block_size:
+                raise ValueError(
+                    f"CacheConfig.block_size {config.cache.block_size} differs from the runner's {runner_bs}"
+                )
         self.runner = runner
         self.num_blocks = num_blocks
         self._vocab_size = int(getattr(runner, "vocab_size", 0) or self.tokenizer.vocab_size)

@@ -66,6 +66,16 @@ GREEDY = dict(temperature=0.0, ignore_eos=True)
 # ----- LLMEngine --------------------------------------------------------------------------
 
 
+def test_an_injected_runner_must_match_the_cache_config():
+    with pytest.raises(ValueError, match="block_size 4 differs from the runner's 8"):
+        LLMEngine(config(), runner=PagedFakeRunner(8, VOCAB), tokenizer=CharTokenizer())
+    small = PagedFakeRunner(BS, VOCAB)
+    small.num_blocks = 16
+    with pytest.raises(ValueError, match="num_blocks 32 exceeds the runner's 16 blocks"):
+        LLMEngine(config(num_blocks=32), runner=small, tokenizer=CharTokenizer())
+    assert LLMEngine(config(num_blocks=8), runner=small, tokenizer=CharTokenizer()).num_blocks == 8
+
+
 def test_generate_returns_exact_outputs_in_order_under_pressure():
     eng = engine(num_blocks=12, budget=8, max_seqs=4, max_waiting=3)  # small cache, small queue
     prompts = [f"prompt {i} " * (1 + i % 3) for i in range(10)]
