@@ -112,6 +112,11 @@ class ReplicaMetrics:
         self._last = stats
 
 
+# The ingress's routes; any other path is tagged OTHER_ENDPOINT.
+ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health")
+OTHER_ENDPOINT = "other"
+
+
 class IngressMetrics:
     """HTTP-side counters of the ingress."""
 
@@ -124,4 +129,8 @@ class IngressMetrics:
         )
 
     def response(self, endpoint: str, status: int) -> None:
-        self.responses.inc(1, tags={"endpoint": endpoint, "status": str(status)})
+        # The path comes from the client (401 and 413 are counted for any path): unknown ones
+        # share one tag, so random paths cannot add Prometheus series without bound. Suffix
+        # match: behind a Serve route prefix the path still starts with it.
+        tag = next((e for e in ENDPOINTS if endpoint.endswith(e)), OTHER_ENDPOINT)
+        self.responses.inc(1, tags={"endpoint": tag, "status": str(status)})

@@ -48,6 +48,16 @@ def test_request_level_metrics_are_tagged():
     assert g["cbserve_http_responses_total"].values == [(1, {"endpoint": "/v1/completions", "status": "429"})]
 
 
+def test_ingress_endpoint_tag_is_bounded():
+    # 401/413 are counted for whatever path a client sends: those must not each become a series.
+    backend = FakeMetricsBackend()
+    ingress = IngressMetrics(backend=backend)
+    for path in ("/x1", "/v1/x2", "/api/v1/models", "/v1/chat/completions"):
+        ingress.response(path, 401)
+    tags = [t["endpoint"] for _, t in backend.metrics["cbserve_http_responses_total"].values]
+    assert tags == ["other", "other", "/v1/models", "/v1/chat/completions"]
+
+
 def test_real_serve_metrics_accept_our_definitions():
     # Ray's metric classes validate names, tag keys and boundaries at construction.
     m = ReplicaMetrics("tiny")
