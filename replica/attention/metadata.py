@@ -54,11 +54,6 @@ class AttentionMetadata:
     def query_lens_host(self) -> np.ndarray:
         return np.diff(self.query_start_loc_host)
 
-    @property
-    def start_pos_host(self) -> np.ndarray:
-        """Position of each sequence's first new token (= tokens already in the cache)."""
-        return self.seq_lens_host - self.query_lens_host
-
 
 @dataclass(frozen=True)
 class PagedKVCache:

@@ -68,7 +68,7 @@ def paged_attention(
     out = torch.empty_like(query)
     qsl = meta.query_start_loc_host
     seq_lens = meta.seq_lens_host
-    q_lens = np.diff(qsl)
+    q_lens = meta.query_lens_host
     device = query.device
 
     decode = np.flatnonzero(q_lens == 1)
