@@ -65,8 +65,12 @@ class Sampler:
         cdt = torch.float64 if logits.dtype == torch.float64 else torch.float32
         x = logits.index_select(0, ridx).to(cdt)
         temp = torch.tensor([r.params.temperature for r in rrows], dtype=cdt, device=x.device)
+        # Shifted by the row max first (softmax is shift-invariant) and the temperature kept
+        # above 0 in ``cdt``: a tiny temperature then sends the other logits to -inf instead
+        # of overflowing the max to inf (inf - inf = NaN, which sampled token 0).
+        x = (x - x.amax(dim=-1, keepdim=True)) / temp.clamp_min(torch.finfo(cdt).tiny)[:, None]
         x = _apply_top_k_top_p(
-            x / temp[:, None],
+            x,
             np.array([r.params.top_k if r.params.top_k > 0 else 0 for r in rrows], dtype=np.int64),
             np.array([r.params.top_p for r in rrows], dtype=np.float64),
         )

@@ -100,6 +100,15 @@ def test_sampling_follows_the_distribution():
     assert torch.bincount(cold, minlength=3)[0] / 4000 > 0.9
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_tiny_temperature_samples_the_argmax_not_garbage(dtype):
+    torch.manual_seed(4)
+    logits = torch.randn(6, 50, dtype=dtype)
+    for t in (1e-20, 1e-38, 1e-44, 1e-300, 5e-324):
+        rows = [row(temperature=t, seed=i if i % 2 else None, n=i, top_p=0.9 if i < 3 else 1.0) for i in range(6)]
+        assert torch.equal(Sampler(0)(logits, rows), logits.argmax(-1)), t
+
+
 def test_banned_tokens_are_never_sampled():
     logits = torch.tensor([[0.0, 10.0, 0.0, 9.0]])
     rows = [SamplingRow(SamplingParams(temperature=0.0), 0, banned_token_ids=(1,))]
