@@ -134,6 +134,9 @@ class KVCacheManager:
         computed = list(computed_blocks)
         if computed and request.block_table:
             raise ValueError("computed_blocks can only be given to a request that holds no blocks")
+        for bid in computed:  # checked before any ref count changes: a refusal leaks nothing
+            if self._blocks[bid].hash is None:
+                raise ValueError(f"block {bid} is not a cached block")
         total = request.num_computed_tokens + len(computed) * self.block_size + num_new_tokens
         num_new_blocks = max(0, self.blocks_for(total) - len(request.block_table) - len(computed))
         # Hits that sit in the evictable list leave the free pool when referenced.
@@ -143,8 +146,6 @@ class KVCacheManager:
         tick = next(self._clock)
         for bid in computed:
             blk = self._blocks[bid]
-            if blk.hash is None:
-                raise ValueError(f"block {bid} is not a cached block")
             if blk.ref_count == 0:
                 del self._evictable[bid]
             blk.ref_count += 1

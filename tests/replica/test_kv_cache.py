@@ -224,6 +224,20 @@ def test_bad_arguments_raise():
         kv.allocate_slots(r, 1, [0])
 
 
+def test_a_refused_prefix_hit_list_changes_no_ref_count():
+    kv = KVCacheManager(num_blocks=8, block_size=BS)
+    a = req("a", list(range(9)))
+    compute_all(kv, a)
+    kv.free(a)
+    hits, _ = kv.get_computed_prefix(req("b", list(range(9))))
+    assert len(hits) == 2
+    plain = next(b for b in range(8) if b not in hits)
+    with pytest.raises(ValueError, match=f"block {plain} is not a cached block"):
+        kv.allocate_slots(req("c", list(range(9))), 1, [hits[0], plain])
+    kv.check_invariants()  # hits[0] was not left referenced by nobody
+    assert kv.num_free_blocks == 8
+
+
 def test_child_of_an_evicted_parent_is_replaced_not_reused():
     kv = KVCacheManager(num_blocks=7, block_size=BS)
     shared, tail_a, tail_d = [1, 2, 3, 4], [5, 5, 5, 5], [6, 6, 6, 6]
