@@ -71,7 +71,8 @@ class Sampler:
         x = (x - x.amax(dim=-1, keepdim=True)) / temp.clamp_min(torch.finfo(cdt).tiny)[:, None]
         x = _apply_top_k_top_p(
             x,
-            np.array([r.params.top_k if r.params.top_k > 0 else 0 for r in rrows], dtype=np.int64),
+            # Capped at the vocabulary here: an unbounded int would overflow int64 and fail the whole batch.
+            np.array([min(r.params.top_k, vocab) if r.params.top_k > 0 else 0 for r in rrows], dtype=np.int64),
             np.array([r.params.top_p for r in rrows], dtype=np.float64),
         )
         logp = torch.log_softmax(x, dim=-1)

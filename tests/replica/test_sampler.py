@@ -37,6 +37,12 @@ def test_top_k_never_leaves_the_top_k(top_k):
         assert all(len({t for i, t in seen if i == r}) > 1 for r in range(8))
 
 
+def test_a_top_k_beyond_int64_is_the_whole_vocabulary():
+    logits = torch.tensor([[0.0, 1.0, 2.0]]).repeat(300, 1)
+    out = Sampler(0)(logits, [row(temperature=1.0, top_k=2**70, seed=i) for i in range(300)])
+    assert set(out.tolist()) == {0, 1, 2}  # no error, and nothing cut
+
+
 def test_top_p_never_leaves_the_nucleus():
     # Row probabilities 0.5, 0.3, 0.15, 0.05: top_p=0.7 allows {0, 1}; top_p=0.45 allows {0}.
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
