@@ -88,6 +88,9 @@ class HandleLLMClient:
         done = False
         try:
             async for item in gen:
+                # After the request's last item the replica has nothing left to abort: a caller
+                # that stops reading there must not cost a ray.cancel per request.
+                done = isinstance(item, ReplicaError) or item.finished
                 yield item
             done = True
         except BackPressureError as exc:  # Serve's own max_queued_requests on the handle

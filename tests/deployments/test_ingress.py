@@ -7,12 +7,18 @@ incremental / disconnect behaviour on the StreamingResponse's body iterator dire
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import httpx
 import pytest
+from ray.serve.exceptions import ReplicaUnavailableError
 
-from deployments.ingress import IngressSettings, OpenAIService, build_api
+from deployments.errors import ReplicaError
+from deployments.ingress import HandleLLMClient, IngressSettings, OpenAIService, build_api
+from deployments.llm import GenerateRequest
 from deployments.protocol import ChatCompletionRequest
+from replica.outputs import Delta, Usage
+from replica.request import FinishReason, SamplingParams
 from tests.deployments.fakes import FakeEngine, FakeMetricsBackend, FakeTokenizer, LocalClient, make_server
 
 pytestmark = pytest.mark.timeout(60)
@@ -286,3 +292,63 @@ async def test_message_content_parts_and_developer_role(env):
     assert list(client.requests[-1].prompt_token_ids) == expected
     bad = {**CHAT, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}
     assert_openai_error(await http.post("/v1/chat/completions", json=bad), 400)
+
+
+# ------------------------------------------------------------- HandleLLMClient over a fake handle
+
+
+class FakeResponseGen:
+    """What ``handle.options(stream=True).generate.remote(req)`` returns: items, then maybe an error."""
+
+    def __init__(self, items, exc: BaseException | None = None) -> None:
+        self.items, self.exc, self.cancelled = list(items), exc, False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if self.items:
+            return self.items.pop(0)
+        if self.exc is not None:
+            raise self.exc
+        raise StopAsyncIteration
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class FakeHandle:
+    def __init__(self, gen: FakeResponseGen) -> None:
+        self.generate = SimpleNamespace(remote=lambda req: gen)
+
+    def options(self, **_):
+        return self
+
+
+GREQ = GenerateRequest("r1", (5, 6), SamplingParams(max_tokens=2))
+TOKEN = Delta("r1", "a", (100,))
+LAST = Delta("r1", "b", (101,), FinishReason.LENGTH, Usage(2, 2))
+
+
+async def test_handle_client_cancels_the_replica_call_when_the_reader_leaves_early():
+    gen = FakeResponseGen([TOKEN, TOKEN, LAST])
+    agen = HandleLLMClient(FakeHandle(gen)).generate(GREQ)
+    assert await agen.__anext__() == TOKEN
+    await agen.aclose()
+    assert gen.cancelled
+
+
+async def test_handle_client_does_not_cancel_a_finished_request():
+    # The ingress stops reading at the finished delta, before the replica's generator returns.
+    gen = FakeResponseGen([TOKEN, LAST])
+    agen = HandleLLMClient(FakeHandle(gen)).generate(GREQ)
+    assert [await agen.__anext__(), await agen.__anext__()] == [TOKEN, LAST]
+    await agen.aclose()
+    assert not gen.cancelled
+
+
+async def test_handle_client_dead_replica_is_engine_unavailable():
+    gen = FakeResponseGen([TOKEN], ReplicaUnavailableError("replica-1"))
+    items = [x async for x in HandleLLMClient(FakeHandle(gen)).generate(GREQ)]
+    assert items[0] == TOKEN and isinstance(items[1], ReplicaError) and items[1].code == "engine_unavailable"
+    assert not gen.cancelled
