@@ -50,6 +50,12 @@ class SamplingParams:
         else:
             object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        for name in ("max_tokens", "min_tokens", "top_k"):
+            if isinstance(getattr(self, name), bool):  # bool is an int subclass; True is no count
+                raise _invalid(f"{name} must be an integer, got {getattr(self, name)!r}", name)
+        for name in ("temperature", "top_p"):
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), (int, float)):
+                raise _invalid(f"{name} must be a number, got {getattr(self, name)!r}", name)
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise _invalid(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}", "max_tokens")
         if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
@@ -75,7 +81,7 @@ class SamplingParams:
             if len(s) > MAX_STOP_STRING_LEN:
                 raise _invalid(f"stop strings must be at most {MAX_STOP_STRING_LEN} characters", "stop")
         for t in self.stop_token_ids:
-            if not isinstance(t, int) or t < 0:
+            if isinstance(t, bool) or not isinstance(t, int) or t < 0:
                 raise _invalid(f"stop_token_ids must be non-negative integers, got {t!r}", "stop_token_ids")
 
     @property
