@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -95,7 +96,8 @@ class HandleLLMClient:
             done = True
         except BackPressureError as exc:  # Serve's own max_queued_requests on the handle
             done = True
-            yield ReplicaError("queue_full", str(exc), retry_after_s=int(exc.retry_after_s or 1))
+            retry = max(1, math.ceil(exc.retry_after_s or 1))  # a header of 0 would invite a hammering retry
+            yield ReplicaError("queue_full", str(exc), retry_after_s=retry)
         except (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError) as exc:
             done = True
             yield ReplicaError("engine_unavailable", f"model replica unavailable: {exc}")

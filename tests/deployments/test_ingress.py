@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
-from ray.serve.exceptions import ReplicaUnavailableError
+from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
 
 from deployments.errors import ReplicaError
 from deployments.ingress import HandleLLMClient, IngressSettings, OpenAIService, build_api
@@ -345,6 +345,13 @@ async def test_handle_client_does_not_cancel_a_finished_request():
     assert [await agen.__anext__(), await agen.__anext__()] == [TOKEN, LAST]
     await agen.aclose()
     assert not gen.cancelled
+
+
+@pytest.mark.parametrize("retry_after, header", [(None, 1), (0.2, 1), (2.5, 3)])
+async def test_handle_client_backpressure_is_queue_full_with_a_whole_retry_after(retry_after, header):
+    gen = FakeResponseGen([], BackPressureError(4, 4, 429, retry_after))
+    items = [x async for x in HandleLLMClient(FakeHandle(gen)).generate(GREQ)]
+    assert [(e.code, e.retry_after_s) for e in items] == [("queue_full", header)]
 
 
 async def test_handle_client_dead_replica_is_engine_unavailable():
