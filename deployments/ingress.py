@@ -12,6 +12,7 @@ builds both at replica start (tests use the service with an in-process client).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import time
@@ -153,6 +154,12 @@ def _usage(usage: Usage | None, prompt_tokens: int, completion_tokens: int) -> U
 
 def _sse(model: BaseModel) -> bytes:
     return b"data: " + model.model_dump_json().encode() + b"\n\n"
+
+
+def _error_event(err: APIError, rid: str) -> bytes:
+    """An error after the 200 went out: one SSE event with the OpenAI error body."""
+    logger.error("request %s: error mid-stream: %s", rid, err.message)
+    return b"data: " + json.dumps(err.body()).encode() + b"\n\n"
 
 
 class _ClosingStreamingResponse(StreamingResponse):
@@ -397,8 +404,12 @@ class OpenAIService:
                     yield _sse(head)
                 n_out = 0
                 async for d in self._deltas(first, agen):
-                    if isinstance(d, ReplicaError) or d.finish_reason is FinishReason.ERROR:
-                        yield self._error_event(d, greq.request_id)
+                    if isinstance(d, ReplicaError):
+                        yield _error_event(APIError.from_replica(d), greq.request_id)
+                        break
+                    if d.finish_reason is FinishReason.ERROR:
+                        err = APIError.from_code("internal_error", f"generation failed: {d.error}")
+                        yield _error_event(err, greq.request_id)
                         break
                     n_out += len(d.token_ids)
                     if d.text or d.finished:
@@ -406,21 +417,14 @@ class OpenAIService:
                     if d.finished and include_usage:
                         yield _sse(usage(_usage(d.usage, len(greq.prompt_token_ids), n_out)))
                 yield SSE_DONE
+            except Exception as exc:  # e.g. the replica raised: an error event, not a cut connection
+                logger.exception("request %s: stream failed", greq.request_id)
+                yield _error_event(APIError.from_code("internal_error", f"internal error: {type(exc).__name__}"), greq.request_id)
+                yield SSE_DONE
             finally:
                 await agen.aclose()
 
         return gen
-
-    @staticmethod
-    def _error_event(item: Delta | ReplicaError, rid: str) -> bytes:
-        if isinstance(item, ReplicaError):
-            err = APIError.from_replica(item)
-        else:
-            err = APIError.from_code("internal_error", f"generation failed: {item.error}")
-        logger.error("request %s: error mid-stream: %s", rid, err.message)
-        import json
-
-        return b"data: " + json.dumps(err.body()).encode() + b"\n\n"
 
 
 # ------------------------------------------------------------- HTTP

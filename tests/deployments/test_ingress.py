@@ -270,6 +270,24 @@ async def test_engine_failure_mid_request(env):
     assert "device lost" in events[-1]["error"]["message"]
 
 
+async def test_replica_exception_mid_stream_ends_with_an_error_event():
+    class BreaksMidStream(LocalClient):
+        async def generate(self, req):
+            yield Delta(req.request_id, "a", (100,))
+            raise RuntimeError("replica bug")
+
+    server, _ = await make_server()
+    service = OpenAIService(
+        BreaksMidStream(server), FakeTokenizer(), IngressSettings(model=MODEL), metrics_backend=FakeMetricsBackend()
+    )
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=build_api(service)), base_url="http://t") as http:
+        r = await http.post("/v1/chat/completions", json={**CHAT, "stream": True})
+    assert r.status_code == 200
+    events = sse_events(r.text)  # the stream still ends with [DONE]
+    assert events[1]["choices"][0]["delta"]["content"] == "a"
+    assert events[-1]["error"]["code"] == "internal_error" and "RuntimeError" in events[-1]["error"]["message"]
+
+
 async def test_chat_template_failure_is_a_client_error(env):
     http, _, _, _ = env
     body = {**CHAT, "messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "boom"}]}
