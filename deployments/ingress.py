@@ -156,6 +156,10 @@ def _sse(model: BaseModel) -> bytes:
     return b"data: " + model.model_dump_json().encode() + b"\n\n"
 
 
+def _generation_failed(delta: Delta) -> APIError:
+    return APIError.from_code("internal_error", f"generation failed: {delta.error}")
+
+
 def _error_event(err: APIError, rid: str) -> bytes:
     """An error after the 200 went out: one SSE event with the OpenAI error body."""
     logger.error("request %s: error mid-stream: %s", rid, err.message)
@@ -321,7 +325,7 @@ class OpenAIService:
                 if isinstance(item, ReplicaError):
                     raise APIError.from_replica(item)
                 if item.finish_reason is FinishReason.ERROR:
-                    raise APIError.from_code("internal_error", f"generation failed: {item.error}")
+                    raise _generation_failed(item)
                 parts.append(item.text)
                 if item.finished:
                     return "".join(parts), item
@@ -344,6 +348,9 @@ class OpenAIService:
         if isinstance(first, ReplicaError):
             await agen.aclose()
             raise APIError.from_replica(first)
+        if first.finish_reason is FinishReason.ERROR:  # failed before any output: no 200 sent yet
+            await agen.aclose()
+            raise _generation_failed(first)
         return _ClosingStreamingResponse(
             chunks(first, agen, include_usage),
             media_type="text/event-stream",
@@ -408,8 +415,7 @@ class OpenAIService:
                         yield _error_event(APIError.from_replica(d), greq.request_id)
                         break
                     if d.finish_reason is FinishReason.ERROR:
-                        err = APIError.from_code("internal_error", f"generation failed: {d.error}")
-                        yield _error_event(err, greq.request_id)
+                        yield _error_event(_generation_failed(d), greq.request_id)
                         break
                     n_out += len(d.token_ids)
                     if d.text or d.finished:

@@ -270,6 +270,14 @@ async def test_engine_failure_mid_request(env):
     assert "device lost" in events[-1]["error"]["message"]
 
 
+async def test_engine_failure_before_any_output_is_a_500_when_streaming(env):
+    http, _, engine, _ = env
+    engine.fail_after = 0  # the first delta is the failure: no 200 has gone out yet
+    r = await http.post("/v1/chat/completions", json={**CHAT, "stream": True})
+    assert "device lost" in assert_openai_error(r, 500, code="internal_error")["message"]
+    assert not engine.blocks
+
+
 async def test_replica_exception_mid_stream_ends_with_an_error_event():
     class BreaksMidStream(LocalClient):
         async def generate(self, req):
