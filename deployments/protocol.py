@@ -270,17 +270,6 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-class ErrorDetail(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorDetail
-
-
 def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
     """One readable message (and the offending parameter) from pydantic/FastAPI errors."""
     if not errors:
