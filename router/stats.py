@@ -48,18 +48,17 @@ class RoutingStats:
         return self.num_free_blocks / max(1, self.num_total_blocks)
 
     def to_wire(self) -> dict[str, Any]:
-        return {
-            "v": WIRE_VERSION,
-            "ts": self.timestamp,
-            "block_size": self.block_size,
-            "num_free_blocks": self.num_free_blocks,
-            "num_total_blocks": self.num_total_blocks,
-            "num_waiting": self.num_waiting,
-            "num_running": self.num_running,
-            "kv_usage": 1.0 - self.kv_free_fraction,
-            "draining": self.draining,
-            "prefix_hashes": list(self.prefix_hashes),
-        }
+        return build_routing_stats(
+            block_size=self.block_size,
+            num_free_blocks=self.num_free_blocks,
+            num_total_blocks=self.num_total_blocks,
+            num_waiting=self.num_waiting,
+            num_running=self.num_running,
+            prefix_hashes=self.prefix_hashes,
+            draining=self.draining,
+            max_prefix_hashes=len(self.prefix_hashes),
+            timestamp=self.timestamp,
+        )
 
     @classmethod
     def from_wire(cls, d: Mapping[str, Any] | None) -> RoutingStats | None:
