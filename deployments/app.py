@@ -101,7 +101,7 @@ class AppArgs(_Args):
     num_gpus: float | Literal["auto"] = Field(default="auto", description='GPUs per replica; "auto": 1 where the cluster has GPUs, else 0.')
     num_cpus: float = Field(default=1, ge=0, description="CPUs reserved per LLMReplica.")
     accelerator_resource: str | None = Field(default=None, description="Custom Ray resource (1 per replica) for placement, e.g. fake_gpu in tests.")
-    max_ongoing_requests: int | None = Field(default=None, gt=0, description="Serve's per-replica cap (default: max_num_seqs + max_waiting, so the engine queue decides 429).")
+    max_ongoing_requests: int | None = Field(default=None, gt=0, description="Serve's per-replica cap (default: max_num_seqs + max_waiting + 1: one over the engine's capacity, so the engine's own queue-full refusal answers 429).")
     replica: ReplicaUserConfig = Field(default_factory=ReplicaUserConfig, description="Live settings (user_config, no restart).")
     router: RouterArgs | None = Field(default=None, description="Custom request router (KV-cache aware).")
     ingress_replicas: int = Field(default=1, ge=1, description="OpenAIIngress replicas.")
