@@ -209,7 +209,8 @@ def _route_path(scope: dict) -> str:
 
 
 class RedactingFilter(logging.Filter):
-    """Masks API keys and bearer tokens in a record's formatted message (and drops its args)."""
+    """Masks API keys and bearer tokens in a record's formatted message (and drops its args)
+    and in its formatted traceback (an exception's text may quote a header)."""
 
     def __init__(self, keys: ApiKeys) -> None:
         super().__init__()
@@ -223,6 +224,11 @@ class RedactingFilter(logging.Filter):
         redacted = self.keys.redact(message)
         if redacted != message:
             record.msg, record.args = redacted, None
+        if record.exc_info and not record.exc_text:
+            # Formatters use exc_text when it is set, so the traceback is formatted (and masked) once here.
+            record.exc_text = self.keys.redact(logging.Formatter().formatException(record.exc_info))
+        elif record.exc_text:
+            record.exc_text = self.keys.redact(record.exc_text)
         return True
 
 

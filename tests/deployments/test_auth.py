@@ -189,6 +189,23 @@ def test_log_redaction_masks_keys_and_bearer_tokens(caplog):
             lg.removeFilter(f)
 
 
+def test_log_redaction_masks_keys_in_tracebacks(caplog):
+    keys = ApiKeys([KEY])
+    lg = logging.getLogger("cbserve.test.auth.tb")
+    install_log_redaction(keys, loggers=("cbserve.test.auth.tb",))
+    try:
+        caplog.set_level(logging.INFO, logger="cbserve.test.auth.tb")
+        try:
+            raise ValueError(f"bad header Authorization: Bearer {KEY}")
+        except ValueError:
+            lg.exception("request failed")
+        assert "ValueError" in caplog.text and "request failed" in caplog.text
+        assert KEY not in caplog.text and REDACTED in caplog.text
+    finally:
+        for f in list(lg.filters):
+            lg.removeFilter(f)
+
+
 # ------------------------------------------------------------- wired into the ingress
 
 
