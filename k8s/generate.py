@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import difflib
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,12 +176,18 @@ def replica_plan(serve_config: dict[str, Any], spec: ClusterSpec) -> ReplicaPlan
     return ReplicaPlan(gpus, lo, hi)
 
 
+def gpus_per_pod(plan: ReplicaPlan) -> int:
+    """A replica's GPUs must sit on one node, so a worker pod holds ceil(num_gpus) of them (at least 1)."""
+    return max(1, math.ceil(plan.gpus_per_replica))
+
+
 def gpu_worker_bounds(serve_config: dict[str, Any], spec: ClusterSpec) -> tuple[int, int]:
-    """Worker pods (one GPU each) at the GPU deployment's min and max replica count."""
+    """Worker pods (``gpus_per_pod`` GPUs each) at the GPU deployment's min and max replica count."""
     plan = replica_plan(serve_config, spec)
+    per_pod = gpus_per_pod(plan)
 
     def pods(n: int) -> int:  # replicas with fractional GPUs share a pod
-        return -(-round(n * plan.gpus_per_replica * 1000) // 1000)
+        return -(-round(n * plan.gpus_per_replica * 1000) // (1000 * per_pod))
 
     return (
         spec.min_workers if spec.min_workers is not None else pods(plan.min_replicas),
@@ -221,7 +228,8 @@ def build_rayservice(serve_config_v2: dict[str, Any], spec: ClusterSpec) -> dict
         {"containerPort": 10001, "name": "client"},
         {"containerPort": 8000, "name": "serve"},
     ]
-    worker = _container(spec, "ray-worker", spec.worker_cpu, spec.worker_memory, 1, [{"containerPort": 8000, "name": "serve"}])
+    per_pod = gpus_per_pod(replica_plan(serve_config_v2, spec))
+    worker = _container(spec, "ray-worker", spec.worker_cpu, spec.worker_memory, per_pod, [{"containerPort": 8000, "name": "serve"}])
     worker["lifecycle"] = {"preStop": {"exec": {"command": ["/bin/sh", "-c", "ray stop"]}}}
     return {
         "apiVersion": "ray.io/v1",

@@ -131,7 +131,10 @@ def test_worker_bounds_from_build_app_args():
     both = apply_overrides(scaled, {"applications": {"cbserve": {"deployments": {"LLMReplica": {
         "num_replicas": 3, "ray_actor_options": {"num_cpus": 1, "num_gpus": 2}}}}}})
     assert replica_plan(both, ClusterSpec()) == ReplicaPlan(2.0, 3, 3)
-    assert gpu_worker_bounds(both, ClusterSpec()) == (6, 6)
+    # A replica's two GPUs must share a node: three pods of two GPUs, not six of one.
+    assert gpu_worker_bounds(both, ClusterSpec()) == (3, 3)
+    (group,) = build_rayservice(both, ClusterSpec())["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    assert group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "2"
     two_apps = {"applications": [ARGS_APP["applications"][0] | {"deployments": []}, {"name": "b", "import_path": "x:y"}]}
     with pytest.raises(ValueError, match="no deployment 'LLMReplica'"):
         gpu_worker_bounds(two_apps, ClusterSpec())
