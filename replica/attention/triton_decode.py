@@ -161,6 +161,24 @@ def default_num_splits(batch_size: int, num_kv_heads: int, num_sms: int = 132) -
     return s
 
 
+def check_paged_layout(
+    query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, rows: str
+) -> tuple[int, int, int, int, int]:
+    """Validate what both attention kernels assume of their inputs; returns
+    ``(rows, heads, head_dim, page, kv_heads)``. ``rows`` names query's first axis in messages."""
+    if query.dim() != 3 or k_cache.dim() != 4:
+        raise ValueError(f"query must be [{rows}, H, D] and caches [blocks, page, kv_heads, D]")
+    n, hq, dim = query.shape
+    _, page, hkv, cdim = k_cache.shape
+    if cdim != dim or hq % hkv != 0:
+        raise ValueError(f"head_dim {dim} vs cache {cdim}, or {hq} heads not a multiple of {hkv} kv heads")
+    if query.stride(-1) != 1 or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("query needs a unit last stride and the caches must be contiguous")
+    if page & (page - 1):
+        raise ValueError(f"block_size must be a power of two for the Triton kernels; got {page}")
+    return n, hq, dim, page, hkv
+
+
 def paged_decode_attention(
     query: torch.Tensor,
     k_cache: torch.Tensor,
@@ -185,16 +203,7 @@ def paged_decode_attention(
     ``softcap``: scores become ``softcap * tanh(score / softcap)``.
     Returns ``[B, num_heads, head_dim]`` in the query's dtype.
     """
-    if query.dim() != 3 or k_cache.dim() != 4:
-        raise ValueError("query must be [B, H, D] and caches [blocks, page, kv_heads, D]")
-    bsz, hq, dim = query.shape
-    _, page, hkv, cdim = k_cache.shape
-    if cdim != dim or hq % hkv != 0:
-        raise ValueError(f"head_dim {dim} vs cache {cdim}, or {hq} heads not a multiple of {hkv} kv heads")
-    if query.stride(-1) != 1 or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
-        raise ValueError("query needs a unit last stride and the caches must be contiguous")
-    if page & (page - 1):
-        raise ValueError(f"block_size must be a power of two for the Triton kernels; got {page}")
+    bsz, hq, dim, page, hkv = check_paged_layout(query, k_cache, v_cache, "B")
     group = hq // hkv
     if out is None:
         out = torch.empty(bsz, hq, dim, dtype=query.dtype, device=query.device)

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from replica.attention.triton_decode import check_paged_layout
+
 LOG2E = tl.constexpr(1.4426950408889634)
 
 
@@ -139,16 +141,7 @@ def paged_prefill_attention(
     int, sizes the grid). ``sliding_window``/``softcap`` as in ``paged_decode_attention``.
     Returns ``[total_q, num_heads, head_dim]``.
     """
-    if query.dim() != 3 or k_cache.dim() != 4:
-        raise ValueError("query must be [T, H, D] and caches [blocks, page, kv_heads, D]")
-    total, hq, dim = query.shape
-    _, page, hkv, cdim = k_cache.shape
-    if cdim != dim or hq % hkv != 0:
-        raise ValueError(f"head_dim {dim} vs cache {cdim}, or {hq} heads not a multiple of {hkv} kv heads")
-    if query.stride(-1) != 1 or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
-        raise ValueError("query needs a unit last stride and the caches must be contiguous")
-    if page & (page - 1):
-        raise ValueError(f"block_size must be a power of two for the Triton kernels; got {page}")
+    total, hq, dim, page, hkv = check_paged_layout(query, k_cache, v_cache, "T")
     bsz = cu_seqlens_q.shape[0] - 1
     if seq_lens.shape != (bsz,) or block_tables.shape[0] < bsz:
         raise ValueError("seq_lens must be [B] and block_tables [B, max_blocks]")
