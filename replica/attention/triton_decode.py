@@ -18,6 +18,19 @@ LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
+def page_tile_offsets(bt_row, n, nmask, kvh, c_stride_block, c_stride_slot, c_stride_h, PAGE: tl.constexpr):
+    """Cache offsets of key positions ``n`` of one sequence (block table row ``bt_row``),
+    for KV head ``kvh``; shared by the decode and prefill kernels (inlined by Triton)."""
+    blk = tl.load(bt_row + n // PAGE, mask=nmask, other=0).to(tl.int64)
+    return blk * c_stride_block + (n % PAGE) * c_stride_slot + kvh * c_stride_h
+
+
+@triton.jit
+def apply_softcap(s, softcap):
+    return softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))  # softcap * tanh(s / softcap)
+
+
+@triton.jit
 def _decode_split_kernel(
     q_ptr,
     kc_ptr,
@@ -79,13 +92,12 @@ def _decode_split_kernel(
     for n0 in range(start, end, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         nmask = n < end
-        blk = tl.load(bt_row + n // PAGE, mask=nmask, other=0).to(tl.int64)
-        off = blk * c_stride_block + (n % PAGE) * c_stride_slot + kvh * c_stride_h
+        off = page_tile_offsets(bt_row, n, nmask, kvh, c_stride_block, c_stride_slot, c_stride_h, PAGE)
         kv_mask = nmask[:, None] & dmask[None, :]
         k = tl.load(kc_ptr + off[:, None] + d[None, :], mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale  # [BLOCK_G, BLOCK_N]
         if USE_SOFTCAP:
-            s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))  # softcap * tanh(s / softcap)
+            s = apply_softcap(s, softcap)
         s = tl.where(nmask[None, :], s * LOG2E, float("-inf"))  # log2 domain from here on
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])

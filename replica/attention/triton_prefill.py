@@ -15,9 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from replica.attention.triton_decode import check_paged_layout
-
-LOG2E = tl.constexpr(1.4426950408889634)
+from replica.attention.triton_decode import LOG2E, apply_softcap, check_paged_layout, page_tile_offsets
 
 
 @triton.jit
@@ -85,13 +83,12 @@ def _prefill_kernel(
     for n0 in range(lo, kv_end, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         nmask = n < kv_end
-        blk = tl.load(bt_row + n // PAGE, mask=nmask, other=0).to(tl.int64)
-        off = blk * c_stride_block + (n % PAGE) * c_stride_slot + kvh * c_stride_h
+        off = page_tile_offsets(bt_row, n, nmask, kvh, c_stride_block, c_stride_slot, c_stride_h, PAGE)
         kv_mask = nmask[:, None] & dmask[None, :]
         k = tl.load(kc_ptr + off[:, None] + d[None, :], mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale
         if USE_SOFTCAP:
-            s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))  # softcap * tanh(s / softcap)
+            s = apply_softcap(s, softcap)
         # Key n is visible to the query at qpos iff n <= qpos (and qpos - window < n).
         visible = (n[None, :] <= qpos[:, None]) & nmask[None, :]
         if USE_WINDOW:
