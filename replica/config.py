@@ -72,6 +72,9 @@ class SchedulerConfig:
     max_num_seqs: int = 256  # requests running at once
     max_num_batched_tokens: int = 2048  # token budget of one step (prefill chunks + decodes)
     max_waiting: int = 1024  # bounded waiting queue; beyond it add_request raises QueueFullError
+    # Schedule and launch step N+1 before step N's tokens reach the host (decode steps only),
+    # so the host's bookkeeping for step N runs while the GPU computes N+1. Same outputs.
+    async_scheduling: bool = True
 
     def __post_init__(self) -> None:
         _require(self.max_num_seqs > 0, "max_num_seqs must be > 0")

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from replica.attention.metadata import AttentionMetadata
+from replica.outputs import RunnerOutput
 
 
 def graph_batch_sizes(max_batch_size: int) -> list[int]:
@@ -37,9 +38,32 @@ def graph_batch_sizes(max_batch_size: int) -> list[int]:
 class DecodeInputs:
     """Host-side inputs of one decode step (numpy, unpadded, length B)."""
 
-    token_ids: np.ndarray  # [B] int64
+    token_ids: np.ndarray  # [B] int64 (a row with src_rows >= 0 may hold anything)
     positions: np.ndarray  # [B] int64: position of the new token (= tokens already cached)
     block_tables: Sequence[Sequence[int]]  # B block tables
+    # [B] int64 or None: row of the previous replay whose sampled token is this row's input
+    # (async scheduling: that token never went through the host), -1 where token_ids holds it.
+    src_rows: np.ndarray | None = None
+
+
+class GraphStep:
+    """The tokens of one replay on their way to pinned host memory (see ``DecodeGraphs.emit``)."""
+
+    def __init__(self, request_ids: tuple[str, ...], host: torch.Tensor, event: torch.cuda.Event) -> None:
+        self._ids = request_ids
+        self._host = host
+        self._event = event
+        self._tokens: list[int] | None = None
+
+    @property
+    def request_ids(self) -> tuple[str, ...]:
+        return self._ids
+
+    def result(self) -> RunnerOutput:
+        if self._tokens is None:
+            self._event.synchronize()  # releases the GIL while the device works
+            self._tokens = self._host.tolist()
+        return RunnerOutput(sampled=dict(zip(self._ids, self._tokens, strict=True)))
 
 
 class DecodeGraphs:
@@ -75,12 +99,19 @@ class DecodeGraphs:
         self.seq_lens = torch.zeros(n, **i32)
         self.block_tables = torch.zeros(n, m, **i32)
         self.query_start_loc = torch.arange(n + 1, **i32)
-        # Pinned host staging: one packed int64 row [ids | positions | slots | seq_lens] and the table.
-        self._stage = torch.zeros(4, n, dtype=torch.int64, pin_memory=True)
-        self._stage_bt = torch.zeros(n, m, dtype=torch.int32, pin_memory=True)
-        self._stage_np = self._stage.numpy()
-        self._stage_bt_np = self._stage_bt.numpy()
-        self._stage_dev = torch.zeros(4, n, **i64)
+        # Pinned host staging: packed int64 rows [ids | positions | slots | seq_lens | src rows]
+        # and the block table. Two sets, used by alternate replays: with async scheduling the
+        # host fills one while the previous replay's copies from the other may still be queued.
+        # Reuse is safe because the engine reads replay N's tokens (an event after its copies)
+        # before it prepares replay N+2.
+        self._stage = [torch.zeros(5, n, dtype=torch.int64, pin_memory=True) for _ in range(2)]
+        self._stage_bt = [torch.zeros(n, m, dtype=torch.int32, pin_memory=True) for _ in range(2)]
+        self._stage_dev = torch.zeros(5, n, **i64)
+        # Sampled ids of the last replay (device; next step's placeholders read them) and
+        # their pinned host copies (two: one being read while the next is written).
+        self.last_tokens = torch.zeros(n, **i64)
+        self._out_host = [torch.zeros(n, dtype=torch.int64, pin_memory=True) for _ in range(2)]
+        self._turn = 0
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
         self.tokens: dict[int, torch.Tensor] = {}
@@ -137,12 +168,15 @@ class DecodeGraphs:
 
     def replay(self, inp: DecodeInputs) -> tuple[torch.Tensor, torch.Tensor]:
         """Run one decode step; returns (logits [B, V], greedy token ids [B]) as device views
-        of the graph's outputs (valid until the next replay)."""
+        of the graph's outputs (valid until the next replay). Call ``emit`` with the step's
+        chosen tokens before the next replay."""
         b = len(inp.token_ids)
         bs = self.padded_size(b)
         if bs is None or bs not in self.graphs:
             raise ValueError(f"no graph for batch {b}")
-        st, bt = self._stage_np, self._stage_bt_np
+        self._turn ^= 1
+        stage, stage_bt = self._stage[self._turn], self._stage_bt[self._turn]
+        st, bt = stage.numpy(), stage_bt.numpy()
         page = self.block_size
         st[0, :b] = inp.token_ids
         st[1, :b] = inp.positions
@@ -155,18 +189,35 @@ class DecodeGraphs:
         pos = inp.positions
         st[2, :b] = bt[np.arange(b), pos // page].astype(np.int64) * page + pos % page
         st[3, :b] = pos + 1
+        st[4, :b] = -1 if inp.src_rows is None else inp.src_rows
         # Padding rows: no KV write, no attention work.
         st[0, b:bs] = 0
         st[1, b:bs] = 0
         st[2, b:bs] = -1
         st[3, b:bs] = 0
-        self._stage_dev[:, :bs].copy_(self._stage[:, :bs], non_blocking=True)
-        self.block_tables[:bs].copy_(self._stage_bt[:bs], non_blocking=True)
-        self.input_ids[:bs].copy_(self._stage_dev[0, :bs])
-        self.positions[:bs].copy_(self._stage_dev[1, :bs])
-        self.slot_mapping[:bs].copy_(self._stage_dev[2, :bs])
-        self.seq_lens[:bs].copy_(self._stage_dev[3, :bs])
+        st[4, b:bs] = -1
+        dev = self._stage_dev
+        dev[:, :bs].copy_(stage[:, :bs], non_blocking=True)
+        self.block_tables[:bs].copy_(stage_bt[:bs], non_blocking=True)
+        if inp.src_rows is None:
+            self.input_ids[:bs].copy_(dev[0, :bs])
+        else:
+            # Rows continuing from the previous replay take its sampled ids from the device.
+            src = dev[4, :bs]
+            self.input_ids[:bs].copy_(torch.where(src >= 0, self.last_tokens[src.clamp(min=0)], dev[0, :bs]))
+        self.positions[:bs].copy_(dev[1, :bs])
+        self.slot_mapping[:bs].copy_(dev[2, :bs])
+        self.seq_lens[:bs].copy_(dev[3, :bs])
         self.graphs[bs].replay()
-        # The pinned staging buffers are reused next step; the caller's host copy of the
-        # sampled ids (a sync) guarantees these async copies are done by then.
         return self.logits[bs][:b], self.tokens[bs][:b]
+
+    def emit(self, request_ids: tuple[str, ...], tokens: torch.Tensor) -> GraphStep:
+        """Record the last replay's sampled ids (device ``[B]``): kept on the device for the
+        next replay's placeholders and copied to pinned host memory without waiting."""
+        b = len(request_ids)
+        self.last_tokens[:b].copy_(tokens)
+        host = self._out_host[self._turn][:b]
+        host.copy_(self.last_tokens[:b], non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return GraphStep(request_ids, host, event)

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from replica.config import EngineConfig
 from replica.errors import EngineError, EngineUnavailableError, InvalidRequestError, QueueFullError, RequestTooLongError
 from replica.outputs import CompletionOutput, Delta, EngineStats, RunnerOutput, SchedulerOutput, Usage, merge_deltas
+from replica.pending_step import PendingStep
 from replica.request import FinishReason, Request, SamplingParams
 from replica.scheduler import Scheduler
 
@@ -143,6 +144,9 @@ class LLMEngine:
         self._live: dict[str, tuple[Request, Detokenizer]] = {}
         self._pending: list[Delta] = []  # deltas of requests finished outside a step (abort)
         self._last_scheduled: tuple[str, ...] = ()
+        self._async = config.scheduler.async_scheduling and hasattr(runner, "launch")
+        # The launched step not yet applied: (its SchedulerOutput, its handle, its start time).
+        self._inflight: tuple[SchedulerOutput, PendingStep, float] | None = None
         self._ids = itertools.count()
         # counters
         self._num_steps = 0
@@ -234,32 +238,66 @@ class LLMEngine:
         return [r.request_id for r in itertools.chain(self.scheduler.running, self.scheduler.waiting)]
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self._pending)
+        return self.scheduler.has_unfinished() or bool(self._pending) or self._inflight is not None
 
     # ----- one step -------------------------------------------------------------------
 
     def step(self) -> list[Delta]:
+        """One engine step; returns the deltas it produced.
+
+        With async scheduling a step collects the step launched by the previous call after
+        launching its successor (when the scheduler can build one without the results), so
+        the host work below (update, detokenizing, deltas) overlaps the device computing
+        the next step. Tokens thus come out one call after their step was launched."""
         started = time.monotonic()
         self._last_scheduled = ()  # a failing schedule() must not blame an earlier step's requests
-        out = self.scheduler.schedule()
         new: list[Delta] = []
-        if not out.is_empty:
+        prev, self._inflight = self._inflight, None
+        if prev is None:
+            out = self.scheduler.schedule()
+            if not out.is_empty:
+                self._last_scheduled = tuple(c.request_id for c in out.chunks)
+                if self._async:
+                    self._inflight = (out, self.runner.launch(out, None), started)
+                    self._last_scheduled = ()
+                else:
+                    new = self._apply(out, self.runner.run(out), started)
+        else:
+            out, handle, t0 = prev
             self._last_scheduled = tuple(c.request_id for c in out.chunks)
-            res = self.runner.run(out)
-            got = self.scheduler.update(out, res)
-            self._num_steps += 1
-            self._generation_tokens_total += len(got)
-            self._rate.append((started, len(got)))
-            try:
-                for req in got:
-                    new.append(self._delta(req))
-            except BaseException:
-                self._pending.extend(new)  # final deltas already built must still go out
-                raise
-            self._last_scheduled = ()
+            nxt = self.scheduler.schedule_next(out)
+            if nxt is not None:
+                self._inflight = (nxt, self.runner.launch(nxt, handle), started)
+                self._last_scheduled += tuple(c.request_id for c in nxt.chunks)
+            new = self._apply(out, handle.result(), t0)
+        self._last_scheduled = ()
         # Taken only now: a step that raises keeps them (e.g. an abort's final delta) for the next.
         deltas, self._pending = self._pending, []
         return deltas + new
+
+    def _apply(self, out: SchedulerOutput, res: RunnerOutput, started: float) -> list[Delta]:
+        got = self.scheduler.update(out, res)
+        self._num_steps += 1
+        self._generation_tokens_total += len(got)
+        self._rate.append((started, len(got)))
+        new: list[Delta] = []
+        try:
+            for req in got:
+                new.append(self._delta(req))
+        except BaseException:
+            self._pending.extend(new)  # final deltas already built must still go out
+            raise
+        return new
+
+    def drop_inflight(self) -> None:
+        """Forget a launched step without applying it (after a failure: its requests are
+        failed or aborted by the caller). Waits for it, so no device work is left behind."""
+        prev, self._inflight = self._inflight, None
+        if prev is not None:
+            try:
+                prev[1].result()
+            except Exception:
+                logger.exception("a launched step failed while it was dropped")
 
     @property
     def last_scheduled(self) -> tuple[str, ...]:
@@ -351,6 +389,7 @@ class LLMEngine:
                             bar.update(1)
                             bar.set_postfix(tok_s=f"{self._tokens_per_s():.0f}", refresh=False)
         except BaseException:
+            self.drop_inflight()
             for rid in order:
                 if rid not in results:
                     self.abort(rid)
@@ -623,8 +662,10 @@ class AsyncEngine:
                 self._wake.clear()
                 continue
             try:
+                applied = eng._num_steps
                 deltas.extend(eng.step())
-                self._failures = 0
+                if eng._num_steps > applied:  # a step that only launched proves nothing yet
+                    self._failures = 0
             except Exception as e:
                 deltas.extend(self._on_step_error(e))
             self._send(deltas)
@@ -639,7 +680,9 @@ class AsyncEngine:
         eng = self.engine
         msg = f"engine step failed: {type(e).__name__}: {e}"
         self._failures += 1
-        deltas = eng.fail_requests(eng.last_scheduled or eng.unfinished_request_ids(), msg)
+        blamed = eng.last_scheduled
+        eng.drop_inflight()  # a step launched after the failed one is not applied either
+        deltas = eng.fail_requests(blamed or eng.unfinished_request_ids(), msg)
         try:
             eng.scheduler.kv.check_invariants()
             broken = self._failures >= self._MAX_CONSECUTIVE_FAILURES

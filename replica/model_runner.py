@@ -10,7 +10,7 @@ for the last token of each chunk that samples.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import chain
 
 import numpy as np
@@ -21,7 +21,8 @@ from replica.attention import AttentionMetadata, PagedKVCache, install, resolve_
 from replica.config import CacheConfig, RunnerConfig
 from replica.cuda_graphs import DecodeGraphs, DecodeInputs
 from replica.models import DTYPES
-from replica.outputs import RunnerOutput, SchedulerOutput
+from replica.outputs import PLACEHOLDER_TOKEN, RunnerOutput, ScheduledChunk, SchedulerOutput
+from replica.pending_step import DeferredStep, PendingStep
 from replica.sampler import Sampler, SamplingRow
 
 
@@ -85,6 +86,7 @@ class ModelRunner:
         self.eos_token_ids = tuple(sorted(set(eos_token_ids if eos_token_ids is not None else _model_eos(model))))
         self.sampler = Sampler(seed, self.device)
         self.graphs: DecodeGraphs | None = None
+        self._last_graph_step: PendingStep | None = None  # its tokens are in graphs.last_tokens
         if self.device.type == "cuda" and runner.use_cuda_graphs and getattr(self.backend, "cuda_graph_safe", False):
             self.graphs = self._capture_graphs(runner.max_graph_batch_size)
 
@@ -127,12 +129,40 @@ class ModelRunner:
     # -- one step ------------------------------------------------------------------------------
 
     def run(self, out: SchedulerOutput) -> RunnerOutput:
+        """Run one step to completion (no placeholders allowed)."""
+        return self.launch(out, None).result()
+
+    def launch(self, out: SchedulerOutput, prev: PendingStep | None) -> PendingStep:
+        """Start one step. Chunks whose last token is ``PLACEHOLDER_TOKEN`` take the token
+        ``prev`` sampled for the same request. A decode step that fits a CUDA graph is
+        enqueued on the device now and its tokens copied back asynchronously; any other step
+        is computed at ``result()`` (see ``DeferredStep``)."""
+        rids = tuple(c.request_id for c in out.chunks if c.sample)
         if out.is_empty:
-            return RunnerOutput(sampled={})
+            return DeferredStep((), lambda: RunnerOutput(sampled={}))
         if self.graphs is not None:
-            fast = self._run_decode_graph(out)
-            if fast is not None:
-                return fast
+            step = self._launch_decode_graph(out, prev)
+            if step is not None:
+                self._last_graph_step = step
+                return step
+        if any(c.token_ids and c.token_ids[-1] == PLACEHOLDER_TOKEN for c in out.chunks):
+            out = self._resolve_placeholders(out, prev)
+        return DeferredStep(rids, lambda: self._run_eager(out))
+
+    def _resolve_placeholders(self, out: SchedulerOutput, prev: PendingStep | None) -> SchedulerOutput:
+        if prev is None:
+            raise ValueError("a step with placeholder tokens needs the previous step")
+        sampled = prev.result().sampled
+        chunks = []
+        for c in out.chunks:
+            if c.token_ids and c.token_ids[-1] == PLACEHOLDER_TOKEN:
+                if c.request_id not in sampled:
+                    raise ValueError(f"request {c.request_id}: the previous step sampled no token for it")
+                c = replace(c, token_ids=c.token_ids[:-1] + (sampled[c.request_id],))
+            chunks.append(c)
+        return replace(out, chunks=tuple(chunks))
+
+    def _run_eager(self, out: SchedulerOutput) -> RunnerOutput:
         inputs = self.prepare(out)
         logits = self.forward(inputs)
         if not inputs.sample_rows:
@@ -141,7 +171,7 @@ class ModelRunner:
         return RunnerOutput(sampled=dict(zip(inputs.sample_request_ids, tokens, strict=True)))
 
     @torch.inference_mode()
-    def _run_decode_graph(self, out: SchedulerOutput) -> RunnerOutput | None:
+    def _launch_decode_graph(self, out: SchedulerOutput, prev: PendingStep | None) -> PendingStep | None:
         """A decode-only step (one new token per request, all sampling) replayed from a CUDA
         graph; None when the step doesn't qualify (then the eager path runs)."""
         chunks = out.chunks
@@ -153,29 +183,43 @@ class ModelRunner:
         nbt = np.fromiter((len(c.block_table) for c in chunks), np.int64, b)
         if not self.graphs.fits(b, int(nbt.max())):
             return None
-        ids = np.fromiter((c.token_ids[0] for c in chunks), np.int64, b)
-        if ids.min() < 0 or ids.max() >= self.vocab_size:
-            raise ValueError(f"token ids must be in [0, {self.vocab_size}), got min {ids.min()} max {ids.max()}")
         if (pos < 0).any() or (nbt * bs <= pos).any():
             return None  # let prepare() raise its precise error
+        if len({c.request_id for c in chunks}) != b:
+            raise ValueError("a request appears twice in one SchedulerOutput")
+        ids = np.fromiter((c.token_ids[0] for c in chunks), np.int64, b)
+        src = None
+        holes = ids == PLACEHOLDER_TOKEN
+        if holes.any():
+            if prev is None:
+                raise ValueError("a step with placeholder tokens needs the previous step")
+            if prev is self._last_graph_step:  # its tokens are still on the device
+                row = {rid: i for i, rid in enumerate(prev.request_ids)}
+                src = np.fromiter((row.get(c.request_id, -2) if h else -1 for c, h in zip(chunks, holes)), np.int64, b)
+                if (src == -2).any():
+                    raise ValueError("the previous step sampled no token for a placeholder row")
+                ids[holes] = 0
+            else:
+                sampled = prev.result().sampled
+                ids = np.fromiter((sampled[c.request_id] if h else t for c, h, t in zip(chunks, holes, ids)), np.int64, b)
+        if ids.min() < 0 or ids.max() >= self.vocab_size:
+            raise ValueError(f"token ids must be in [0, {self.vocab_size}), got min {ids.min()} max {ids.max()}")
         tables = [c.block_table for c in chunks]
         if max(max(t) for t in tables) >= self.num_blocks or min(min(t) for t in tables) < 0:
             raise ValueError(f"block ids must be in [0, {self.num_blocks})")
-        if len({c.request_id for c in chunks}) != b:
-            raise ValueError("a request appears twice in one SchedulerOutput")
-        logits, greedy = self.graphs.replay(DecodeInputs(ids, pos, tables))
+        logits, greedy = self.graphs.replay(DecodeInputs(ids, pos, tables, src))
         # Plain greedy rows (no min_tokens ban left) take the graph's argmax: no rows to build.
         if all(c.params.greedy and c.num_output_tokens >= c.params.min_tokens for c in chunks):
-            tokens = greedy.tolist()  # the step's one host sync
+            tokens = greedy
         else:
             rows = [
                 SamplingRow(c.params, c.num_output_tokens, self._banned(c.params, c.num_output_tokens)) for c in chunks
             ]
             if all(r.params.greedy and not r.banned_token_ids for r in rows):
-                tokens = greedy.tolist()
+                tokens = greedy
             else:
-                tokens = self.sampler(logits, rows).tolist()
-        return RunnerOutput(sampled=dict(zip((c.request_id for c in chunks), tokens, strict=True)))
+                tokens = self.sampler(logits, rows)
+        return self.graphs.emit(tuple(c.request_id for c in chunks), tokens)
 
     @torch.inference_mode()
     def forward(self, inputs: StepInputs) -> torch.Tensor:

@@ -8,6 +8,11 @@ from dataclasses import dataclass, field
 from replica.request import FinishReason, SamplingParams
 
 
+# A token id not known yet when the step was scheduled: the token the previous step samples.
+# Only the last token of a chunk can be one; the runner fills it in on the device.
+PLACEHOLDER_TOKEN = -1
+
+
 @dataclass(frozen=True)
 class ScheduledChunk:
     """One request's share of a step: compute ``token_ids`` at positions

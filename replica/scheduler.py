@@ -23,7 +23,7 @@ from replica.admission import AdmissionController
 from replica.config import CacheConfig, SchedulerConfig
 from replica.errors import InvalidRequestError, QueueFullError
 from replica.kv_cache import KVCacheManager
-from replica.outputs import RunnerOutput, ScheduledChunk, SchedulerOutput
+from replica.outputs import PLACEHOLDER_TOKEN, RunnerOutput, ScheduledChunk, SchedulerOutput
 from replica.request import FinishReason, Request, RequestStatus
 
 
@@ -164,6 +164,55 @@ class Scheduler:
             num_batched_tokens=self.config.max_num_batched_tokens - budget,
             preempted_ids=tuple(preempted),
         )
+
+    def schedule_next(self, prev: SchedulerOutput) -> SchedulerOutput | None:
+        """The step after ``prev`` while ``prev``'s tokens are still on the device (async
+        scheduling): every running request computes the token ``prev`` samples for it
+        (``PLACEHOLDER_TOKEN``) and samples the next one.
+
+        Only a plain continuation qualifies: nobody waiting (admission needs the synchronous
+        path), every running request sampled in ``prev``, its next block available without
+        preempting anyone. Otherwise returns None; blocks allocated on the way stay with their
+        requests (the next step needs them anyway). Requests that ``prev`` finishes by length
+        are left out; one that ``prev`` finishes by EOS, a stop token or a stop string computes
+        one wasted row, dropped by ``update``. Call ``update(prev, ...)`` before ``update`` of
+        the returned step.
+        """
+        if self.waiting:
+            return None
+        bs = self.kv.block_size
+        requests = self._requests
+        chunks: list[ScheduledChunk] = []
+        seen = 0
+        for ch in prev.chunks:
+            req = requests.get(ch.request_id)
+            if req is None or req.status is not RequestStatus.RUNNING:
+                continue  # finished or aborted since prev was scheduled
+            seen += 1
+            if not ch.sample or req.num_computed_tokens != ch.start_pos:
+                return None  # mid-prefill, or prev was already applied: not a continuation
+            n_out = len(req.output_token_ids) + 1  # after prev's token
+            p = len(req.prompt_token_ids)
+            if n_out >= req.params.max_tokens or p + n_out >= self.max_model_len:
+                continue  # prev's token is its last
+            pos = ch.start_pos + len(ch.token_ids)
+            if pos + 1 > len(req.block_table) * bs and self.kv.allocate_slots(req, pos + 1 - ch.start_pos) is None:
+                return None  # would need a preemption: the synchronous path decides
+            chunks.append(
+                ScheduledChunk(
+                    request_id=req.request_id,
+                    token_ids=(PLACEHOLDER_TOKEN,),
+                    start_pos=pos,
+                    block_table=tuple(req.block_table),
+                    sample=True,
+                    params=req.params,
+                    num_output_tokens=n_out,
+                    prompt_len=p,
+                )
+            )
+        if seen != len(self.running) or not chunks or len(chunks) > self.config.max_num_batched_tokens:
+            return None  # someone running was not in prev (budget), or nothing to do
+        return SchedulerOutput(chunks=tuple(chunks), num_batched_tokens=len(chunks))
 
     def update(self, out: SchedulerOutput, res: RunnerOutput) -> list[Request]:
         """Apply a step's results: advance counters, append sampled tokens, finish and free

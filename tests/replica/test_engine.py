@@ -15,6 +15,8 @@ from replica.engine import AsyncEngine, LLMEngine, kv_cache_num_blocks
 from replica.errors import EngineUnavailableError, InvalidRequestError, QueueFullError, RequestTooLongError
 from replica.outputs import RunnerOutput, SchedulerOutput
 from replica.request import FinishReason, SamplingParams
+from replica.outputs import PLACEHOLDER_TOKEN
+from replica.pending_step import DeferredStep
 from tests.replica.test_scheduler import PagedFakeRunner, reference_tokens
 
 EOS = 3
@@ -43,16 +45,30 @@ class ScriptedRunner:
         self.vocab_size = VOCAB
 
     def run(self, out: SchedulerOutput) -> RunnerOutput:
+        # Past the end of a script: a blind step's wasted row (its request already stopped).
         return RunnerOutput(
-            {c.request_id: self.script[c.request_id][c.num_output_tokens] for c in out.chunks if c.sample}
+            {
+                c.request_id: (self.script[c.request_id] + [0] * (c.num_output_tokens + 1))[c.num_output_tokens]
+                for c in out.chunks
+                if c.sample
+            }
         )
 
+    def launch(self, out: SchedulerOutput, prev) -> DeferredStep:
+        # The script is indexed by output position, so a placeholder needs no resolving.
+        self.blind_steps = getattr(self, "blind_steps", 0) + any(
+            c.token_ids[-1] == PLACEHOLDER_TOKEN for c in out.chunks
+        )
+        return DeferredStep(tuple(c.request_id for c in out.chunks if c.sample), lambda: self.run(out))
 
-def config(num_blocks=32, budget=32, max_seqs=4, max_waiting=64, max_model_len=128) -> EngineConfig:
+
+def config(num_blocks=32, budget=32, max_seqs=4, max_waiting=64, max_model_len=128, async_=True) -> EngineConfig:
     return EngineConfig(
         model=ModelConfig(model="fake", max_model_len=max_model_len),
         cache=CacheConfig(block_size=BS, num_blocks=num_blocks, watermark=0.0),
-        scheduler=SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget, max_waiting=max_waiting),
+        scheduler=SchedulerConfig(
+            max_num_seqs=max_seqs, max_num_batched_tokens=budget, max_waiting=max_waiting, async_scheduling=async_
+        ),
     )
 
 
@@ -156,6 +172,64 @@ def test_eos_and_stop_token_end_without_adding_text():
     assert tokens["min"] == [EOS, 113, EOS] and text["min"] == "q"
 
 
+def test_async_scheduling_gives_the_deltas_of_synchronous_steps():
+    """Blind steps (launched before the previous step's tokens are known) must not change what
+    anyone sees: EOS, stop tokens, stop strings, min_tokens, length and an abort mid-way."""
+    scripts = {
+        "eos": [ord(c) for c in "abcdef"] + [EOS] + [ord("z")] * 20,
+        "stopstr": [ord(c) for c in "hello world, and more"],
+        "stoptok": [ord(c) for c in "xyzxyz"],
+        "min": [EOS, ord("q"), EOS, ord("r"), ord("s")],
+        "length": [ord(c) for c in "lengthy-output-here"],
+        "aborted": [ord("k")] * 30,
+        "late": [ord(c) for c in "late arrival!"] + [EOS],
+    }
+    params = {
+        "eos": SamplingParams(max_tokens=20, temperature=0),
+        "stopstr": SamplingParams(max_tokens=20, stop=("wor",), **GREEDY),
+        "stoptok": SamplingParams(max_tokens=20, temperature=0, stop_token_ids=(ord("z"),)),
+        "min": SamplingParams(max_tokens=10, min_tokens=2, temperature=0),
+        "length": SamplingParams(max_tokens=9, **GREEDY),
+        "aborted": SamplingParams(max_tokens=30, **GREEDY),
+        "late": SamplingParams(max_tokens=30, temperature=0),
+    }
+
+    def run(async_: bool):
+        runner = ScriptedRunner()
+        runner.script.update(scripts)
+        eng = LLMEngine(config(max_seqs=8, async_=async_), runner=runner, tokenizer=CharTokenizer())
+        for rid in scripts:
+            if rid != "late":
+                eng.add_request(rid, "p" * (3 + len(rid)), params[rid])
+        seen: dict[str, tuple] = {}
+        steps = 0
+        while eng.has_unfinished() or "late" not in seen:
+            steps += 1
+            if steps == 6:
+                eng.abort("aborted")
+            if steps == 9:
+                eng.add_request("late", "later", params["late"])
+                seen["late"] = ("", (), None, None)
+            for d in eng.step():
+                text, toks, _, _ = seen.get(d.request_id, ("", (), None, None))
+                seen[d.request_id] = (text + d.text, toks + d.token_ids, d.finish_reason, d.usage)
+        assert eng.stats().num_free_blocks == eng.stats().num_total_blocks
+        return seen, getattr(runner, "blind_steps", 0)
+
+    sync, blind_sync = run(False)
+    asynchronous, blind = run(True)
+    assert blind_sync == 0 and blind > 5
+    # The abort comes after a number of calls, and async tokens arrive one call later: it
+    # cuts "aborted" at another point. Everything else must be identical.
+    for run_ in (sync, asynchronous):
+        text, toks, reason, usage = run_.pop("aborted")
+        assert reason is FinishReason.ABORT and 0 < len(toks) == usage.completion_tokens < 30
+        assert text == "k" * len(toks)
+    assert asynchronous == sync
+    assert sync["stopstr"][0] == "hello " and sync["eos"][2] is FinishReason.STOP
+    assert sync["late"][0] == "late arrival!"
+
+
 def test_refusals_are_counted_and_disturb_nothing():
     eng = engine(max_waiting=1, max_model_len=32, max_seqs=1)
     eng.add_request("a", "aaaa", SamplingParams(max_tokens=4))
@@ -187,8 +261,9 @@ def test_refusals_are_counted_and_disturb_nothing():
 def test_abort_frees_at_once_and_reports_a_final_delta():
     eng = engine()
     eng.add_request("a", "abcdefghij", SamplingParams(max_tokens=50, **GREEDY))
-    eng.step()
-    eng.step()
+    produced = 0
+    while produced < 2:
+        produced += sum(len(d.token_ids) for d in eng.step())
     assert eng.stats().num_free_blocks < eng.stats().num_total_blocks
     eng.abort("a")
     assert eng.stats().num_free_blocks == eng.stats().num_total_blocks
@@ -216,7 +291,8 @@ def test_last_scheduled_names_only_the_step_that_raised(monkeypatch):
     eng = engine(FailingRunner(failures=1))
     eng.add_request("a", "abc", SamplingParams(max_tokens=4))
     with pytest.raises(RuntimeError):
-        eng.step()
+        for _ in range(2):  # with async scheduling the step runs when the next call collects it
+            eng.step()
     assert eng.last_scheduled == ("a",)
 
     def broken_schedule():

@@ -19,7 +19,7 @@ import torch
 
 from replica.config import CacheConfig, EngineConfig, ModelConfig, RunnerConfig, SchedulerConfig
 from replica.engine import LLMEngine
-from replica.outputs import SchedulerOutput, Usage
+from replica.outputs import PLACEHOLDER_TOKEN, SchedulerOutput, Usage
 from replica.request import FinishReason, SamplingParams
 
 models = pytest.importorskip("replica.models")
@@ -42,6 +42,10 @@ class RecordingRunner:
     def run(self, out: SchedulerOutput):
         self.outputs.append(out)
         return self.inner.run(out)
+
+    def launch(self, out: SchedulerOutput, prev):
+        self.outputs.append(out)
+        return self.inner.launch(out, prev)
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
@@ -188,6 +192,8 @@ def test_preemption_and_chunked_prefill_really_happened(arch):
     outs: list[SchedulerOutput] = engine.runner.outputs
     assert engine.stats().num_preemptions > 0
     assert any(o.preempted_ids for o in outs)
+    # Async scheduling: steps launched before the previous step's tokens were known.
+    assert sum(any(c.token_ids[-1] == PLACEHOLDER_TOKEN for c in o.chunks) for o in outs) >= 5
     # A prefill chunk that does not reach the end of its prompt: chunked prefill.
     assert any(not c.sample and c.num_tokens > 1 for o in outs for c in o.chunks)
     # Prefill chunks and decodes in the same step.

@@ -13,7 +13,10 @@ import pytest
 
 from replica import kv_cache as kv_mod
 from replica.config import CacheConfig, SchedulerConfig
-from replica.outputs import RunnerOutput, SchedulerOutput
+from dataclasses import replace
+
+from replica.outputs import PLACEHOLDER_TOKEN, RunnerOutput, SchedulerOutput
+from replica.pending_step import DeferredStep
 from replica.request import FinishReason, Request, RequestStatus, SamplingParams
 from replica.scheduler import Scheduler
 
@@ -56,6 +59,17 @@ class PagedFakeRunner:
             if ch.sample:
                 sampled[ch.request_id] = next_token(state, ch.params, ch.num_output_tokens, self.vocab_size)
         return RunnerOutput(sampled)
+
+    def launch(self, out: SchedulerOutput, prev) -> DeferredStep:
+        """Like ModelRunner.launch: placeholders take ``prev``'s tokens; computed at result()."""
+        self.launched_placeholders = getattr(self, "launched_placeholders", 0)
+        if any(c.token_ids[-1] == PLACEHOLDER_TOKEN for c in out.chunks):
+            self.launched_placeholders += 1
+            got = prev.result().sampled
+            out = replace(out, chunks=tuple(
+                replace(c, token_ids=c.token_ids[:-1] + (got[c.request_id],)) if c.token_ids[-1] == PLACEHOLDER_TOKEN
+                else c for c in out.chunks))
+        return DeferredStep(tuple(c.request_id for c in out.chunks if c.sample), lambda: self.run(out))
 
 
 def next_token(state: int, params: SamplingParams, index: int, vocab: int) -> int:
@@ -100,6 +114,20 @@ def step(sched: Scheduler, runner: PagedFakeRunner) -> tuple[SchedulerOutput, li
     got = sched.update(out, runner.run(out)) if not out.is_empty else []
     sched.kv.check_invariants()
     return out, got
+
+
+def step_async(sched: Scheduler, runner: PagedFakeRunner, inflight):
+    """One engine-style step with async scheduling: launch the successor of the step in
+    flight (if the scheduler can build it blind), then apply the step in flight."""
+    if inflight is None:
+        out = sched.schedule()
+        return (None if out.is_empty else (out, runner.launch(out, None))), []
+    out, handle = inflight
+    nxt = sched.schedule_next(out)
+    new = (nxt, runner.launch(nxt, handle)) if nxt is not None else None
+    got = sched.update(out, handle.result())
+    sched.kv.check_invariants()
+    return new, got
 
 
 def run_to_end(sched, runner, max_steps=10_000):
@@ -258,7 +286,10 @@ def test_prefix_hit_skips_computation_and_counts_cached_tokens():
 # ----- randomized stress ---------------------------------------------------------------------
 
 
-def _stress(seed: int, *, prefix_caching=True, num_steps_cap=5000):
+EOS = frozenset(range(0, 1000, 23))  # ~4% of the fake vocabulary
+
+
+def _stress(seed: int, *, prefix_caching=True, num_steps_cap=5000, overlap=False, runners=None):
     rng = random.Random(seed)
     block_size = rng.choice([2, 4, 8])
     num_blocks = rng.randint(12, 40)
@@ -271,6 +302,8 @@ def _stress(seed: int, *, prefix_caching=True, num_steps_cap=5000):
         watermark=rng.choice([0.0, 0.05, 0.2]),
         enable_prefix_caching=prefix_caching,
     )
+    if runners is not None:
+        runners.append(runner)
     capacity = num_blocks * block_size
     prefixes = [[rng.randrange(1000) for _ in range(rng.randint(1, 24))] for _ in range(4)]
     pending = []
@@ -282,10 +315,15 @@ def _stress(seed: int, *, prefix_caching=True, num_steps_cap=5000):
         max_tokens = rng.randint(1, max(1, min(20, capacity - len(prompt))))
         seeded = rng.random() < 0.3
         params = dict(max_tokens=max_tokens, temperature=0.8 if seeded else 0.0, seed=rng.randrange(100) if seeded else None)
-        pending.append((rng.randint(0, 60), make_req(f"r{i}", prompt, arrival=float(i), **params)))
+        req = make_req(f"r{i}", prompt, arrival=float(i), **params)
+        if overlap and rng.random() < 0.5:  # EOS stops: async steps compute a wasted row for them
+            req = Request(req.request_id, req.prompt_token_ids, replace(req.params, ignore_eos=False),
+                          arrival_time=req.arrival_time, eos_token_ids=EOS)
+        pending.append((rng.randint(0, 60), req))
     pending.sort(key=lambda x: x[0])
     aborted, emitted = set(), defaultdict(list)
     all_reqs = {r.request_id: r for _, r in pending}
+    inflight = None
     for t in range(num_steps_cap):
         while pending and pending[0][0] <= t:
             sched.add(pending.pop(0)[1])
@@ -294,13 +332,17 @@ def _stress(seed: int, *, prefix_caching=True, num_steps_cap=5000):
             sched.abort(victim)
             aborted.add(victim)
             sched.kv.check_invariants()
-        out, got = step(sched, runner)
+        if overlap:
+            inflight, got = step_async(sched, runner, inflight)
+            out = inflight[0] if inflight is not None else SchedulerOutput((), 0)
+        else:
+            out, got = step(sched, runner)
         assert out.num_batched_tokens <= sched.config.max_num_batched_tokens
         assert len(out.chunks) <= sched.config.max_num_seqs
         assert len({c.request_id for c in out.chunks}) == len(out.chunks)
         for r in got:
             emitted[r.request_id].append(r.output_token_ids[-1])
-        if not pending and not sched.has_unfinished():
+        if not pending and not sched.has_unfinished() and inflight is None:
             break
     else:
         raise AssertionError("stress run did not finish")
@@ -308,7 +350,7 @@ def _stress(seed: int, *, prefix_caching=True, num_steps_cap=5000):
     for rid, r in all_reqs.items():
         if rid in aborted:
             continue
-        expect = reference_tokens(r.prompt_token_ids, r.params)
+        expect = reference_tokens(r.prompt_token_ids, r.params, eos=r.eos_token_ids)
         assert r.output_token_ids == expect, rid
         assert emitted[rid] == expect, rid
     return sched
@@ -321,6 +363,36 @@ def test_randomized_stress_keeps_invariants_and_outputs():
         total_preempt += sched.num_preemptions
         total_cached += sum(1 for _ in sched.kv.cached_block_hashes(10**6))
     assert total_preempt > 0 and total_cached > 0
+
+
+def test_randomized_stress_with_async_scheduling():
+    """Pipelined schedule_next/update with EOS stops, preemption, aborts and prefix hits:
+    exact outputs, no leaked block, and the blind steps really ran (with wasted rows)."""
+    runners: list[PagedFakeRunner] = []
+    preempted = 0
+    for seed in range(12):
+        preempted += _stress(300 + seed, overlap=True, runners=runners).num_preemptions
+    assert sum(r.launched_placeholders for r in runners) > 100 and preempted > 0
+    # A small run where every request stops on EOS or length while blind steps run.
+    blind = stops = 0
+    sched, runner = make_scheduler(num_blocks=64, block_size=4, budget=64, max_seqs=8)
+    for i in range(6):
+        sched.add(Request(f"e{i}", [i + 1, 7, 9], SamplingParams(max_tokens=40, temperature=0.0),
+                          arrival_time=float(i), eos_token_ids=EOS))
+    inflight, emitted = None, defaultdict(list)
+    while sched.has_unfinished() or inflight is not None:
+        inflight, got = step_async(sched, runner, inflight)
+        for r in got:
+            emitted[r.request_id].append(r.output_token_ids[-1])
+        if inflight is not None and any(c.token_ids[-1] == PLACEHOLDER_TOKEN for c in inflight[0].chunks):
+            blind += 1
+    assert blind > 10
+    for i in range(6):
+        ref = reference_tokens([i + 1, 7, 9], SamplingParams(max_tokens=40, temperature=0.0), eos=EOS)
+        assert emitted[f"e{i}"] == ref
+        stops += ref[-1] in EOS
+    assert stops > 0  # some stopped on EOS, i.e. a blind step computed a row that was dropped
+    assert sched.kv.num_free_blocks == sched.kv.num_total_blocks
 
 
 def test_randomized_stress_without_prefix_caching():
