@@ -136,56 +136,95 @@ def _tokenizer(tok_dir: str | None):
 
 
 class StepProbe:
-    """Wraps the runner to time each step's parts without touching the engine: host time of a
-    decode step = step wall time - runner.run wall time + (graph replay launched - run start)."""
+    """Times the engine without touching it, by wrapping the runner.
+
+    Per ``engine.step`` call: wall time and the time spent blocked in a step's ``result()``
+    (waiting for the device, or computing an eager step); host time = wall - blocked. Per
+    launched step: its shape, and for CUDA-graph steps two device events (before the input
+    copies, after the output copy), whose gaps show how long the GPU sat idle waiting for
+    the host between consecutive graph steps (the host time that async scheduling did not
+    hide)."""
 
     def __init__(self, engine) -> None:
         self.engine = engine
         runner = engine.runner
-        self.records: list[dict] = []
-        self._run = runner.run
-        self._cur: dict = {}
-        runner.run = self._wrapped_run
+        self.records: list[dict] = []  # one per launched step
+        self.calls: list[dict] = []  # one per engine.step()
+        self._launch = runner.launch
+        runner.launch = self._wrapped_launch
+        self._cur: dict | None = None
+        self._blocked = 0.0
+        self._applied: dict | None = None
         if runner.graphs is not None:
-            self._replay = runner.graphs.replay
+            self._replay, self._emit = runner.graphs.replay, runner.graphs.emit
             runner.graphs.replay = self._wrapped_replay
+            runner.graphs.emit = self._wrapped_emit
 
     def _wrapped_replay(self, inp):
-        res = self._replay(inp)
-        self._cur["launched"] = time.perf_counter()
-        return res
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        self._cur["ev_start"] = ev
+        return self._replay(inp)
 
-    def _wrapped_run(self, out):
-        self._cur = {"start": time.perf_counter(), "out": out}
-        res = self._run(out)
-        self._cur["end"] = time.perf_counter()
-        return res
+    def _wrapped_emit(self, ids, tokens):
+        handle = self._emit(ids, tokens)
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        self._cur["ev_end"] = ev
+        return handle
+
+    def _wrapped_launch(self, out, prev):
+        rec = dict(
+            decode=all(ch.num_tokens == 1 for ch in out.chunks),
+            batch=len(out.chunks),
+            tokens=out.num_batched_tokens,
+            ctx=int(sum(ch.start_pos + ch.num_tokens for ch in out.chunks)),
+            attn_pairs=float(sum(ch.num_tokens * ch.start_pos + ch.num_tokens * (ch.num_tokens + 1) / 2
+                                 for ch in out.chunks)),
+            sampled=sum(1 for ch in out.chunks if ch.sample),
+        )
+        self._cur = rec
+        handle = self._launch(out, prev)
+        rec["graph"] = "ev_end" in rec
+        self.records.append(rec)
+        inner = handle.result
+
+        def timed_result():
+            t = time.perf_counter()
+            try:
+                return inner()
+            finally:
+                self._blocked += time.perf_counter() - t
+                self._applied = rec
+
+        handle.result = timed_result
+        return handle
 
     def step(self):
+        self._blocked, self._applied = 0.0, None
         t0 = time.perf_counter()
         deltas = self.engine.step()
-        t1 = time.perf_counter()
-        c = self._cur
-        self._cur = {}
-        if c:
-            out = c["out"]
-            decode = all(ch.num_tokens == 1 for ch in out.chunks)
-            rec = dict(
-                wall=t1 - t0,
-                run=c["end"] - c["start"],
-                graph=("launched" in c),
-                decode=decode,
-                batch=len(out.chunks),
-                tokens=out.num_batched_tokens,
-                ctx=int(sum(ch.start_pos + ch.num_tokens for ch in out.chunks)),
-                attn_pairs=float(sum(ch.num_tokens * ch.start_pos + ch.num_tokens * (ch.num_tokens + 1) / 2
-                                     for ch in out.chunks)),
-                sampled=sum(1 for ch in out.chunks if ch.sample),
-            )
-            if "launched" in c:
-                rec["host_in_run"] = c["launched"] - c["start"]
-            self.records.append(rec)
+        wall = time.perf_counter() - t0
+        if self._applied is not None:
+            r = self._applied
+            self.calls.append(dict(wall=wall, blocked=self._blocked, host=wall - self._blocked, batch=r["batch"],
+                                   graph=r["graph"], decode=r["decode"]))
         return deltas
+
+    def finish(self) -> None:
+        """Resolve the device events (after a synchronize) into per-step GPU times."""
+        prev = None
+        for r in self.records:
+            if r["graph"]:
+                r["gpu_ms"] = r["ev_start"].elapsed_time(r["ev_end"])
+                if prev is not None:
+                    r["gap_ms"] = prev["ev_end"].elapsed_time(r["ev_start"])
+                prev = r
+            else:
+                prev = None  # an eager step in between: no graph-to-graph gap
+        for r in self.records:
+            r.pop("ev_start", None)
+            r.pop("ev_end", None)
 
 
 def run_engine(name: str, seed: int, prompts, outs, args) -> tuple[dict, list[dict], object]:
@@ -198,19 +237,15 @@ def run_engine(name: str, seed: int, prompts, outs, args) -> tuple[dict, list[di
         model=ModelConfig(model=f"dummy:{name}", dtype="bfloat16", device="cuda", max_model_len=args.max_model_len),
         cache=CacheConfig(block_size=args.block_size, enable_prefix_caching=False),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_batched_tokens,
-                                  max_waiting=max(1024, len(prompts))),
+                                  max_waiting=max(1024, len(prompts)), async_scheduling=not args.no_async),
         runner=RunnerConfig(attention_backend="auto", max_graph_batch_size=args.max_num_seqs,
-                            use_cuda_graphs=not args.no_graphs),
+                            use_cuda_graphs=not args.no_graphs, warmup=False),
     )
     t = time.perf_counter()
     engine = LLMEngine(cfg, loaded=loaded)
     init_s = time.perf_counter() - t
-    # Warm-up (Triton JIT of prefill/decode variants) on a few short requests, not timed.
-    for i in range(min(8, len(prompts))):
-        engine.add_request(f"w{i}", prompts[i][: 50 + 40 * i], SamplingParams(max_tokens=8, temperature=0.0,
-                                                                             ignore_eos=True))
-    while engine.has_unfinished():
-        engine.step()
+    # The engine's own warm-up (a full-budget prefill chunk, mixed and decode steps), not timed.
+    warmup_s = engine.warmup() if not args.no_warmup else 0.0
     probe = StepProbe(engine)
     for i, (p, o) in enumerate(zip(prompts, outs)):
         engine.add_request(f"r{i}", p, SamplingParams(max_tokens=o, temperature=0.0, ignore_eos=True))
@@ -222,13 +257,15 @@ def run_engine(name: str, seed: int, prompts, outs, args) -> tuple[dict, list[di
             n_tok += len(d.token_ids)
     torch.cuda.synchronize()
     dt = time.perf_counter() - t
+    probe.finish()
     res = dict(requests=len(prompts), output_tokens=n_tok, seconds=dt, tok_s=n_tok / dt, init_s=init_s,
+               warmup_s=warmup_s, async_scheduling=cfg.scheduler.async_scheduling,
                num_blocks=engine.num_blocks, backend=engine.runner.backend.name,
                graphs=engine.runner.graphs is not None, fused_modules=engine.runner.num_fused_modules)
-    recs = probe.records
+    recs, calls = probe.records, probe.calls
     del probe, engine, loaded, model
     free_cuda()
-    return res, recs, None
+    return res, recs, calls
 
 
 def roofline(name: str, recs: list[dict], bw: float, peak: float) -> dict:
@@ -261,6 +298,8 @@ def main() -> int:
     ap.add_argument("--max-batched-tokens", type=int, default=8192)
     ap.add_argument("--max-model-len", type=int, default=4096)
     ap.add_argument("--no-graphs", action="store_true")
+    ap.add_argument("--no-async", action="store_true", help="synchronous steps (no host/device overlap)")
+    ap.add_argument("--no-warmup", action="store_true")
     ap.add_argument("--no-fused", action="store_true", help="HF's RMSNorm / MLP instead of replica.fused_ops")
     ap.add_argument("--tokenizer-dir", default=os.environ.get("CBSERVE_TOKENIZER_DIR"))
     ap.add_argument("--out", default=None)
@@ -291,27 +330,38 @@ def main() -> int:
                 print(f"{key} FAILED: {e!r}", flush=True)
                 free_cuda()
         nb = nb if "static" in result and "hf_continuous" in result else 0
-    eng, recs, _ = run_engine(args.model, args.seed, prompts, outs, args)
+    eng, recs, calls = run_engine(args.model, args.seed, prompts, outs, args)
     result["engine"] = eng
+
+    def med(xs):
+        xs = list(xs)
+        return statistics.median(xs) if xs else None
+
     dec = [r for r in recs if r["decode"]]
     graph = [r for r in dec if r["graph"]]
-    host = [r["wall"] - r["run"] + r["host_in_run"] for r in graph]
-    big = [h for h, r in zip(host, graph) if r["batch"] >= 192]
+    gcalls = [c for c in calls if c["graph"]]
+    big = lambda rows: [r for r in rows if r["batch"] >= 192]  # noqa: E731
     result["steps"] = dict(
         total=len(recs), decode=len(dec), graph=len(graph), mixed_or_prefill=len(recs) - len(dec),
-        decode_wall_s=sum(r["wall"] for r in dec), other_wall_s=sum(r["wall"] for r in recs if not r["decode"]),
-        host_ms_per_graph_step_median=1e3 * statistics.median(host) if host else None,
-        host_ms_per_graph_step_batch_ge192_median=1e3 * statistics.median(big) if big else None,
-        run_ms_batch_ge192_median=1e3 * statistics.median(r["run"] for r in graph if r["batch"] >= 192)
-        if big else None,
-        decode_step_ms_median=1e3 * statistics.median(r["wall"] for r in dec) if dec else None,
         mean_decode_batch=statistics.mean(r["batch"] for r in dec) if dec else None,
+        # Host work of an engine.step call that applied a graph step (wall minus time blocked on the device).
+        host_ms_per_graph_call_median=1e3 * med(c["host"] for c in gcalls) if gcalls else None,
+        host_ms_per_graph_call_batch_ge192_median=1e3 * med(c["host"] for c in big(gcalls)) if big(gcalls) else None,
+        call_wall_ms_batch_ge192_median=1e3 * med(c["wall"] for c in big(gcalls)) if big(gcalls) else None,
+        # Device side of graph steps: busy time and the idle gap before each (host not hidden).
+        gpu_ms_per_graph_step_median=med(r["gpu_ms"] for r in graph),
+        gpu_ms_batch_ge192_median=med(r["gpu_ms"] for r in big(graph)),
+        gap_ms_median=med(r["gap_ms"] for r in graph if "gap_ms" in r),
+        gap_ms_batch_ge192_median=med(r["gap_ms"] for r in big(graph) if "gap_ms" in r),
+        gap_s_total=sum(r.get("gap_ms", 0.0) for r in graph) / 1e3,
+        gpu_s_graph_total=sum(r["gpu_ms"] for r in graph) / 1e3,
+        eager_call_s_total=sum(c["wall"] for c in calls if not c["graph"]),
     )
     rl = roofline(args.model, recs, bw, peak)
     result["roofline"] = rl | dict(tok_s_ceiling=eng["output_tokens"] / rl["floor_s"])
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(dict(result, step_records=recs), f, indent=1)
+        with open(args.out, "w") as fh:
+            json.dump(dict(result, step_records=recs, step_calls=calls), fh, indent=1)
 
     s = result["steps"]
     print(f"\n=== W1 {args.model} on {dev}: {args.requests} requests, {result['prompt_tokens']} prompt / "
@@ -325,12 +375,16 @@ def main() -> int:
         print(f"engine / static: {eng['tok_s'] / result['static']['tok_s']:.1f}x   "
               f"engine / hf_continuous: {eng['tok_s'] / result['hf_continuous']['tok_s']:.1f}x "
               f"(baselines on the first {nb} requests)")
-    print(f"steps: {s['total']} ({s['decode']} decode, {s['graph']} from graphs, {s['mixed_or_prefill']} with prefill); "
-          f"decode {s['decode_wall_s']:.2f} s, prefill/mixed {s['other_wall_s']:.2f} s")
-    print(f"decode step median {s['decode_step_ms_median']:.2f} ms at mean batch {s['mean_decode_batch']:.0f}; host time "
-          f"per graph decode step median {s['host_ms_per_graph_step_median']:.3f} ms "
-          f"(batch >= 192: {s['host_ms_per_graph_step_batch_ge192_median']}; runner.run there "
-          f"{s['run_ms_batch_ge192_median']} ms); fused modules {eng['fused_modules']}")
+    f = lambda x, n=2: "-" if x is None else f"{x:.{n}f}"  # noqa: E731
+    print(f"steps: {s['total']} ({s['decode']} decode, {s['graph']} from graphs, {s['mixed_or_prefill']} with "
+          f"prefill); async scheduling {'on' if eng['async_scheduling'] else 'off'}; fused modules "
+          f"{eng['fused_modules']}; warm-up {eng['warmup_s']:.1f} s (untimed)")
+    print(f"graph decode steps (mean batch {f(s['mean_decode_batch'], 0)}): GPU busy {f(s['gpu_s_graph_total'])} s, "
+          f"GPU idle between them {f(s['gap_s_total'])} s; eager (prefill/mixed) calls {f(s['eager_call_s_total'])} s")
+    print(f"per graph step, median (batch >= 192): GPU {f(s['gpu_ms_per_graph_step_median'])} "
+          f"({f(s['gpu_ms_batch_ge192_median'])}) ms; host work per engine.step "
+          f"{f(s['host_ms_per_graph_call_median'], 3)} ({f(s['host_ms_per_graph_call_batch_ge192_median'], 3)}) ms; "
+          f"GPU idle waiting for the host {f(s['gap_ms_median'], 3)} ({f(s['gap_ms_batch_ge192_median'], 3)}) ms")
     print(f"roofline: weights {rl['weight_bytes'] / 1e9:.2f} GB/step, KV {rl['kv_bytes_per_token'] / 1e3:.1f} kB/token, "
           f"copy {bw / 1e9:.0f} GB/s, matmul {peak / 1e12:.0f} TFLOP/s -> floor {rl['floor_s']:.2f} s = "
           f"{result['roofline']['tok_s_ceiling']:.0f} tok/s; engine at {rl['floor_s'] / eng['seconds']:.0%} of it")

@@ -89,6 +89,9 @@ class RunnerConfig:
     use_cuda_graphs: bool = True  # CUDA only; decode steps replayed from captured graphs
     max_graph_batch_size: int = 512
     attention_backend: str = "auto"  # auto | torch | triton
+    # CUDA: run throwaway requests at start (kernel JIT, cuBLAS heuristics, allocator growth)
+    # so the first user request does not pay for them.
+    warmup: bool = True
 
     def __post_init__(self) -> None:
         _require(

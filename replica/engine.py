@@ -108,6 +108,7 @@ class LLMEngine:
         self.max_model_len = min(lens)
         self.model_name = config.model.served_name or (loaded.name if loaded is not None else config.model.model)
         self.block_size = config.cache.block_size
+        built_runner = runner is None
         if runner is None:
             from replica.model_runner import ModelRunner
 
@@ -155,6 +156,9 @@ class LLMEngine:
         self._generation_tokens_total = 0
         self._cached_prompt_tokens_total = 0
         self._rate: deque[tuple[float, int]] = deque()  # (step start, output tokens)
+        if built_runner and config.runner.warmup and getattr(runner, "device", None) is not None \
+                and runner.device.type == "cuda":
+            logger.info("engine warm-up took %.2f s", self.warmup())
 
     # ----- requests ---------------------------------------------------------------------
 
@@ -328,6 +332,35 @@ class LLMEngine:
         assert req.finish_reason is not None
         usage = Usage(req.num_prompt_tokens, req.num_output_tokens, req.num_cached_tokens)
         return Delta(req.request_id, text, token_ids, req.finish_reason, usage, error)
+
+    # ----- warm-up ------------------------------------------------------------------------
+
+    def warmup(self, num_decode: int = 8) -> float:
+        """Run throwaway requests through every path a real step takes (a prefill chunk of the
+        full token budget, a mixed step, decode steps) so that kernel compilation, cuBLAS
+        heuristics and allocator growth happen now, not in a user's first request. Leaves no
+        trace: counters, rate window and prefix cache are reset. Returns the seconds it took."""
+        if self.has_unfinished():
+            raise RuntimeError("warmup needs an idle engine")
+        t0 = time.monotonic()
+        budget = self.config.scheduler.max_num_batched_tokens
+        long_len = max(1, min(budget, self.max_model_len - 2))
+        vocab = max(2, min(self._vocab_size, 30_000))
+        greedy = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+        self.add(self.make_request("warmup-long", [(7 * i) % vocab + 1 for i in range(long_len)], greedy),
+                 enforce_queue_limit=False)
+        n = max(1, min(num_decode, self.config.scheduler.max_num_seqs - 1))
+        for i in range(n):
+            prompt = [(13 * i + j) % vocab + 1 for j in range(min(16 + 8 * i, self.max_model_len - 9))]
+            self.add(self.make_request(f"warmup-{i}", prompt, replace(greedy, max_tokens=8)),
+                     enforce_queue_limit=False)
+        while self.has_unfinished():
+            self.step()
+        self.scheduler.kv.reset_prefix_cache()
+        self._num_steps = self._prompt_tokens_total = self._generation_tokens_total = 0
+        self._cached_prompt_tokens_total = 0
+        self._rate.clear()
+        return time.monotonic() - t0
 
     # ----- offline batches ----------------------------------------------------------------
 

@@ -244,6 +244,15 @@ class KVCacheManager:
         blk.parent_gen = _ROOT_GEN
         blk.token_ids = ()
 
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached block nobody holds (e.g. after a warm-up); returns how many."""
+        dropped = list(self._evictable)
+        for bid in dropped:
+            self._uncache(bid)
+            self._free_plain.append(bid)
+        self._evictable.clear()
+        return len(dropped)
+
     def cached_block_hashes(self, limit: int) -> list[int]:
         """Hashes of cached blocks, most recently used first (what the router matches)."""
         if limit <= 0:

@@ -608,3 +608,15 @@ async def test_async_stream_coalesces_deltas_a_slow_consumer_left_queued():
     assert first.text + rest[0].text == CharTokenizer().decode(tokens)
     assert rest[0].usage.completion_tokens == 12
     await eng.shutdown()
+
+
+def test_warmup_leaves_no_trace_and_later_outputs_are_exact():
+    eng = engine(num_blocks=64, budget=16, max_seqs=4, max_model_len=64)
+    took = eng.warmup(num_decode=3)
+    s = eng.stats()
+    assert took >= 0 and not eng.has_unfinished()
+    assert s.num_free_blocks == s.num_total_blocks and s.num_cached_blocks == 0
+    assert s.num_steps == 0 and s.generation_tokens_total == 0 and s.prompt_tokens_total == 0
+    (out,) = eng.generate(["hello"], SamplingParams(max_tokens=5, **GREEDY), use_tqdm=False)
+    assert list(out.token_ids) == reference_tokens(out.prompt_token_ids, SamplingParams(max_tokens=5, **GREEDY))
+    assert out.usage.cached_tokens == 0

@@ -266,3 +266,22 @@ def test_child_of_an_evicted_parent_is_replaced_not_reused():
     kv.free(e)
     kv.check_invariants()
     assert kv.num_free_blocks == 7
+
+
+def test_reset_prefix_cache_drops_only_unheld_blocks():
+    from replica.kv_cache import KVCacheManager
+    from replica.request import Request, SamplingParams
+
+    kv = KVCacheManager(8, 2)
+    a = Request("a", [1, 2, 3, 4, 5], SamplingParams(), arrival_time=0.0)
+    b = Request("b", [9, 8, 7, 6], SamplingParams(), arrival_time=0.0)
+    for r in (a, b):
+        kv.allocate_slots(r, len(r.prompt_token_ids))
+        r.num_computed_tokens = len(r.prompt_token_ids)
+        kv.cache_full_blocks(r)
+    kv.free(a)  # a's two full blocks become evictable; b still holds its two
+    assert kv.num_cached_blocks == 4
+    assert kv.reset_prefix_cache() == 2
+    assert kv.num_cached_blocks == 2 and kv.num_free_blocks == 6
+    kv.check_invariants()
+    assert kv.get_computed_prefix(Request("c", [1, 2, 3, 4, 5], SamplingParams(), arrival_time=0.0)) == ([], 0)
