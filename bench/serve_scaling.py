@@ -94,7 +94,7 @@ def app_args(a: argparse.Namespace, n: int) -> dict[str, Any]:
         "ingress_num_cpus": a.ingress_num_cpus,
         "engine": parse_engine(a.engine),
         "graceful_shutdown_timeout_s": 5,
-        "replica": {"drain_timeout_s": 2},
+        "replica": {"drain_timeout_s": 2, "stream_interval": a.stream_interval},
     }
     if a.accelerator_resource:
         args["accelerator_resource"] = a.accelerator_resource
@@ -227,6 +227,75 @@ class EngineSampler:
         return out
 
 
+class CpuSampler:
+    """Snapshots every process's CPU time from /proc during a run, so a run can show where the
+    host's cores went (LLM replicas, ingress replicas, the Serve proxy, locust, Ray itself).
+    Linux only; elsewhere it records nothing."""
+
+    GROUPS = (("LLMReplica", "llm_replica"), ("OpenAIIngress", "ingress"), ("ProxyActor", "serve_proxy"),
+              ("ServeController", "serve_controller"), ("locust", "locust"), ("raylet", "raylet"),
+              ("gcs_server", "gcs"), ("serve_scaling", "driver"))
+
+    def __init__(self, interval: float = 2.0) -> None:
+        import threading
+
+        self.interval = interval
+        self.snaps: list[tuple[float, dict[int, tuple[str, float]]]] = []
+        self._tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cpu-sampler", daemon=True)
+
+    def __enter__(self) -> CpuSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        self.snaps.append((time.time(), self._snap()))
+
+    def _group(self, cmd: str) -> str:
+        for key, name in self.GROUPS:
+            if key in cmd:
+                return name
+        return "other"
+
+    def _snap(self) -> dict[int, tuple[str, float]]:
+        out: dict[int, tuple[str, float]] = {}
+        for d in Path("/proc").iterdir() if Path("/proc").is_dir() else ():
+            if not d.name.isdigit():
+                continue
+            try:
+                cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+                out[int(d.name)] = (self._group(cmd), (int(fields[11]) + int(fields[12])) / self._tick)
+            except (OSError, IndexError, ValueError):
+                continue
+        return out
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.snaps.append((time.time(), self._snap()))
+            self._stop.wait(self.interval)
+
+    def summary(self, t_lo: float, t_hi: float) -> dict[str, Any]:
+        """Mean cores busy per process group over the snapshots nearest [t_lo, t_hi], and the
+        busiest single process of each group (a saturated single-threaded proxy shows as ~1.0)."""
+        inside = [s for s in self.snaps if t_lo <= s[0] <= t_hi]
+        if len(inside) < 2:
+            return {}
+        (ta, a), (tb, b) = inside[0], inside[-1]
+        dt = tb - ta
+        groups: dict[str, dict[str, float]] = {}
+        for pid, (group, cpu) in b.items():
+            used = (cpu - a[pid][1]) / dt if pid in a else 0.0
+            g = groups.setdefault(group, {"cores": 0.0, "max_process_cores": 0.0, "processes": 0})
+            g["cores"] += used
+            g["max_process_cores"] = max(g["max_process_cores"], used)
+            g["processes"] += 1
+        return {k: {kk: round(vv, 3) for kk, vv in v.items()} for k, v in sorted(groups.items())}
+
+
 def window_stats(records: list[dict[str, Any]], t_lo: float, t_hi: float) -> dict[str, Any]:
     """Output tokens/s inside [t_lo, t_hi] (each request's tokens spread evenly from its first
     token to its end) and latency percentiles of the requests that started inside it."""
@@ -277,7 +346,7 @@ def one_run(a: argparse.Namespace, n: int, url: str, run_dir: Path) -> dict[str,
     print(f"[scaling] N={n}: app up in {started_s:.1f} s", flush=True)
     prefix = run_dir / "load"
     try:
-        with EngineSampler(n) as sampler:
+        with EngineSampler(n) as sampler, CpuSampler() as cpu:
             jsonl = run_locust(a, n, url, prefix)
     finally:
         serve.delete(APP_NAME)
@@ -288,6 +357,7 @@ def one_run(a: argparse.Namespace, n: int, url: str, run_dir: Path) -> dict[str,
     t0 = min(r["ts"] for r in records)
     stats = window_stats(records, t0 + a.warmup, t0 + a.warmup + a.duration)
     stats["engines"] = sampler.summary(t0 + a.warmup, t0 + a.warmup + a.duration)
+    stats["cpu"] = cpu.summary(t0 + a.warmup, t0 + a.warmup + a.duration)
     (run_dir / "engine_samples.json").write_text(json.dumps(sampler.samples))
     rep = subprocess.run(
         [sys.executable, "-m", "loadtest.report", "--jsonl", str(jsonl), "--out", str(run_dir / "plots"), "--window", "5"],
@@ -416,6 +486,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ingress-per-replica", type=float, default=2.0, help="ingress replicas per LLM replica")
     p.add_argument("--ingress-num-cpus", type=float, default=1.0)
     p.add_argument("--engine", action="append", default=[], metavar="KEY=VALUE", help="engine args (app.py EngineArgs)")
+    p.add_argument("--stream-interval", type=int, default=1, help="replica setting: tokens per stream item")
     p.add_argument("--users-per-replica", type=int, default=32, help="closed-loop streaming users per replica")
     p.add_argument("--input-len", type=int, default=128, help="prompt words (about one token each)")
     p.add_argument("--output-len", type=int, default=256, help="max_tokens, reached exactly (ignore_eos)")
@@ -471,6 +542,7 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)
             for rid, e in r["engines"].items():
                 print(f"[scaling]   engine {rid}: {e}", flush=True)
+            print(f"[scaling]   cpu cores by process group: {r.get('cpu')}", flush=True)
     finally:
         serve.shutdown()
         ray.shutdown()

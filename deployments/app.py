@@ -42,9 +42,11 @@ class EngineArgs(_Args):
     max_num_seqs: int | None = Field(default=None, gt=0, description="Requests running at once per replica.")
     max_num_batched_tokens: int | None = Field(default=None, gt=0, description="Token budget of one engine step.")
     max_waiting: int | None = Field(default=None, ge=0, description="Waiting queue bound per replica; beyond it: 429.")
+    async_scheduling: bool | None = Field(default=None, description="Launch decode step N+1 before step N's tokens reach the host.")
     use_cuda_graphs: bool | None = Field(default=None, description="Replay decode steps from CUDA graphs.")
     max_graph_batch_size: int | None = Field(default=None, gt=0, description="Largest captured decode batch.")
     attention_backend: Literal["auto", "torch", "triton"] | None = Field(default=None, description="Paged attention kernels.")
+    warmup: bool | None = Field(default=None, description="CUDA: run throwaway requests at start (kernel JIT, allocator).")
 
     def _pick(self, cls: type, **extra: Any) -> Any:
         fields = {f: getattr(self, f) for f in cls.__dataclass_fields__ if f in type(self).model_fields}

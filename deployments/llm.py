@@ -73,6 +73,13 @@ class ReplicaUserConfig(BaseModel):
         default=DEFAULT_MAX_PREFIX_HASHES, ge=0, description="Cached prefix block hashes reported to the router per stats call."
     )
     log_requests: bool = Field(default=False, description="Log each request's start and finish at INFO.")
+    stream_interval: int = Field(
+        default=1,
+        ge=1,
+        le=1024,
+        description="Tokens per stream item after the first token (1: every step's tokens at once). Larger "
+        "values cut per-token work in the replica, the ingress and the proxy; the first token is never held.",
+    )
 
 
 async def _default_engine(config: EngineConfig) -> Any:
@@ -130,7 +137,9 @@ class LLMServer:
             yield ReplicaError(EngineUnavailableError.code, "replica is draining; retry on another replica")
             return
         try:
-            stream = self._engine.add_request(req.request_id, list(req.prompt_token_ids), req.params)
+            stream = self._engine.add_request(
+                req.request_id, list(req.prompt_token_ids), req.params, stream_interval=self._settings.stream_interval
+            )
         except EngineError as exc:
             # Engine refusals are counted by the engine itself (EngineStats.num_refused).
             yield ReplicaError.from_exception(exc)

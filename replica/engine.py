@@ -540,11 +540,15 @@ class AsyncEngine:
         self._thread.start()
 
     def add_request(
-        self, request_id: str, prompt: Prompt, params: SamplingParams | None = None
+        self, request_id: str, prompt: Prompt, params: SamplingParams | None = None, *, stream_interval: int = 1
     ) -> AsyncIterator[Delta]:
         """Queue a request and return its stream of deltas (the last has finish_reason).
         Refusals raise here, synchronously. Closing or cancelling the stream aborts the
-        request and frees its blocks."""
+        request and frees its blocks. ``stream_interval`` > 1 holds deltas after the first
+        token until that many tokens (or the end) are there: fewer stream items per token
+        for every hop behind this one (Ray streaming, SSE), at the cost of coarser chunks."""
+        if isinstance(stream_interval, bool) or not isinstance(stream_interval, int) or stream_interval < 1:
+            raise InvalidRequestError(f"stream_interval must be an integer >= 1, got {stream_interval!r}")
         if self._dead is not None:
             raise EngineUnavailableError(f"the engine failed and no longer accepts requests: {self._dead}")
         if self._closed:
@@ -566,20 +570,30 @@ class AsyncEngine:
             self._inbox.append(("add", req))
             self._num_inbox_adds += 1
         self._wake.set()
-        return self._stream(request_id, queue)
+        return self._stream(request_id, queue, stream_interval)
 
-    async def _stream(self, request_id: str, queue: asyncio.Queue[Delta]) -> AsyncIterator[Delta]:
+    async def _stream(self, request_id: str, queue: asyncio.Queue[Delta], interval: int = 1) -> AsyncIterator[Delta]:
         finished = False
+        first_sent = False  # the first token always goes out at once (time to first token)
         try:
             while True:
                 delta = await queue.get()
-                if not delta.finished and not queue.empty():
-                    # Coalesce what queued up while the consumer was busy: one item per wakeup
-                    # instead of one per token (Ray stream items, SSE events) when it falls behind.
+                n = len(delta.token_ids)
+                if not delta.finished and (not queue.empty() or (first_sent and n < interval)):
+                    # Coalesce what queued up while the consumer was busy (one item per wakeup
+                    # instead of one per token when it falls behind), and after the first token
+                    # wait for ``interval`` tokens per item.
                     batch = [delta]
-                    while not batch[-1].finished and not queue.empty():
-                        batch.append(queue.get_nowait())
+                    while not batch[-1].finished:
+                        if not queue.empty():
+                            batch.append(queue.get_nowait())
+                        elif first_sent and n < interval:
+                            batch.append(await queue.get())
+                        else:
+                            break
+                        n += len(batch[-1].token_ids)
                     delta = merge_deltas(batch)
+                first_sent = first_sent or bool(delta.token_ids)
                 finished = delta.finished
                 yield delta
                 if finished:

@@ -50,9 +50,11 @@ def test_app_args_scale_ingress_with_replicas_and_parse_engine_values():
         model, num_gpus, replica_num_cpus, ingress_per_replica, ingress_num_cpus = "tiny:llama", 1.0, 1.0, 2.0, 1.0
         engine = ["max_num_seqs=64", "use_cuda_graphs=false", "dtype=bfloat16"]
         accelerator_resource = ""
+        stream_interval = 4
 
     args = app_args(A(), 4)
     assert args["num_replicas"] == 4 and args["ingress_replicas"] == 8
+    assert args["replica"]["stream_interval"] == 4
     assert args["engine"] == {"max_num_seqs": 64, "use_cuda_graphs": False, "dtype": "bfloat16"}
     with pytest.raises(SystemExit):
         parse_engine(["no-equals-sign"])

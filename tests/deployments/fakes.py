@@ -74,7 +74,10 @@ class FakeEngine:
     async def start(self) -> None:
         self.started = True
 
-    def add_request(self, request_id: str, prompt: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
+    def add_request(
+        self, request_id: str, prompt: list[int], params: SamplingParams, *, stream_interval: int = 1
+    ) -> AsyncIterator[Delta]:
+        self.stream_intervals = getattr(self, "stream_intervals", []) + [stream_interval]
         if self.closed:
             raise EngineUnavailableError("engine is shutting down")
         if len(prompt) + params.max_tokens > self.max_model_len:

@@ -92,6 +92,16 @@ async def test_reconfigure_validates_and_applies():
         server.reconfigure({"drain_timeout_s": -1})
 
 
+async def test_stream_interval_setting_reaches_the_engine():
+    server, engine = await make_server()
+    [d async for d in server.generate(req("a"))]
+    server.reconfigure({"stream_interval": 8})
+    [d async for d in server.generate(req("b"))]
+    assert engine.stream_intervals == [1, 8]
+    with pytest.raises(pydantic.ValidationError):
+        server.reconfigure({"stream_interval": 0})
+
+
 async def test_shutdown_drains_and_then_refuses_with_unavailable():
     server, engine = await make_server(user_config={"drain_timeout_s": 7})
     await server.shutdown()

@@ -13,9 +13,8 @@ import torch
 from replica.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from replica.engine import AsyncEngine, LLMEngine, kv_cache_num_blocks
 from replica.errors import EngineUnavailableError, InvalidRequestError, QueueFullError, RequestTooLongError
-from replica.outputs import RunnerOutput, SchedulerOutput
+from replica.outputs import PLACEHOLDER_TOKEN, RunnerOutput, SchedulerOutput
 from replica.request import FinishReason, SamplingParams
-from replica.outputs import PLACEHOLDER_TOKEN
 from replica.pending_step import DeferredStep
 from tests.replica.test_scheduler import PagedFakeRunner, reference_tokens
 
@@ -620,3 +619,27 @@ def test_warmup_leaves_no_trace_and_later_outputs_are_exact():
     (out,) = eng.generate(["hello"], SamplingParams(max_tokens=5, **GREEDY), use_tqdm=False)
     assert list(out.token_ids) == reference_tokens(out.prompt_token_ids, SamplingParams(max_tokens=5, **GREEDY))
     assert out.usage.cached_tokens == 0
+
+
+class SlowRunner(PagedFakeRunner):
+    """10 ms per step: the consumer keeps up, so only stream_interval batches tokens."""
+
+    def run(self, out):
+        threading.Event().wait(0.01)
+        return super().run(out)
+
+
+async def test_stream_interval_batches_tokens_but_not_the_first():
+    eng = AsyncEngine(config(), engine=engine(SlowRunner(BS, VOCAB)))
+    sp = SamplingParams(max_tokens=11, **GREEDY)
+    plain = await asyncio.wait_for(collect(eng.add_request("a", "abc", sp)), 10)
+    chunked = await asyncio.wait_for(collect(eng.add_request("b", "abc", sp, stream_interval=4)), 10)
+    assert [t for d in chunked for t in d.token_ids] == [t for d in plain for t in d.token_ids]
+    assert "".join(d.text for d in chunked) == "".join(d.text for d in plain)
+    sizes = [len(d.token_ids) for d in chunked]
+    # First token alone, then items of at least 4 tokens; the last item holds the remainder.
+    assert sizes[0] == 1 and all(s >= 4 for s in sizes[1:-1]) and sum(sizes) == 11 and len(sizes) <= 4
+    assert chunked[-1].finished and chunked[-1].usage.completion_tokens == 11
+    with pytest.raises(InvalidRequestError):
+        eng.add_request("c", "abc", sp, stream_interval=0)
+    await eng.shutdown()
