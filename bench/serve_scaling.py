@@ -184,6 +184,15 @@ class EngineSampler:
         self._thread.join(10)
 
     def _run(self) -> None:
+        import asyncio
+
+        # Its own event loop: a handle made with RAY_SERVE_THROUGHPUT_OPTIMIZED=1 routes in
+        # the caller's loop and refuses calls from a thread without one.
+        asyncio.run(self._poll())
+
+    async def _poll(self) -> None:
+        import asyncio
+
         from ray import serve
 
         handle = serve.get_deployment_handle("LLMReplica", app_name=APP_NAME)
@@ -192,8 +201,9 @@ class EngineSampler:
             try:
                 # The handle routes each call to some replica: ask several times, keep one per replica.
                 seen: dict[str, Any] = {}
-                for resp in [handle.stats.remote() for _ in range(4 * self.n)]:
-                    st = resp.result(timeout_s=5)
+                for st in await asyncio.wait_for(
+                    asyncio.gather(*(handle.stats.remote() for _ in range(4 * self.n))), 5
+                ):
                     seen[st.replica_id] = st
                 for rid, st in seen.items():
                     e = st.engine
@@ -202,7 +212,7 @@ class EngineSampler:
                                          "waiting": e.num_waiting})
             except Exception as ex:  # noqa: BLE001 - diagnostics only; never fail the run
                 self.samples.append({"ts": t, "error": repr(ex)})
-            self._stop.wait(self.interval)
+            await asyncio.sleep(self.interval)
 
     def summary(self, t_lo: float, t_hi: float) -> dict[str, Any]:
         """Per replica over [t_lo, t_hi]: steps/s, ms per step, tokens per step (mean decode batch),

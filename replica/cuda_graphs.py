@@ -218,6 +218,8 @@ class DecodeGraphs:
         self.last_tokens[:b].copy_(tokens)
         host = self._out_host[self._turn][:b]
         host.copy_(self.last_tokens[:b], non_blocking=True)
-        event = torch.cuda.Event()
+        # Blocking: the waiting host thread sleeps instead of spinning a core (cudaEventBlockingSync);
+        # a spinning waiter per replica steals CPU from the proxy, ingress and other replicas.
+        event = torch.cuda.Event(blocking=True)
         event.record()
         return GraphStep(request_ids, host, event)

@@ -167,8 +167,20 @@ class ModelRunner:
         logits = self.forward(inputs)
         if not inputs.sample_rows:
             return RunnerOutput(sampled={})
-        tokens = self.sampler(logits, inputs.sample_rows).tolist()  # the step's one host sync
+        tokens = self._host_ids(self.sampler(logits, inputs.sample_rows))  # the step's one host sync
         return RunnerOutput(sampled=dict(zip(inputs.sample_request_ids, tokens, strict=True)))
+
+    def _host_ids(self, ids: torch.Tensor) -> list[int]:
+        if ids.device.type != "cuda":
+            return ids.tolist()
+        # Through pinned memory and a blocking event: the host sleeps while the device works
+        # (.tolist() alone would spin a core in cudaMemcpy).
+        host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
+        host.copy_(ids, non_blocking=True)
+        done = torch.cuda.Event(blocking=True)
+        done.record()
+        done.synchronize()
+        return host.tolist()
 
     @torch.inference_mode()
     def _launch_decode_graph(self, out: SchedulerOutput, prev: PendingStep | None) -> PendingStep | None:
