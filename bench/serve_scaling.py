@@ -193,9 +193,10 @@ class EngineSampler:
     async def _poll(self) -> None:
         import asyncio
 
-        from ray import serve
+        from ray.serve.handle import DeploymentHandle
 
-        handle = serve.get_deployment_handle("LLMReplica", app_name=APP_NAME)
+        # A fresh handle, not Serve's cached one: that one may belong to an earlier run's closed loop.
+        handle = DeploymentHandle("LLMReplica", APP_NAME)
         while not self._stop.is_set():
             t = time.time()
             try:
@@ -554,7 +555,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[scaling]   engine {rid}: {e}", flush=True)
             print(f"[scaling]   cpu cores by process group: {r.get('cpu')}", flush=True)
     finally:
-        serve.shutdown()
+        try:
+            serve.shutdown()
+        except RuntimeError as e:  # handles bound to the samplers' finished event loops
+            print(f"[scaling] serve.shutdown: {e}", flush=True)
         ray.shutdown()
 
     add_efficiency(results)
