@@ -162,26 +162,37 @@ def run_locust(a: argparse.Namespace, n: int, url: str, prefix: Path) -> Path:
     return merged
 
 
-class EngineSampler:
-    """Polls every LLM replica's engine counters (steps, generated tokens, running requests)
-    through the deployment handle during a run, so the report can tell a slower engine step
-    from a smaller batch (requests held up outside the engine)."""
+class _Sampler:
+    """A daemon thread that runs ``_run`` between ``with`` entry and exit."""
 
-    def __init__(self, n: int, interval: float = 1.0) -> None:
+    def __init__(self, interval: float, name: str) -> None:
         import threading
 
-        self.n, self.interval = n, interval
-        self.samples: list[dict[str, Any]] = []
+        self.interval = interval
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="engine-sampler", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
-    def __enter__(self) -> EngineSampler:
+    def __enter__(self):  # noqa: ANN204 - returns the subclass
         self._thread.start()
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self._stop.set()
         self._thread.join(10)
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+
+class EngineSampler(_Sampler):
+    """Polls every LLM replica's engine counters (steps, generated tokens, running requests)
+    through the deployment handle during a run, so the report can tell a slower engine step
+    from a smaller batch (requests held up outside the engine)."""
+
+    def __init__(self, n: int, interval: float = 1.0) -> None:
+        super().__init__(interval, "engine-sampler")
+        self.n = n
+        self.samples: list[dict[str, Any]] = []
 
     def _run(self) -> None:
         import asyncio
@@ -238,7 +249,7 @@ class EngineSampler:
         return out
 
 
-class CpuSampler:
+class CpuSampler(_Sampler):
     """Snapshots every process's CPU time from /proc during a run, so a run can show where the
     host's cores went (LLM replicas, ingress replicas, the Serve proxy, locust, Ray itself).
     Linux only; elsewhere it records nothing."""
@@ -248,22 +259,13 @@ class CpuSampler:
               ("gcs_server", "gcs"), ("serve_scaling", "driver"))
 
     def __init__(self, interval: float = 2.0) -> None:
-        import threading
-
-        self.interval = interval
+        super().__init__(interval, "cpu-sampler")
         self.snaps: list[tuple[float, dict[int, tuple[str, float]]]] = []
         self._tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="cpu-sampler", daemon=True)
-
-    def __enter__(self) -> CpuSampler:
-        self._thread.start()
-        return self
 
     def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join(10)
-        self.snaps.append((time.time(), self._snap()))
+        super().__exit__(*exc)
+        self.snaps.append((time.time(), self._snap()))  # the window's end, even if the thread lagged
 
     def _group(self, cmd: str) -> str:
         for key, name in self.GROUPS:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from bench.serve_scaling import add_efficiency, app_args, parse_engine, table, window_stats
@@ -58,3 +60,23 @@ def test_app_args_scale_ingress_with_replicas_and_parse_engine_values():
     assert args["engine"] == {"max_num_seqs": 64, "use_cuda_graphs": False, "dtype": "bfloat16"}
     with pytest.raises(SystemExit):
         parse_engine(["no-equals-sign"])
+
+
+def test_cpu_sampler_attributes_a_busy_child_process():
+    import subprocess
+    import sys
+    import time
+
+    from bench.serve_scaling import CpuSampler
+
+    if not os.path.isdir("/proc"):
+        pytest.skip("needs /proc")
+    busy = subprocess.Popen([sys.executable, "-c", "import time\nt=time.time()\nwhile time.time()-t<3: pass\n# locust"])
+    try:
+        with CpuSampler(interval=0.5) as cpu:
+            time.sleep(2.0)
+    finally:
+        busy.wait()
+    got = cpu.summary(0, float("inf"))
+    # The busy child's command line names "locust": it counts there, at most one core.
+    assert 0.3 < got["locust"]["cores"] <= 1.1 and got["locust"]["processes"] >= 1
