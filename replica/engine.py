@@ -45,10 +45,10 @@ class Detokenizer(Protocol):
     def flush(self) -> str: ...
 
 
-def _default_detokenizer(tokenizer: Any, prompt_token_ids: Sequence[int], stop: tuple[str, ...]) -> Detokenizer:
+def _default_detokenizer(tokenizer: Any, prompt_token_ids: Sequence[int], params: SamplingParams) -> Detokenizer:
     from replica.tokenizer import IncrementalDetokenizer
 
-    return IncrementalDetokenizer(tokenizer, prompt_token_ids, stop)
+    return IncrementalDetokenizer(tokenizer, prompt_token_ids, params.stop, min_tokens=params.min_tokens)
 
 
 def kv_cache_num_blocks(config: EngineConfig, model: Any, max_model_len: int) -> int:
@@ -94,7 +94,7 @@ class LLMEngine:
         loaded: LoadedModel | None = None,
         runner: Runner | None = None,
         tokenizer: Tokenizer | None = None,
-        detokenizer_factory: Callable[[Any, Sequence[int], tuple[str, ...]], Detokenizer] | None = None,
+        detokenizer_factory: Callable[[Any, Sequence[int], SamplingParams], Detokenizer] | None = None,
     ) -> None:
         self.config = config
         if loaded is None and (runner is None or tokenizer is None):
@@ -209,7 +209,7 @@ class LLMEngine:
     def add(self, req: Request, *, enforce_queue_limit: bool = True) -> None:
         """Queue a request built by ``make_request``."""
         # Built first: a factory that raises must not leave a queued request without one.
-        detok = self._detokenizer_factory(self.tokenizer, req.prompt_token_ids, req.params.stop)
+        detok = self._detokenizer_factory(self.tokenizer, req.prompt_token_ids, req.params)
         try:
             self.scheduler.add(req, enforce_queue_limit=enforce_queue_limit)
         except (QueueFullError, RequestTooLongError):

@@ -130,8 +130,13 @@ class IncrementalDetokenizer:
         stop: tuple[str, ...] = (),
         *,
         skip_special_tokens: bool = True,
+        min_tokens: int = 0,
     ) -> None:
         self._tok = tokenizer
+        # Like EOS and stop ids, stop strings end nothing before min_tokens outputs exist: they
+        # match only in text that comes after, i.e. once more than min_tokens tokens were added.
+        self._min_tokens = min_tokens
+        self._num_added = 0
         self._skip_special = skip_special_tokens
         context = list(prompt_token_ids[-_CONTEXT_TOKENS:])
         self._ids: list[int] = context  # prompt context + outputs
@@ -186,7 +191,8 @@ class IncrementalDetokenizer:
         else:
             self._ids.extend(int(t) for t in token_ids)
             self._text += self._decode_new()
-        if not self._stop:  # nothing to hold back or cut
+        self._num_added += len(token_ids)
+        if not self._stop or self._num_added <= self._min_tokens:  # nothing to hold back or cut
             out = self._text[self._emitted :]
             self._emitted = len(self._text)
             return out, False

@@ -149,6 +149,25 @@ def test_stop_string_truncates_text_and_frees_blocks():
     assert eng.stats().num_free_blocks == eng.stats().num_total_blocks
 
 
+def test_stop_strings_wait_for_min_tokens_like_eos():
+    runner = ScriptedRunner()
+    eng = engine(runner)
+    runner.script["early"] = [ord(c) for c in "abcbd"]
+    runner.script["late"] = [ord(c) for c in "abcbd"]
+    eng.add_request("early", "p", SamplingParams(max_tokens=5, stop=("b",), **GREEDY))
+    eng.add_request("late", "p", SamplingParams(max_tokens=5, stop=("b",), min_tokens=2, **GREEDY))
+    text, final = {}, {}
+    while eng.has_unfinished():
+        for d in eng.step():
+            text[d.request_id] = text.get(d.request_id, "") + d.text
+            if d.finished:
+                final[d.request_id] = d
+    assert text["early"] == "a" and final["early"].usage.completion_tokens == 2
+    # The "b" of token 2 comes before min_tokens is passed; the "b" of token 4 stops it.
+    assert text["late"] == "abc" and final["late"].usage.completion_tokens == 4
+    assert final["late"].finish_reason is FinishReason.STOP
+
+
 def test_eos_and_stop_token_end_without_adding_text():
     runner = ScriptedRunner()
     eng = engine(runner)
