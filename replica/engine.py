@@ -106,6 +106,9 @@ class LLMEngine:
         if not lens:
             raise ValueError("max_model_len is unknown: set ModelConfig.max_model_len")
         self.max_model_len = min(lens)
+        if config.model.max_model_len and config.model.max_model_len > self.max_model_len:
+            logger.warning("max_model_len %d is above the model's %d: using %d",
+                           config.model.max_model_len, self.max_model_len, self.max_model_len)
         self.model_name = config.model.served_name or (loaded.name if loaded is not None else config.model.model)
         self.block_size = config.cache.block_size
         built_runner = runner is None

@@ -290,6 +290,12 @@ def _finish(model):
 def _max_model_len(hf_config, requested: int | None) -> int:
     native = getattr(hf_config, "max_position_embeddings", None)
     if requested is not None:
+        if native and requested > int(native):
+            # Positions past the trained range degrade output silently; refuse at start instead.
+            raise ModelLoadError(
+                f"max_model_len {requested} exceeds the model's context length {int(native)} "
+                f"(max_position_embeddings); set max_model_len <= {int(native)}"
+            )
         return requested
     if not native:
         raise ModelLoadError("the model config has no max_position_embeddings; set ModelConfig.max_model_len")

@@ -72,6 +72,13 @@ def test_tiny_via_load_model_honours_seed_dtype_and_max_len():
     assert load_model(ModelConfig(model="tiny:qwen2", served_name="my-model")).name == "my-model"
 
 
+def test_max_model_len_beyond_the_models_positions_is_refused():
+    native = tiny_model("qwen2").max_model_len
+    with pytest.raises(ModelLoadError, match=f"exceeds the model's context length {native}"):
+        load_model(ModelConfig(model="tiny:qwen2", max_model_len=native + 1))
+    assert load_model(ModelConfig(model="tiny:qwen2", max_model_len=native)).max_model_len == native
+
+
 @pytest.mark.parametrize("name", ["tiny:gpt5", "dummy:llama-70b", "tiny:"])
 def test_unknown_builtin_names_raise_clear_errors(name):
     with pytest.raises(ModelLoadError, match="unknown|does not exist"):
