@@ -290,11 +290,20 @@ class LLMEngine:
         new: list[Delta] = []
         try:
             for req in got:
-                new.append(self._delta(req))
+                try:
+                    new.append(self._delta(req))
+                except Exception as e:  # this request's text failed (a tokenizer bug): only it ends
+                    logger.exception("request %s: building its output failed", req.request_id)
+                    new.append(self._fail_one(req, f"output decoding failed: {type(e).__name__}: {e}"))
         except BaseException:
             self._pending.extend(new)  # final deltas already built must still go out
             raise
         return new
+
+    def _fail_one(self, req: Request, error: str) -> Delta:
+        self.scheduler.finish(req.request_id, FinishReason.ERROR)  # a no-op if this step finished it
+        req.finish_reason = FinishReason.ERROR
+        return self._final(req, "", (), error=error)
 
     def drop_inflight(self) -> None:
         """Forget a launched step without applying it (after a failure: its requests are

@@ -543,6 +543,24 @@ async def test_a_request_finished_by_a_step_that_then_fails_still_ends_its_strea
     await eng.shutdown()
 
 
+def test_a_detokenizer_failure_ends_only_its_own_request():
+    eng = LLMEngine(
+        config(), runner=PagedFakeRunner(BS, VOCAB), tokenizer=CharTokenizer(),
+        detokenizer_factory=lambda tok, prompt, params: DetokenizerFailingAt(3 if prompt[0] == ord("b") else 0),
+    )
+    eng.add_request("a", "abc", SamplingParams(max_tokens=6, **GREEDY))
+    eng.add_request("b", "bcd", SamplingParams(max_tokens=6, **GREEDY))
+    final = {}
+    while eng.has_unfinished():
+        for d in eng.step():  # never raises: the failure is b's alone
+            if d.finished:
+                final[d.request_id] = d
+    assert final["a"].finish_reason is FinishReason.LENGTH and final["a"].usage.completion_tokens == 6
+    assert final["b"].finish_reason is FinishReason.ERROR and "cannot decode" in final["b"].error
+    assert final["b"].usage.completion_tokens == 3
+    assert eng.stats().num_free_blocks == eng.stats().num_total_blocks
+
+
 async def test_engine_that_keeps_failing_is_marked_dead():
     eng = AsyncEngine(config(), engine=engine(FailingRunner(failures=100)))
     for i in range(AsyncEngine._MAX_CONSECUTIVE_FAILURES):
