@@ -19,6 +19,7 @@ from deployments.llm import GenerateRequest
 from deployments.protocol import ChatCompletionRequest
 from replica.outputs import Delta, Usage
 from replica.request import FinishReason, SamplingParams
+import deployments.ingress as ingress_mod
 from tests.deployments.fakes import FakeEngine, FakeMetricsBackend, FakeTokenizer, LocalClient, make_server
 
 pytestmark = pytest.mark.timeout(60)
@@ -147,6 +148,22 @@ async def test_models_and_health(env):
     assert r.json()["data"][0]["max_model_len"] == 128
     r = await http.get("/health")
     assert r.status_code == 200 and r.json()["status"] == "ok"
+
+
+async def test_health_follows_the_replicas_not_the_cached_model_info(env, monkeypatch):
+    http, service, _, client = env
+    assert (await http.get("/v1/models")).status_code == 200  # model info now cached
+    monkeypatch.setattr(ingress_mod, "HEALTH_TTL_S", 0.0)
+
+    async def gone():
+        raise RuntimeError("no replicas")
+
+    monkeypatch.setattr(client, "model_info", gone)
+    r = await http.get("/health")
+    assert r.status_code == 503 and r.json()["error"]["code"] == "engine_unavailable"
+    assert (await http.get("/v1/models")).status_code == 200  # still answers from the cache
+    monkeypatch.undo()
+    assert (await http.get("/health")).status_code == 200
 
 
 def assert_openai_error(r: httpx.Response, status: int, code: str | None = None, param: str | None = None) -> dict:
