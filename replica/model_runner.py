@@ -21,7 +21,7 @@ from replica.attention import AttentionMetadata, PagedKVCache, install, resolve_
 from replica.config import CacheConfig, RunnerConfig
 from replica.cuda_graphs import DecodeGraphs, DecodeInputs
 from replica.models import DTYPES
-from replica.outputs import PLACEHOLDER_TOKEN, RunnerOutput, ScheduledChunk, SchedulerOutput
+from replica.outputs import PLACEHOLDER_TOKEN, RunnerOutput, SchedulerOutput
 from replica.pending_step import DeferredStep, PendingStep
 from replica.sampler import Sampler, SamplingRow
 
@@ -158,7 +158,7 @@ class ModelRunner:
             if c.token_ids and c.token_ids[-1] == PLACEHOLDER_TOKEN:
                 if c.request_id not in sampled:
                     raise ValueError(f"request {c.request_id}: the previous step sampled no token for it")
-                c = replace(c, token_ids=c.token_ids[:-1] + (sampled[c.request_id],))
+                c = c._replace(token_ids=c.token_ids[:-1] + (sampled[c.request_id],))
             chunks.append(c)
         return replace(out, chunks=tuple(chunks))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from replica.request import FinishReason, SamplingParams
 
@@ -13,8 +14,7 @@ from replica.request import FinishReason, SamplingParams
 PLACEHOLDER_TOKEN = -1
 
 
-@dataclass(frozen=True)
-class ScheduledChunk:
+class ScheduledChunk(NamedTuple):
     """One request's share of a step: compute ``token_ids`` at positions
     ``start_pos .. start_pos + len(token_ids) - 1`` and, if ``sample`` is set,
     sample the next token from the last position's logits.
@@ -22,6 +22,10 @@ class ScheduledChunk:
     ``block_table`` covers every position up to the end of this chunk; the KV of
     positions before ``start_pos`` is already in the cache (earlier steps or
     prefix-cache hits).
+
+    A NamedTuple, not a frozen dataclass, because one is built per request per step on the
+    host's critical path: construction is ~2.5x cheaper (tuple.__new__ instead of a
+    frozen __init__'s object.__setattr__ per field). Immutable all the same.
     """
 
     request_id: str
@@ -68,10 +72,10 @@ class Usage:
         return self.prompt_tokens + self.completion_tokens
 
 
-@dataclass(frozen=True)
-class Delta:
+class Delta(NamedTuple):
     """What one request gained in one step: new text and token ids; the last delta
-    of a request carries ``finish_reason`` and ``usage``."""
+    of a request carries ``finish_reason`` and ``usage``. A NamedTuple for the same reason
+    as ``ScheduledChunk``: one per request per step."""
 
     request_id: str
     text: str

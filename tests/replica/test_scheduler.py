@@ -67,7 +67,7 @@ class PagedFakeRunner:
             self.launched_placeholders += 1
             got = prev.result().sampled
             out = replace(out, chunks=tuple(
-                replace(c, token_ids=c.token_ids[:-1] + (got[c.request_id],)) if c.token_ids[-1] == PLACEHOLDER_TOKEN
+                c._replace(token_ids=c.token_ids[:-1] + (got[c.request_id],)) if c.token_ids[-1] == PLACEHOLDER_TOKEN
                 else c for c in out.chunks))
         return DeferredStep(tuple(c.request_id for c in out.chunks if c.sample), lambda: self.run(out))
 
