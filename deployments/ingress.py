@@ -58,6 +58,7 @@ from replica.request import FinishReason
 
 logger = logging.getLogger("ray.serve")
 HEALTH_TTL_S = 2.0  # /health asks a replica at most this often (load balancers poll it)
+MODEL_INFO_TIMEOUT_S = 30.0  # the first request's fetch of the replicas' model facts
 
 SSE_DONE = b"data: [DONE]\n\n"
 
@@ -206,10 +207,13 @@ class OpenAIService:
         if self._info is None:
             async with self._info_lock:
                 if self._info is None:
+                    # Bounded like a request: a stuck replica must not hold the first request forever.
+                    timeout = min(self._settings.limits.request_timeout_s or MODEL_INFO_TIMEOUT_S, MODEL_INFO_TIMEOUT_S)
                     try:
-                        self._info = await self._client.model_info()
+                        self._info = await asyncio.wait_for(self._client.model_info(), timeout)
                     except Exception as exc:  # no replica answered (e.g. none running): 503, not 500
-                        raise APIError.from_code("engine_unavailable", f"model replicas unavailable: {exc}") from exc
+                        why = f"no answer within {timeout:g}s" if isinstance(exc, asyncio.TimeoutError) else exc
+                        raise APIError.from_code("engine_unavailable", f"model replicas unavailable: {why}") from exc
         return self._info
 
     def record(self, endpoint: str, status: int) -> None:

@@ -6,6 +6,8 @@ incremental / disconnect behaviour on the StreamingResponse's body iterator dire
 
 from __future__ import annotations
 
+import asyncio
+
 import json
 from types import SimpleNamespace
 
@@ -148,6 +150,18 @@ async def test_models_and_health(env):
     assert r.json()["data"][0]["max_model_len"] == 128
     r = await http.get("/health")
     assert r.status_code == 200 and r.json()["status"] == "ok"
+
+
+async def test_a_replica_that_never_answers_model_info_gives_503_not_a_hang(env, monkeypatch):
+    http, service, _, client = env
+    monkeypatch.setattr(ingress_mod, "MODEL_INFO_TIMEOUT_S", 0.2)
+
+    async def stuck():
+        await asyncio.sleep(60)
+
+    monkeypatch.setattr(client, "model_info", stuck)
+    r = await asyncio.wait_for(http.post("/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2}), 10)
+    assert r.status_code == 503 and "within 0.2s" in r.json()["error"]["message"]
 
 
 async def test_health_follows_the_replicas_not_the_cached_model_info(env, monkeypatch):
