@@ -137,7 +137,6 @@ class ModelRunner:
         ``prev`` sampled for the same request. A decode step that fits a CUDA graph is
         enqueued on the device now and its tokens copied back asynchronously; any other step
         is computed at ``result()`` (see ``DeferredStep``)."""
-        rids = tuple(c.request_id for c in out.chunks if c.sample)
         if out.is_empty:
             return DeferredStep((), lambda: RunnerOutput(sampled={}))
         if self.graphs is not None:
@@ -145,11 +144,14 @@ class ModelRunner:
             if step is not None:
                 self._last_graph_step = step
                 return step
-        if any(c.token_ids and c.token_ids[-1] == PLACEHOLDER_TOKEN for c in out.chunks):
-            out = self._resolve_placeholders(out, prev)
+        out = self._resolve_placeholders(out, prev)
+        rids = tuple(c.request_id for c in out.chunks if c.sample)
         return DeferredStep(rids, lambda: self._run_eager(out))
 
     def _resolve_placeholders(self, out: SchedulerOutput, prev: PendingStep | None) -> SchedulerOutput:
+        """``out`` with every placeholder replaced by the token ``prev`` sampled (read on the host)."""
+        if not any(c.token_ids and c.token_ids[-1] == PLACEHOLDER_TOKEN for c in out.chunks):
+            return out
         if prev is None:
             raise ValueError("a step with placeholder tokens needs the previous step")
         sampled = prev.result().sampled
@@ -199,21 +201,21 @@ class ModelRunner:
             return None  # let prepare() raise its precise error
         if len({c.request_id for c in chunks}) != b:
             raise ValueError("a request appears twice in one SchedulerOutput")
+        if prev is not None and prev is not self._last_graph_step:
+            # prev's tokens are not on the device (an eager step): read them on the host.
+            chunks = self._resolve_placeholders(out, prev).chunks
         ids = np.fromiter((c.token_ids[0] for c in chunks), np.int64, b)
         src = None
         holes = ids == PLACEHOLDER_TOKEN
         if holes.any():
             if prev is None:
                 raise ValueError("a step with placeholder tokens needs the previous step")
-            if prev is self._last_graph_step:  # its tokens are still on the device
-                row = {rid: i for i, rid in enumerate(prev.request_ids)}
-                src = np.fromiter((row.get(c.request_id, -2) if h else -1 for c, h in zip(chunks, holes)), np.int64, b)
-                if (src == -2).any():
-                    raise ValueError("the previous step sampled no token for a placeholder row")
-                ids[holes] = 0
-            else:
-                sampled = prev.result().sampled
-                ids = np.fromiter((sampled[c.request_id] if h else t for c, h, t in zip(chunks, holes, ids)), np.int64, b)
+            # prev is the last replay: its tokens are still on the device.
+            row = {rid: i for i, rid in enumerate(prev.request_ids)}
+            src = np.fromiter((row.get(c.request_id, -2) if h else -1 for c, h in zip(chunks, holes)), np.int64, b)
+            if (src == -2).any():
+                raise ValueError("the previous step sampled no token for a placeholder row")
+            ids[holes] = 0
         if ids.min() < 0 or ids.max() >= self.vocab_size:
             raise ValueError(f"token ids must be in [0, {self.vocab_size}), got min {ids.min()} max {ids.max()}")
         tables = [c.block_table for c in chunks]

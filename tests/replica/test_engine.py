@@ -42,6 +42,7 @@ class ScriptedRunner:
     def __init__(self) -> None:
         self.script: dict[str, list[int]] = {}
         self.vocab_size = VOCAB
+        self.blind_steps = 0  # launched steps that had placeholder tokens
 
     def run(self, out: SchedulerOutput) -> RunnerOutput:
         # Past the end of a script: a blind step's wasted row (its request already stopped).
@@ -55,7 +56,7 @@ class ScriptedRunner:
 
     def launch(self, out: SchedulerOutput, prev) -> DeferredStep:
         # The script is indexed by output position, so a placeholder needs no resolving.
-        self.blind_steps = getattr(self, "blind_steps", 0) + any(
+        self.blind_steps += any(
             c.token_ids[-1] == PLACEHOLDER_TOKEN for c in out.chunks
         )
         return DeferredStep(tuple(c.request_id for c in out.chunks if c.sample), lambda: self.run(out))
@@ -232,7 +233,7 @@ def test_async_scheduling_gives_the_deltas_of_synchronous_steps():
                 text, toks, _, _ = seen.get(d.request_id, ("", (), None, None))
                 seen[d.request_id] = (text + d.text, toks + d.token_ids, d.finish_reason, d.usage)
         assert eng.stats().num_free_blocks == eng.stats().num_total_blocks
-        return seen, getattr(runner, "blind_steps", 0)
+        return seen, runner.blind_steps
 
     sync, blind_sync = run(False)
     asynchronous, blind = run(True)

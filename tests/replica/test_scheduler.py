@@ -44,6 +44,7 @@ class PagedFakeRunner:
         self.vocab_size = vocab
         self.kv: dict[tuple[int, int], int] = {}
         self.steps: list[SchedulerOutput] = []
+        self.launched_placeholders = 0  # launched steps that had placeholder tokens
 
     def _slot(self, table, pos: int) -> tuple[int, int]:
         return table[pos // self.block_size], pos % self.block_size
@@ -62,7 +63,6 @@ class PagedFakeRunner:
 
     def launch(self, out: SchedulerOutput, prev) -> DeferredStep:
         """Like ModelRunner.launch: placeholders take ``prev``'s tokens; computed at result()."""
-        self.launched_placeholders = getattr(self, "launched_placeholders", 0)
         if any(c.token_ids[-1] == PLACEHOLDER_TOKEN for c in out.chunks):
             self.launched_placeholders += 1
             got = prev.result().sampled
