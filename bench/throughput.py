@@ -154,6 +154,7 @@ class StepProbe:
         runner.launch = self._wrapped_launch
         self._cur: dict | None = None
         self._blocked = 0.0
+        self._last_end: float | None = None
         self._applied: dict | None = None
         if runner.graphs is not None:
             self._replay, self._emit = runner.graphs.replay, runner.graphs.emit
@@ -174,15 +175,21 @@ class StepProbe:
         return handle
 
     def _wrapped_launch(self, out, prev):
-        rec = dict(
-            decode=all(ch.num_tokens == 1 for ch in out.chunks),
-            batch=len(out.chunks),
-            tokens=out.num_batched_tokens,
-            ctx=int(sum(ch.start_pos + ch.num_tokens for ch in out.chunks)),
-            attn_pairs=float(sum(ch.num_tokens * ch.start_pos + ch.num_tokens * (ch.num_tokens + 1) / 2
-                                 for ch in out.chunks)),
-            sampled=sum(1 for ch in out.chunks if ch.sample),
-        )
+        d = out.decode
+        if d is not None:  # a DecodeBatch: read its arrays (iterating would build chunks)
+            pos = d.positions.astype(float)
+            rec = dict(decode=True, batch=len(d), tokens=len(d), ctx=int((pos + 1).sum()),
+                       attn_pairs=float((pos + 1).sum()), sampled=len(d))
+        else:
+            rec = dict(
+                decode=all(ch.num_tokens == 1 for ch in out.chunks),
+                batch=len(out.chunks),
+                tokens=out.num_batched_tokens,
+                ctx=int(sum(ch.start_pos + ch.num_tokens for ch in out.chunks)),
+                attn_pairs=float(sum(ch.num_tokens * ch.start_pos + ch.num_tokens * (ch.num_tokens + 1) / 2
+                                     for ch in out.chunks)),
+                sampled=sum(1 for ch in out.chunks if ch.sample),
+            )
         self._cur = rec
         handle = self._launch(out, prev)
         rec["graph"] = "ev_end" in rec
@@ -203,11 +210,15 @@ class StepProbe:
     def step(self):
         self._blocked, self._applied = 0.0, None
         t0 = time.perf_counter()
+        # The caller's own time since the last step (consuming deltas) is host time per step too.
+        between = t0 - self._last_end if self._last_end is not None else 0.0
         deltas = self.engine.step()
-        wall = time.perf_counter() - t0
+        self._last_end = end = time.perf_counter()
+        wall = end - t0
         if self._applied is not None:
             r = self._applied
-            self.calls.append(dict(wall=wall, blocked=self._blocked, host=wall - self._blocked, batch=r["batch"],
+            self.calls.append(dict(wall=wall, blocked=self._blocked, host=wall - self._blocked,
+                                   loop_host=wall - self._blocked + between, batch=r["batch"],
                                    graph=r["graph"], decode=r["decode"]))
         return deltas
 
@@ -341,6 +352,7 @@ def main() -> int:
     graph = [r for r in dec if r["graph"]]
     gcalls = [c for c in calls if c["graph"]]
     big = lambda rows: [r for r in rows if r["batch"] >= 192]  # noqa: E731
+    full = [c for c in gcalls if c["batch"] == args.max_num_seqs]
     result["steps"] = dict(
         total=len(recs), decode=len(dec), graph=len(graph), mixed_or_prefill=len(recs) - len(dec),
         mean_decode_batch=statistics.mean(r["batch"] for r in dec) if dec else None,
@@ -348,6 +360,11 @@ def main() -> int:
         host_ms_per_graph_call_median=1e3 * med(c["host"] for c in gcalls) if gcalls else None,
         host_ms_per_graph_call_batch_ge192_median=1e3 * med(c["host"] for c in big(gcalls)) if big(gcalls) else None,
         call_wall_ms_batch_ge192_median=1e3 * med(c["wall"] for c in big(gcalls)) if big(gcalls) else None,
+        # The figure: host work per step at batch max_num_seqs (256), in engine.step and
+        # in the whole loop (engine.step plus the caller consuming the deltas).
+        full_batch_calls=len(full),
+        host_ms_full_batch_median=1e3 * med(c["host"] for c in full) if full else None,
+        loop_host_ms_full_batch_median=1e3 * med(c["loop_host"] for c in full) if full else None,
         # Device side of graph steps: busy time and the idle gap before each (host not hidden).
         gpu_ms_per_graph_step_median=med(r["gpu_ms"] for r in graph),
         gpu_ms_batch_ge192_median=med(r["gpu_ms"] for r in big(graph)),
@@ -385,6 +402,8 @@ def main() -> int:
           f"({f(s['gpu_ms_batch_ge192_median'])}) ms; host work per engine.step "
           f"{f(s['host_ms_per_graph_call_median'], 3)} ({f(s['host_ms_per_graph_call_batch_ge192_median'], 3)}) ms; "
           f"GPU idle waiting for the host {f(s['gap_ms_median'], 3)} ({f(s['gap_ms_batch_ge192_median'], 3)}) ms")
+    print(f"host work per decode step at batch {args.max_num_seqs} (median of {s['full_batch_calls']} steps): "
+          f"engine.step {f(s['host_ms_full_batch_median'], 3)} ms, whole loop {f(s['loop_host_ms_full_batch_median'], 3)} ms")
     print(f"roofline: weights {rl['weight_bytes'] / 1e9:.2f} GB/step, KV {rl['kv_bytes_per_token'] / 1e3:.1f} kB/token, "
           f"copy {bw / 1e9:.0f} GB/s, matmul {peak / 1e12:.0f} TFLOP/s -> floor {rl['floor_s']:.2f} s = "
           f"{result['roofline']['tok_s_ceiling']:.0f} tok/s; engine at {rl['floor_s'] / eng['seconds']:.0%} of it")

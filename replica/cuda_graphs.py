@@ -12,7 +12,7 @@ work, a zero row), so they cost almost nothing and never touch real cache blocks
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,7 +40,7 @@ class DecodeInputs:
 
     token_ids: np.ndarray  # [B] int64 (a row with src_rows >= 0 may hold anything)
     positions: np.ndarray  # [B] int64: position of the new token (= tokens already cached)
-    block_tables: Sequence[Sequence[int]]  # B block tables
+    block_tables: np.ndarray  # [B, W] int32, each row zero-padded after its blocks
     # [B] int64 or None: row of the previous replay whose sampled token is this row's input
     # (async scheduling: that token never went through the host), -1 where token_ids holds it.
     src_rows: np.ndarray | None = None
@@ -63,7 +63,7 @@ class GraphStep:
         if self._tokens is None:
             self._event.synchronize()  # releases the GIL while the device works
             self._tokens = self._host.tolist()
-        return RunnerOutput(sampled=dict(zip(self._ids, self._tokens, strict=True)))
+        return RunnerOutput(request_ids=self._ids, token_ids=self._tokens)
 
 
 class DecodeGraphs:
@@ -133,11 +133,24 @@ class DecodeGraphs:
             block_size=self.block_size,
         )
 
+    def _unpack(self, bs: int) -> None:
+        """Device side of the input copies, captured in the graph: the staged rows into the
+        inputs the model reads, and each continuing row's token from the previous replay's
+        sampled ids (``src`` row >= 0). One replay instead of a handful of small launches."""
+        dev = self._stage_dev
+        src = dev[4, :bs]
+        self.input_ids[:bs].copy_(torch.where(src >= 0, self.last_tokens[src.clamp(min=0)], dev[0, :bs]))
+        self.positions[:bs].copy_(dev[1, :bs])
+        self.slot_mapping[:bs].copy_(dev[2, :bs])
+        self.seq_lens[:bs].copy_(dev[3, :bs])
+
     @torch.inference_mode()
     def capture(self) -> None:
         """Capture every batch size, largest first (smaller graphs reuse its memory pool)."""
-        self.slot_mapping.fill_(-1)
-        self.seq_lens.fill_(0)
+        # Staged padding rows: no KV write (slot -1), no attention work (length 0), no source row.
+        self._stage_dev.zero_()
+        self._stage_dev[2].fill_(-1)
+        self._stage_dev[4].fill_(-1)
         self.pool = torch.cuda.graph_pool_handle()
         for bs in reversed(self.sizes):
             meta = self._meta(bs)
@@ -146,10 +159,12 @@ class DecodeGraphs:
             s = torch.cuda.Stream(self.device)
             s.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(s):
+                self._unpack(bs)
                 self.forward(ids, pos, meta)
             torch.cuda.current_stream(self.device).wait_stream(s)
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g, pool=self.pool):
+                self._unpack(bs)
                 logits = self.forward(ids, pos, meta)
                 tokens = torch.argmax(logits, dim=-1)
             self.graphs[bs], self.logits[bs], self.tokens[bs] = g, logits, tokens
@@ -174,20 +189,19 @@ class DecodeGraphs:
         bs = self.padded_size(b)
         if bs is None or bs not in self.graphs:
             raise ValueError(f"no graph for batch {b}")
+        w = inp.block_tables.shape[1]
+        if w > self.max_blocks_per_seq:
+            raise ValueError("a block table is wider than the captured graphs allow")
         self._turn ^= 1
         stage, stage_bt = self._stage[self._turn], self._stage_bt[self._turn]
         st, bt = stage.numpy(), stage_bt.numpy()
         page = self.block_size
-        st[0, :b] = inp.token_ids
-        st[1, :b] = inp.positions
-        lens = np.fromiter((len(t) for t in inp.block_tables), np.int64, b)
-        if lens.max(initial=0) > self.max_blocks_per_seq:
-            raise ValueError("a block table is wider than the captured graphs allow")
-        flat = np.fromiter((x for t in inp.block_tables for x in t), np.int64, int(lens.sum()))
-        bt[:b] = 0
-        bt[:b][np.arange(self.max_blocks_per_seq)[None, :] < lens[:, None]] = flat
         pos = inp.positions
-        st[2, :b] = bt[np.arange(b), pos // page].astype(np.int64) * page + pos % page
+        st[0, :b] = inp.token_ids
+        st[1, :b] = pos
+        bt[:b, :w] = inp.block_tables
+        bt[:b, w:] = 0
+        st[2, :b] = inp.block_tables[np.arange(b), pos // page].astype(np.int64) * page + pos % page
         st[3, :b] = pos + 1
         st[4, :b] = -1 if inp.src_rows is None else inp.src_rows
         # Padding rows: no KV write, no attention work.
@@ -196,18 +210,9 @@ class DecodeGraphs:
         st[2, b:bs] = -1
         st[3, b:bs] = 0
         st[4, b:bs] = -1
-        dev = self._stage_dev
-        dev[:, :bs].copy_(stage[:, :bs], non_blocking=True)
+        # Two host-to-device copies; the graph unpacks them (see _unpack).
+        self._stage_dev[:, :bs].copy_(stage[:, :bs], non_blocking=True)
         self.block_tables[:bs].copy_(stage_bt[:bs], non_blocking=True)
-        if inp.src_rows is None:
-            self.input_ids[:bs].copy_(dev[0, :bs])
-        else:
-            # Rows continuing from the previous replay take its sampled ids from the device.
-            src = dev[4, :bs]
-            self.input_ids[:bs].copy_(torch.where(src >= 0, self.last_tokens[src.clamp(min=0)], dev[0, :bs]))
-        self.positions[:bs].copy_(dev[1, :bs])
-        self.slot_mapping[:bs].copy_(dev[2, :bs])
-        self.seq_lens[:bs].copy_(dev[3, :bs])
         self.graphs[bs].replay()
         return self.logits[bs][:b], self.tokens[bs][:b]
 

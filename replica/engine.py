@@ -23,7 +23,7 @@ from replica.config import EngineConfig
 from replica.errors import EngineError, EngineUnavailableError, InvalidRequestError, QueueFullError, RequestTooLongError
 from replica.outputs import CompletionOutput, Delta, EngineStats, RunnerOutput, SchedulerOutput, Usage, merge_deltas
 from replica.pending_step import PendingStep
-from replica.request import FinishReason, Request, SamplingParams
+from replica.request import FinishReason, Request, RequestStatus, SamplingParams
 from replica.scheduler import Scheduler
 
 if TYPE_CHECKING:
@@ -263,7 +263,7 @@ class LLMEngine:
         if prev is None:
             out = self.scheduler.schedule()
             if not out.is_empty:
-                self._last_scheduled = tuple(c.request_id for c in out.chunks)
+                self._last_scheduled = out.request_ids
                 if self._async:
                     self._inflight = (out, self.runner.launch(out, None), started)
                     self._last_scheduled = ()
@@ -271,11 +271,11 @@ class LLMEngine:
                     new = self._apply(out, self.runner.run(out), started)
         else:
             out, handle, t0 = prev
-            self._last_scheduled = tuple(c.request_id for c in out.chunks)
+            self._last_scheduled = out.request_ids
             nxt = self.scheduler.schedule_next(out)
             if nxt is not None:
                 self._inflight = (nxt, self.runner.launch(nxt, handle), started)
-                self._last_scheduled += tuple(c.request_id for c in nxt.chunks)
+                self._last_scheduled += nxt.request_ids
             new = self._apply(out, handle.result(), t0)
         self._last_scheduled = ()
         # Taken only now: a step that raises keeps them (e.g. an abort's final delta) for the next.
@@ -323,17 +323,18 @@ class LLMEngine:
     def _delta(self, req: Request) -> Delta:
         token = req.output_token_ids[-1]
         detok = self._live[req.request_id][1]
-        # A stop token (EOS or stop_token_ids) ends the output without adding text.
-        stopped_by_token = req.finish_reason is FinishReason.STOP
-        text, hit = detok.add(() if stopped_by_token else (token,))
+        if req.status is not RequestStatus.FINISHED:  # the common case: one more token of text
+            text, hit = detok.add((token,))
+            if not hit:
+                return Delta(req.request_id, text, (token,))
+            self.scheduler.finish(req.request_id, FinishReason.STOP)  # a stop string
+            return self._final(req, text, (token,))
+        # Finished by this step. A stop token (EOS or stop_token_ids) ends the output without
+        # adding text; a stop string in the last token's text wins over LENGTH.
+        text, hit = detok.add(() if req.finish_reason is FinishReason.STOP else (token,))
         if hit:
-            if req.is_finished:
-                req.finish_reason = FinishReason.STOP  # the stop string wins over LENGTH
-            else:
-                self.scheduler.finish(req.request_id, FinishReason.STOP)
-        if not req.is_finished:
-            return Delta(req.request_id, text, (token,))
-        if not hit:
+            req.finish_reason = FinishReason.STOP
+        else:
             text += detok.flush()
         return self._final(req, text, (token,))
 

@@ -10,7 +10,7 @@ for the last token of each chunk that samples.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from itertools import chain
 
 import numpy as np
@@ -20,6 +20,7 @@ from transformers import PreTrainedModel
 from replica.attention import AttentionMetadata, PagedKVCache, install, resolve_backend
 from replica.config import CacheConfig, RunnerConfig
 from replica.cuda_graphs import DecodeGraphs, DecodeInputs
+from replica.decode_batch import DecodeBatch, pack_block_tables
 from replica.models import DTYPES
 from replica.outputs import PLACEHOLDER_TOKEN, RunnerOutput, SchedulerOutput
 from replica.pending_step import DeferredStep, PendingStep
@@ -149,8 +150,9 @@ class ModelRunner:
         return DeferredStep(rids, lambda: self._run_eager(out))
 
     def _resolve_placeholders(self, out: SchedulerOutput, prev: PendingStep | None) -> SchedulerOutput:
-        """``out`` with every placeholder replaced by the token ``prev`` sampled (read on the host)."""
-        if not any(c.token_ids and c.token_ids[-1] == PLACEHOLDER_TOKEN for c in out.chunks):
+        """``out`` as plain chunks, every placeholder replaced by the token ``prev`` sampled
+        (read on the host)."""
+        if out.decode is None and not any(c.token_ids and c.token_ids[-1] == PLACEHOLDER_TOKEN for c in out.chunks):
             return out
         if prev is None:
             raise ValueError("a step with placeholder tokens needs the previous step")
@@ -162,7 +164,7 @@ class ModelRunner:
                     raise ValueError(f"request {c.request_id}: the previous step sampled no token for it")
                 c = c._replace(token_ids=c.token_ids[:-1] + (sampled[c.request_id],))
             chunks.append(c)
-        return replace(out, chunks=tuple(chunks))
+        return SchedulerOutput(tuple(chunks), out.num_batched_tokens, out.preempted_ids)
 
     def _run_eager(self, out: SchedulerOutput) -> RunnerOutput:
         inputs = self.prepare(out)
@@ -170,7 +172,7 @@ class ModelRunner:
         if not inputs.sample_rows:
             return RunnerOutput(sampled={})
         tokens = self._host_ids(self.sampler(logits, inputs.sample_rows))  # the step's one host sync
-        return RunnerOutput(sampled=dict(zip(inputs.sample_request_ids, tokens, strict=True)))
+        return RunnerOutput(request_ids=inputs.sample_request_ids, token_ids=tokens)
 
     def _host_ids(self, ids: torch.Tensor) -> list[int]:
         if ids.device.type != "cuda":
@@ -188,6 +190,52 @@ class ModelRunner:
     def _launch_decode_graph(self, out: SchedulerOutput, prev: PendingStep | None) -> PendingStep | None:
         """A decode-only step (one new token per request, all sampling) replayed from a CUDA
         graph; None when the step doesn't qualify (then the eager path runs)."""
+        d = out.decode
+        inp = self._batch_inputs(d, prev) if d is not None else self._chunk_inputs(out, prev)
+        if inp is None:
+            return None
+        logits, greedy = self.graphs.replay(inp)
+        if d is not None:
+            rids = d.request_ids
+            if d.plain_greedy:
+                return self.graphs.emit(rids, greedy)
+            params, n_out = [r.params for r in d.requests], d.num_output_tokens.tolist()
+        else:
+            rids = tuple(c.request_id for c in out.chunks)
+            params, n_out = [c.params for c in out.chunks], [c.num_output_tokens for c in out.chunks]
+        # Plain greedy rows (no min_tokens ban left) take the graph's argmax: no rows to build.
+        rows = [SamplingRow(p, n, self._banned(p, n)) for p, n in zip(params, n_out)]
+        if all(r.params.greedy and not r.banned_token_ids for r in rows):
+            return self.graphs.emit(rids, greedy)
+        return self.graphs.emit(rids, self.sampler(logits, rows))
+
+    def _batch_inputs(self, d: DecodeBatch, prev: PendingStep | None) -> DecodeInputs | None:
+        """Graph inputs of a ``DecodeBatch``: its arrays as they are; every row's token is
+        ``prev``'s, taken on the device when ``prev`` is the last replay."""
+        b = len(d)
+        if not self.graphs.fits(b, d.block_tables.shape[1]):
+            return None
+        if (d.num_blocks * self.block_size <= d.positions).any():
+            return None  # let prepare() raise its precise error
+        if prev is None:
+            raise ValueError("a step with placeholder tokens needs the previous step")
+        if d.block_tables.size and (d.block_tables.max() >= self.num_blocks or d.block_tables.min() < 0):
+            raise ValueError(f"block ids must be in [0, {self.num_blocks})")
+        if prev is self._last_graph_step:
+            if len(d.prev_rows) and int(d.prev_rows.max()) >= len(prev.request_ids):
+                raise ValueError("the previous step sampled no token for a placeholder row")
+            return DecodeInputs(np.zeros(b, np.int64), d.positions, d.block_tables, d.prev_rows)
+        # prev's tokens are not on the device (an eager step): read them on the host.
+        sampled = prev.result().sampled
+        try:
+            ids = np.fromiter((sampled[r] for r in d.request_ids), np.int64, b)
+        except KeyError as e:
+            raise ValueError(f"request {e.args[0]}: the previous step sampled no token for it") from None
+        return DecodeInputs(self._checked_ids(ids), d.positions, d.block_tables)
+
+    def _chunk_inputs(self, out: SchedulerOutput, prev: PendingStep | None) -> DecodeInputs | None:
+        """Graph inputs of a decode step given as chunks; None unless every chunk is one
+        sampling token and the batch fits a graph."""
         chunks = out.chunks
         b = len(chunks)
         if b > self.graphs.max_batch_size or any(len(c.token_ids) != 1 or not c.sample for c in chunks):
@@ -216,24 +264,15 @@ class ModelRunner:
             if (src == -2).any():
                 raise ValueError("the previous step sampled no token for a placeholder row")
             ids[holes] = 0
-        if ids.min() < 0 or ids.max() >= self.vocab_size:
-            raise ValueError(f"token ids must be in [0, {self.vocab_size}), got min {ids.min()} max {ids.max()}")
         tables = [c.block_table for c in chunks]
         if max(max(t) for t in tables) >= self.num_blocks or min(min(t) for t in tables) < 0:
             raise ValueError(f"block ids must be in [0, {self.num_blocks})")
-        logits, greedy = self.graphs.replay(DecodeInputs(ids, pos, tables, src))
-        # Plain greedy rows (no min_tokens ban left) take the graph's argmax: no rows to build.
-        if all(c.params.greedy and c.num_output_tokens >= c.params.min_tokens for c in chunks):
-            tokens = greedy
-        else:
-            rows = [
-                SamplingRow(c.params, c.num_output_tokens, self._banned(c.params, c.num_output_tokens)) for c in chunks
-            ]
-            if all(r.params.greedy and not r.banned_token_ids for r in rows):
-                tokens = greedy
-            else:
-                tokens = self.sampler(logits, rows)
-        return self.graphs.emit(tuple(c.request_id for c in chunks), tokens)
+        return DecodeInputs(self._checked_ids(ids), pos, pack_block_tables(tables)[0], src)
+
+    def _checked_ids(self, ids: np.ndarray) -> np.ndarray:
+        if ids.min() < 0 or ids.max() >= self.vocab_size:
+            raise ValueError(f"token ids must be in [0, {self.vocab_size}), got min {ids.min()} max {ids.max()}")
+        return ids
 
     @torch.inference_mode()
     def forward(self, inputs: StepInputs) -> torch.Tensor:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from replica.request import FinishReason, SamplingParams
+
+if TYPE_CHECKING:
+    from replica.decode_batch import DecodeBatch
 
 
 # A token id not known yet when the step was scheduled: the token the previous step samples.
@@ -45,20 +48,63 @@ class ScheduledChunk(NamedTuple):
 
 @dataclass(frozen=True)
 class SchedulerOutput:
-    chunks: tuple[ScheduledChunk, ...]
+    chunks: Sequence[ScheduledChunk]
     num_batched_tokens: int
     preempted_ids: tuple[str, ...] = ()
+    # Set on a decode-only continuation step (async scheduling): the same step in array form,
+    # which is then also ``chunks`` (materialised only if someone iterates them).
+    decode: DecodeBatch | None = None
 
     @property
     def is_empty(self) -> bool:
         return not self.chunks
 
+    @property
+    def request_ids(self) -> tuple[str, ...]:
+        if self.decode is not None:
+            return self.decode.request_ids
+        return tuple(c.request_id for c in self.chunks)
 
-@dataclass(frozen=True)
+
 class RunnerOutput:
-    """Sampled token per request that had ``sample`` set, in chunk order."""
+    """The token sampled for each request that had ``sample`` set, in chunk order: as a dict
+    (``sampled``), or as two row-ordered sequences that a decode step reads without building
+    the dict (``request_ids`` / ``token_ids``)."""
 
-    sampled: dict[str, int]
+    __slots__ = ("_sampled", "request_ids", "token_ids")
+
+    def __init__(
+        self,
+        sampled: dict[str, int] | None = None,
+        *,
+        request_ids: Sequence[str] | None = None,
+        token_ids: Sequence[int] | None = None,
+    ) -> None:
+        if (request_ids is None) != (token_ids is None):
+            raise ValueError("give request_ids and token_ids together")
+        if request_ids is not None and len(request_ids) != len(token_ids):  # type: ignore[arg-type]
+            raise ValueError(f"{len(request_ids)} request ids for {len(token_ids)} tokens")  # type: ignore[arg-type]
+        if sampled is None and request_ids is None:
+            raise ValueError("RunnerOutput needs sampled or request_ids/token_ids")
+        self._sampled = sampled
+        self.request_ids = request_ids
+        self.token_ids = token_ids
+
+    @property
+    def sampled(self) -> dict[str, int]:
+        if self._sampled is None:
+            self._sampled = dict(zip(self.request_ids, self.token_ids))  # type: ignore[arg-type]
+        return self._sampled
+
+    def tokens_for(self, request_ids: Sequence[str]) -> Sequence[int]:
+        """The tokens of ``request_ids``, in that order (KeyError for one with no token)."""
+        if self.token_ids is not None and (self.request_ids is request_ids or self.request_ids == request_ids):
+            return self.token_ids
+        sampled = self.sampled
+        return [sampled[r] for r in request_ids]
+
+    def __repr__(self) -> str:
+        return f"RunnerOutput({self.sampled!r})"
 
 
 @dataclass(frozen=True)

@@ -19,11 +19,14 @@ import bisect
 import itertools
 from collections import deque
 
+import numpy as np
+
 from replica.admission import AdmissionController
+from replica.decode_batch import CHECK_STOP_IDS, LIMIT, DecodeBatch
 from replica.config import CacheConfig, SchedulerConfig
 from replica.errors import InvalidRequestError, QueueFullError
 from replica.kv_cache import KVCacheManager
-from replica.outputs import PLACEHOLDER_TOKEN, RunnerOutput, ScheduledChunk, SchedulerOutput
+from replica.outputs import RunnerOutput, ScheduledChunk, SchedulerOutput
 from replica.request import FinishReason, Request, RequestStatus
 
 
@@ -168,7 +171,7 @@ class Scheduler:
     def schedule_next(self, prev: SchedulerOutput) -> SchedulerOutput | None:
         """The step after ``prev`` while ``prev``'s tokens are still on the device (async
         scheduling): every running request computes the token ``prev`` samples for it
-        (``PLACEHOLDER_TOKEN``) and samples the next one.
+        (``PLACEHOLDER_TOKEN``) and samples the next one. Returned as a ``DecodeBatch``.
 
         Only a plain continuation qualifies: nobody waiting (admission needs the synchronous
         path), every running request sampled in ``prev``, its next block available without
@@ -180,11 +183,36 @@ class Scheduler:
         """
         if self.waiting:
             return None
+        batch = self._next_of_batch(prev.decode) if prev.decode is not None else self._next_of_chunks(prev)
+        if batch is None or not len(batch) or len(batch) > self.config.max_num_batched_tokens:
+            return None
         bs = self.kv.block_size
+        # Rows whose next token starts a new block: allocate it now (rare: once per block_size steps).
+        for i in np.flatnonzero(batch.positions + 1 > batch.num_blocks * bs).tolist():
+            req = batch.requests[i]
+            if self.kv.allocate_slots(req, int(batch.positions[i]) + 1 - req.num_computed_tokens) is None:
+                return None  # would need a preemption: the synchronous path decides
+            batch.set_blocks(i, req.block_table)
+        return SchedulerOutput(chunks=batch, num_batched_tokens=len(batch), decode=batch)
+
+    def _next_of_batch(self, d: DecodeBatch) -> DecodeBatch | None:
+        """Vectorised successor of a decode step: drop rows whose request ended (or whose
+        token in ``d`` is its last), advance the rest by one."""
+        running = RequestStatus.RUNNING
+        alive = np.array([r.status is running for r in d.requests], bool)
+        if int(alive.sum()) != len(self.running):
+            return None  # someone running was not in d
+        rows = np.flatnonzero(alive & (d.num_output_tokens + 1 < d.static[:, LIMIT]))
+        return d.successor(rows)
+
+    def _next_of_chunks(self, prev: SchedulerOutput) -> DecodeBatch | None:
+        """The first decode step after a step built from chunks (row by row)."""
         requests = self._requests
-        chunks: list[ScheduledChunk] = []
-        seen = 0
+        reqs, prev_rows, positions, n_outs = [], [], [], []
+        seen = row = 0
         for ch in prev.chunks:
+            if ch.sample:
+                row += 1  # rows of prev's sampled tokens, in chunk order
             req = requests.get(ch.request_id)
             if req is None or req.status is not RequestStatus.RUNNING:
                 continue  # finished or aborted since prev was scheduled
@@ -192,31 +220,21 @@ class Scheduler:
             if not ch.sample or req.num_computed_tokens != ch.start_pos:
                 return None  # mid-prefill, or prev was already applied: not a continuation
             n_out = len(req.output_token_ids) + 1  # after prev's token
-            p = len(req.prompt_token_ids)
-            if n_out >= req.params.max_tokens or p + n_out >= self.max_model_len:
+            if n_out >= req.params.max_tokens or len(req.prompt_token_ids) + n_out >= self.max_model_len:
                 continue  # prev's token is its last
-            pos = ch.start_pos + len(ch.token_ids)
-            if pos + 1 > len(req.block_table) * bs and self.kv.allocate_slots(req, pos + 1 - ch.start_pos) is None:
-                return None  # would need a preemption: the synchronous path decides
-            chunks.append(
-                ScheduledChunk(
-                    request_id=req.request_id,
-                    token_ids=(PLACEHOLDER_TOKEN,),
-                    start_pos=pos,
-                    block_table=tuple(req.block_table),
-                    sample=True,
-                    params=req.params,
-                    num_output_tokens=n_out,
-                    prompt_len=p,
-                )
-            )
-        if seen != len(self.running) or not chunks or len(chunks) > self.config.max_num_batched_tokens:
+            reqs.append(req)
+            prev_rows.append(row - 1)
+            positions.append(ch.start_pos + len(ch.token_ids))
+            n_outs.append(n_out)
+        if seen != len(self.running) or not reqs:
             return None  # someone running was not in prev (budget), or nothing to do
-        return SchedulerOutput(chunks=tuple(chunks), num_batched_tokens=len(chunks))
+        return DecodeBatch.build(reqs, prev_rows, positions, n_outs, self.max_model_len)
 
     def update(self, out: SchedulerOutput, res: RunnerOutput) -> list[Request]:
         """Apply a step's results: advance counters, append sampled tokens, finish and free
         requests that stopped, register newly full blocks. Returns requests that got a token."""
+        if out.decode is not None:
+            return self._update_batch(out.decode, res)
         got: list[Request] = []
         requests = self._requests
         bs = self.kv.block_size
@@ -242,6 +260,44 @@ class Scheduler:
                 reason = self._stop_reason(req, token)
             if caching and ch.start_pos // bs != computed // bs:  # only a chunk that filled a block
                 self.kv.cache_full_blocks(req)
+            if reason is not None:
+                self.finish(req.request_id, reason)
+        return got
+
+    def _update_batch(self, d: DecodeBatch, res: RunnerOutput) -> list[Request]:
+        """``update`` of a decode step: one short loop over rows; the stop and block checks
+        are vectorised and only the rows they flag are looked at again."""
+        try:
+            tokens = res.tokens_for(d.request_ids)
+        except KeyError as e:
+            raise RuntimeError(f"the model runner returned no token for {e.args[0]}") from None
+        running = RequestStatus.RUNNING
+        got: list[Request] = []
+        for req, token, pos in zip(d.requests, tokens, d.positions.tolist()):
+            if req.status is not running:
+                continue  # finished or aborted since it was scheduled
+            if req.num_computed_tokens != pos:
+                raise RuntimeError(
+                    f"request {req.request_id}: chunk starts at {pos} but {req.num_computed_tokens} tokens are computed"
+                )
+            req.num_computed_tokens = pos + 1
+            req.output_token_ids.append(token)
+            got.append(req)
+        # Rows that may stop now: at their length limit, or sampled an EOS / stop id (checked
+        # exactly, per row, by _stop_reason). Rows that also filled a block cache it first.
+        toks = np.fromiter(tokens, np.int64, len(d))
+        n_out = d.num_output_tokens + 1
+        maybe = (n_out >= d.static[:, LIMIT]) | (d.static[:, CHECK_STOP_IDS] != 0) | np.isin(toks, d.eos_ids)
+        if self.kv.enable_prefix_caching:
+            for i in np.flatnonzero((d.positions + 1) % self.kv.block_size == 0).tolist():
+                req = d.requests[i]
+                if req.status is running:
+                    self.kv.cache_full_blocks(req)
+        for i in np.flatnonzero(maybe).tolist():
+            req = d.requests[i]
+            if req.status is not running:
+                continue
+            reason = self._stop_reason(req, int(toks[i]))
             if reason is not None:
                 self.finish(req.request_id, reason)
         return got

@@ -69,22 +69,59 @@ def test_engine_greedy_matches_transformers_generate(device, graphs, block_size)
     gen = torch.Generator().manual_seed(2)
     lens = [5, 17, 40, 33, 64, 9]  # more requests than graph sizes 1/2/4: padded batches; chunked prefill (budget 96)
     prompts = [torch.randint(3, 40000, (n,), generator=gen).tolist() for n in lens]
-    n_new = 24
+    # Different lengths: rows leave the decode batch at different steps, so the rows that stay
+    # must keep reading their own previous token (the batch's row remapping on the device).
+    n_new = [24, 9, 30, 17, 24, 4]
     refs = []
-    for p in prompts:
-        refs.append(_reference(model, p, n_new))
+    for p, n in zip(prompts, n_new):
+        refs.append(_reference(model, p, n))
     model.set_attn_implementation("eager")  # the runner installs its own below
 
     engine = _engine(model, block_size=block_size, graphs=graphs)
-    outs = engine.generate(prompts, SamplingParams(max_tokens=n_new, temperature=0.0, ignore_eos=True),
+    outs = engine.generate(prompts, [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in n_new],
                            use_tqdm=False)
     compared = 0
-    for out, (ref, margins) in zip(outs, refs):
+    for out, (ref, margins), n in zip(outs, refs, n_new):
         got = list(out.token_ids)
-        assert len(got) == n_new
+        assert len(got) == n
         for i, (a, b) in enumerate(zip(got, ref)):
             if margins[i] < MARGIN:
                 break  # a near-tie: both are right, and later tokens depend on the choice
             assert a == b, f"token {i}: engine {a} vs transformers {b} (margin {margins[i]:.3g})"
             compared += 1
-    assert compared >= len(prompts) * n_new // 2, "too few tokens compared to mean anything"
+    assert compared >= sum(n_new) // 2, "too few tokens compared to mean anything"
+
+
+def test_sampled_rows_in_graph_decode_batches_are_seeded_and_respect_min_tokens(device):
+    """Non-greedy rows (temperature, top-p, seeds, a min_tokens EOS ban) go through the
+    sampler on the graph's logits; the same batch run twice gives the same tokens."""
+    torch.manual_seed(0)
+    model = build_random_model(TINY_CONFIGS["qwen2"], seed=3, dtype=torch.float32, device=device)
+    gen = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(3, 40000, (n,), generator=gen).tolist() for n in (7, 20, 12, 31)]
+    params = [
+        SamplingParams(max_tokens=20, temperature=0.9, seed=11),
+        SamplingParams(max_tokens=12, temperature=0.7, top_p=0.9, seed=12),
+        SamplingParams(max_tokens=20, min_tokens=20, temperature=0.0),  # EOS (id 2) banned throughout
+        SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True),
+    ]
+    runs = []
+    for _ in range(2):
+        engine = _engine(model, block_size=16, graphs=True)
+        replays = 0
+        real = engine.runner.graphs.replay
+
+        def counting(inp, real=real):
+            nonlocal replays
+            replays += 1
+            return real(inp)
+
+        engine.runner.graphs.replay = counting
+        runs.append([list(o.token_ids) for o in engine.generate(prompts, params, use_tqdm=False)])
+        assert replays > 10
+    assert runs[0] == runs[1]
+    vocab = TINY_CONFIGS["qwen2"]["vocab_size"]
+    for toks, p in zip(runs[0], params):
+        assert all(0 <= t < vocab for t in toks)
+        assert len(toks) <= p.max_tokens
+    assert len(runs[0][2]) == 20 and 2 not in runs[0][2]
