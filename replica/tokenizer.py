@@ -6,10 +6,14 @@ ingress need, with clear errors (``InvalidRequestError``) for malformed chat mes
 ``IncrementalDetokenizer`` turns a growing list of output token ids into text deltas:
 
 * it never emits a broken multi-byte character: a byte-level BPE token can carry half
-  of a UTF-8 sequence, which decodes to U+FFFD until the next token completes it; text
-  ending in U+FFFD is held back (the prefix-offset / read-offset technique: decode a
-  small window of recent tokens twice, with and without the new ones, and emit the
-  difference);
+  of a UTF-8 sequence, which decodes to U+FFFD until the next token completes it;
+* the decode step costs little: with a byte-level decoder (GPT-2 / Qwen2 / Llama-3 /
+  SmolLM2 style) each id's bytes come from a table built once per tokenizer
+  (``Tokenizer.token_bytes``) and go through an incremental UTF-8 decoder that buffers an
+  incomplete character; other fast tokenizers use the Rust ``DecodeStream``, and anything
+  else the prefix-offset / read-offset technique (decode a small window of recent tokens
+  twice, with and without the new ones, emit the difference, hold back text ending in
+  U+FFFD);
 * stop strings may span tokens: text that could still be the start of a stop string is
   held back; on a hit, everything from the stop string on is dropped and ``add`` reports
   the hit; ``flush`` releases what is held back once generation ends without a hit.
@@ -17,7 +21,11 @@ ingress need, with clear errors (``InvalidRequestError``) for malformed chat mes
 
 from __future__ import annotations
 
+import functools
+import json
+from codecs import utf_8_decode
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from replica.errors import InvalidRequestError
@@ -26,6 +34,27 @@ from replica.errors import InvalidRequestError
 # space (SentencePiece) or a merge with the prompt's last bytes decodes as in the full text.
 _CONTEXT_TOKENS = 5
 _REPLACEMENT_CHAR = "\ufffd"
+
+
+@dataclass(frozen=True, slots=True)
+class TokenBytes:
+    """What each token id adds to a byte-level decode, whose text is the lossy UTF-8 decode
+    of the ids' bytes joined: ``raw[id]`` those bytes; ``text[id]`` the same as text where
+    they are complete UTF-8 on their own (most tokens), else None (part of a character)."""
+
+    raw: list[bytes]
+    text: list[str | None]
+
+    @classmethod
+    def of(cls, raw: list[bytes]) -> TokenBytes:
+        return cls(raw, [_utf8_or_none(b) for b in raw])
+
+
+def _utf8_or_none(b: bytes) -> str | None:
+    try:
+        return b.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
 
 
 class Tokenizer:
@@ -65,6 +94,18 @@ class Tokenizer:
         if not ids:
             return ""
         return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def token_bytes(self, *, skip_special_tokens: bool) -> TokenBytes | None:
+        """Each id's part of ``decode(ids, skip_special_tokens=...)``, indexed by id, when
+        the decoder is byte-level (so that the text of ids is the lossy UTF-8 decode of their
+        bytes joined); None for any other decoder."""
+        tables = self._token_bytes
+        return None if tables is None else tables[skip_special_tokens]
+
+    @functools.cached_property
+    def _token_bytes(self) -> tuple[TokenBytes, TokenBytes] | None:
+        """(keeping, skipping special tokens); built on first use, once per tokenizer."""
+        return _byte_level_tables(self.hf, self.vocab_size)
 
     def render_chat_template(self, messages: list[dict], *, add_generation_prompt: bool = True) -> str:
         """The chat template applied to ``messages``, as text."""
@@ -120,6 +161,95 @@ def _validate_messages(messages: Any) -> list[dict[str, str]]:
     return out
 
 
+# ----------------------------------------------------------------------------- byte-level
+
+
+def _gpt2_unbyte() -> dict[int, str]:
+    """``str.translate`` table from GPT-2's byte-level alphabet (one printable char per byte)
+    to the bytes as latin-1 chars. Other chars below 256 go to one that latin-1 can't encode,
+    so ``translate(...).encode("latin-1")`` fails exactly when a char is outside the alphabet
+    (chars from 256 on already fail unless they are in it)."""
+    printable = {*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)}  # stand for themselves
+    shifted = [b for b in range(256) if b not in printable]  # stand as chr(256), chr(257), ...
+    table = {b: "\uffff" for b in shifted}
+    table.update({256 + n: chr(b) for n, b in enumerate(shifted)})
+    return table
+
+
+_GPT2_UNBYTE = _gpt2_unbyte()
+
+
+def _byte_level_bytes(token: str) -> bytes | None:
+    """The bytes a token's byte-level chars stand for; None if one is outside the alphabet."""
+    try:
+        return token.translate(_GPT2_UNBYTE).encode("latin-1")
+    except UnicodeEncodeError:
+        return None
+
+
+def _byte_level_tables(hf: Any, vocab: int) -> tuple[TokenBytes, TokenBytes] | None:
+    """(keeping, skipping special tokens) when the fast tokenizer ``hf`` decodes byte-level,
+    else None. Per id, as Rust's ByteLevel decoder does per token: the bytes its chars stand
+    for, or its own UTF-8 if a char is outside the alphabet (an added token with a space);
+    nothing for a skipped special token (Rust skips by content) or an id with no token."""
+    rust = getattr(hf, "_tokenizer", None)
+    try:
+        from tokenizers import Tokenizer as RustTokenizer
+    except ImportError:
+        return None
+    if not isinstance(rust, RustTokenizer) or rust.decoder is None:
+        return None
+    if getattr(hf, "clean_up_tokenization_spaces", False):  # changes text already emitted
+        return None
+    tokens = [rust.id_to_token(i) for i in range(vocab)]
+    mapped = [None if t is None else _byte_level_bytes(t) for t in tokens]
+    if not _decodes_byte_level(json.loads(rust.decoder.__getstate__()), tokens, mapped):
+        return None
+    raw = [b"" if t is None else t.encode() if m is None else m for t, m in zip(tokens, mapped)]
+    keep = TokenBytes.of(raw)
+    special = {t.content for t in rust.get_added_tokens_decoder().values() if t.special}
+    skipped = [i for i, t in enumerate(tokens) if t in special]
+    skip = TokenBytes(list(keep.raw), list(keep.text))
+    for i in skipped:
+        skip.raw[i], skip.text[i] = b"", ""
+    return keep, skip
+
+
+def _decodes_byte_level(decoder: dict[str, Any], tokens: list[str | None], mapped: list[bytes | None]) -> bool:
+    """Whether the decoder's text is the lossy UTF-8 decode of the tokens' bytes joined, the
+    bytes of each as in ``_byte_level_tables``. True for a ByteLevel decoder; also for a
+    Sequence ending in ByteLevel whose other steps change nothing for this vocabulary, as
+    transformers builds for GGUF byte-level models (SmolLM2: ByteFallback, Fuse, Replace
+    "▁"). Fuse hands ByteLevel the whole text as one token, which it maps byte by byte only
+    if every char is in the alphabet: so every token must be."""
+    kind = decoder.get("type")
+    if kind == "ByteLevel":
+        return True
+    steps = (decoder.get("decoders") or []) if kind == "Sequence" else []
+    if not steps or steps[-1].get("type") != "ByteLevel":
+        return False
+    if any(m is None and t is not None for t, m in zip(tokens, mapped)):
+        return False
+    fused = False
+    for step in steps[:-1]:
+        kind = step.get("type")
+        if kind == "Fuse":
+            fused = True
+        elif kind == "ByteFallback":  # turns "<0xHH>" tokens into bytes; after Fuse, the whole text
+            if fused or any(t is not None and len(t) == 6 and t.startswith("<0x") and t.endswith(">") for t in tokens):
+                return False
+        elif kind == "Replace":  # a char outside the alphabet occurs in no text made of tokens
+            pattern = (step.get("pattern") or {}).get("String")
+            if not pattern or _byte_level_bytes(pattern) is not None:
+                return False
+        else:
+            return False
+    return True
+
+
+# ----------------------------------------------------------------------------- detokenizer
+
+
 class IncrementalDetokenizer:
     """Text deltas for one request's output tokens; see the module docstring."""
 
@@ -136,21 +266,36 @@ class IncrementalDetokenizer:
         # Like EOS and stop ids, stop strings end nothing before min_tokens outputs exist: they
         # match only in text that comes after, i.e. once more than min_tokens tokens were added.
         self._min_tokens = min_tokens
-        self._num_added = 0
+        self._num_added = 0  # counted where stop strings need it: not on add()'s plain path
         self._skip_special = skip_special_tokens
-        context = list(prompt_token_ids[-_CONTEXT_TOKENS:])
-        self._ids: list[int] = context  # prompt context + outputs
-        # Window [prefix_offset, read_offset) is text already accounted for; tokens from
-        # read_offset on are not yet turned into text.
-        self._prefix_offset = 0
-        self._read_offset = len(context)
         self._stop = tuple(s for s in stop if s)
         self._max_stop = max((len(s) for s in self._stop), default=0)
-        self._text = ""  # stable text of the output (no trailing U+FFFD), after any stop cut
-        self._emitted = 0  # len of self._text handed out so far
+        self._stop_chars = frozenset("".join(self._stop))  # text held back ends in one of them
+        self._out: list[str] = []  # the text emitted so far, in pieces: joined only when read
+        self._text = ""  # text decoded but not emitted yet (held back), after any stop cut
         self.stopped: str | None = None  # the stop string that matched
         self._flushed = False
-        self._stream = self._make_stream(tokenizer, context, skip_special_tokens)
+        # Byte-level path: each id's text or bytes from the tokenizer's table, with the bytes of
+        # an incomplete character waiting in _partial (an incremental UTF-8 decoder with
+        # errors="replace", inlined: codecs' own costs a Python-level call per token). It
+        # needs no prompt context: ByteLevel text has no leading-space rule.
+        table = None
+        if isinstance(tokenizer, Tokenizer):
+            table = tokenizer.token_bytes(skip_special_tokens=skip_special_tokens)
+        self._pieces: list[str | None] | None = None if table is None else table.text
+        self._raw: list[bytes] = [] if table is None else table.raw
+        self._vocab = len(self._raw)
+        self._partial = b""
+        # add()'s shortest path: byte-level, nothing to hold back, not stopped nor flushed.
+        self._plain = table is not None and not self._stop
+        # Other tokenizers decode a window of ids: prompt context + outputs. Window
+        # [prefix_offset, read_offset) is text already accounted for; tokens from read_offset
+        # on are not yet turned into text.
+        context = list(prompt_token_ids[-_CONTEXT_TOKENS:])
+        self._ids: list[int] = context
+        self._prefix_offset = 0
+        self._read_offset = len(context)
+        self._stream = None if table is not None else self._make_stream(tokenizer, context, skip_special_tokens)
 
     @staticmethod
     def _make_stream(tokenizer: Any, context: list[int], skip_special: bool) -> tuple[Any, Any] | None:
@@ -178,25 +323,52 @@ class IncrementalDetokenizer:
     @property
     def text(self) -> str:
         """All text emitted so far."""
-        return self._text[: self._emitted]
+        text = "".join(self._out)
+        self._out = [text]  # so that reading it again costs nothing
+        return text
 
     def add(self, token_ids: Sequence[int]) -> tuple[str, bool]:
         """Feed new output tokens; returns (text safe to emit now, stop string hit)."""
+        if self._plain and len(token_ids) == 1:  # the decode step: one lookup, most of the time
+            t = token_ids[0]
+            text = self._pieces[t] if 0 <= t < self._vocab else ""  # type: ignore[index]
+            if text is None or self._partial:
+                text = self._bytes_text(token_ids)
+            self._out.append(text)
+            return text, False
         if self.stopped is not None:
             return "", True
         if self._flushed:
             raise RuntimeError("add() after flush()")
-        if self._stream is not None:
-            self._text += self._stream_new(token_ids)
+        if self._pieces is not None:
+            new = self._bytes_text(token_ids)
+        elif self._stream is not None:
+            new = self._stream_new(token_ids)
         else:
             self._ids.extend(int(t) for t in token_ids)
-            self._text += self._decode_new()
+            new = self._decode_new()
         self._num_added += len(token_ids)
+        self._text += new
         if not self._stop or self._num_added <= self._min_tokens:  # nothing to hold back or cut
-            out = self._text[self._emitted :]
-            self._emitted = len(self._text)
+            out, self._text = self._text, ""
+            self._out.append(out)
             return out, False
         return self._release()
+
+    def _bytes_text(self, token_ids: Sequence[int]) -> str:
+        """The byte-level path's text for new tokens: what their bytes, after any incomplete
+        character left by earlier ones, decode to; the bytes of a character still incomplete
+        wait for the next tokens. Ids outside the vocabulary add nothing, as in ``decode``."""
+        raw, n = self._raw, self._vocab
+        if len(token_ids) == 1 and not self._partial:  # most tokens: their text as it is
+            t = token_ids[0]
+            text = self._pieces[t] if 0 <= t < n else ""  # type: ignore[index]
+            if text is not None:
+                return text
+        data = self._partial + b"".join([raw[t] for t in token_ids if 0 <= t < n])
+        text, used = utf_8_decode(data, "replace", False)
+        self._partial = data[used:]
+        return text
 
     def _stream_new(self, token_ids: Sequence[int]) -> str:
         """The Rust stream's text for new tokens. It keeps the same window as ``_decode_new``
@@ -246,16 +418,18 @@ class IncrementalDetokenizer:
         if self.stopped is not None or self._flushed:
             return ""
         self._flushed = True
+        self._plain = False
+        if self._partial:  # U+FFFD for each broken sequence, as the full (lossy) decode has
+            self._text += utf_8_decode(self._partial, "replace", True)[0]
+            self._partial = b""
         if self._read_offset < len(self._ids):
             prefix = self._decode(self._prefix_offset, self._read_offset)
             self._text += self._decode(self._prefix_offset, len(self._ids))[len(prefix) :]
             self._read_offset = len(self._ids)
         hit = self._find_stop()
-        end = hit if hit is not None else len(self._text)
-        if hit is not None:
-            self._text = self._text[:hit]
-        out = self._text[self._emitted : end]
-        self._emitted = end
+        out = self._text if hit is None else self._text[:hit]
+        self._text = ""
+        self._out.append(out)
         return out
 
     def _decode(self, start: int, end: int) -> str:
@@ -274,33 +448,35 @@ class IncrementalDetokenizer:
         """Start of the stop string that completes first in the unemitted text (ties: the
         longer one), so the result does not depend on how text was split into tokens. A
         match can't start in emitted text: that would have been held back as a prefix."""
+        text = self._text
         best: tuple[int, int] | None = None  # (end, start)
         for s in self._stop:
-            i = self._text.find(s, self._emitted)
-            if i != -1 and (best is None or (i + len(s), i) < best):
-                best = (i + len(s), i)
-                self.stopped = s
+            if s in text:  # cheaper than find() in the usual case: no match
+                i = text.find(s)
+                if best is None or (i + len(s), i) < best:
+                    best = (i + len(s), i)
+                    self.stopped = s
         return None if best is None else best[1]
 
     def _release(self) -> tuple[str, bool]:
+        """Emit the unemitted text up to a stop string (then report the hit) or, without
+        one, up to what could still be the start of a stop string."""
         hit = self._find_stop()
+        text = self._text
         if hit is not None:
-            self._text = self._text[:hit]
-            out = self._text[self._emitted : hit]
-            self._emitted = hit
-            return out, True
-        end = len(self._text) - self._held_back()
-        end = max(end, self._emitted)
-        out = self._text[self._emitted : end]
-        self._emitted = end
-        return out, False
+            out, self._text = text[:hit], ""
+        elif text[-1:] not in self._stop_chars:  # the usual case: can't start one, all of it
+            out, self._text = text, ""
+        else:
+            end = len(text) - self._held_back()
+            out, self._text = text[:end], text[end:]
+        self._out.append(out)
+        return out, hit is not None
 
     def _held_back(self) -> int:
-        """Length of the longest suffix of the text that is a proper prefix of a stop string."""
-        if not self._stop:
-            return 0
+        """Length of the longest suffix of the unemitted text that is a proper prefix of a stop string."""
         text = self._text
-        for n in range(min(self._max_stop - 1, len(text) - self._emitted), 0, -1):
+        for n in range(min(self._max_stop - 1, len(text)), 0, -1):
             suffix = text[-n:]
             if any(s.startswith(suffix) for s in self._stop):
                 return n

@@ -212,14 +212,27 @@ def test_streamed_text_equals_reference_cut(tok, pieces, stop, step):
     assert "".join(deltas) + rest == first_completed_stop(tok.decode(ids), stop)
 
 
+class _NotByteLevel(Tokenizer):
+    """The same tokenizer as if its decoder were not byte-level: the detokenizer's other paths."""
+
+    def token_bytes(self, *, skip_special_tokens: bool) -> None:
+        return None
+
+
+@pytest.fixture(scope="module")
+def rust_tok(tok) -> Tokenizer:
+    return _NotByteLevel(tok.hf, eos_token_ids=tok.eos_token_ids, name="no byte table")
+
+
 def _python_path(tok: Tokenizer, prompt, stop=()) -> IncrementalDetokenizer:
     d = IncrementalDetokenizer(tok, prompt, stop)
     d._stream = None  # the reference: two Python-level decodes per step
     return d
 
 
-def test_the_fast_rust_stream_is_used_for_a_real_tokenizer(tok):
-    assert IncrementalDetokenizer(tok, tok.encode("hi"))._stream is not None
+def test_the_fast_rust_stream_is_used_for_a_real_tokenizer(rust_tok):
+    d = IncrementalDetokenizer(rust_tok, rust_tok.encode("hi"))
+    assert d._stream is not None and d._pieces is None
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -228,9 +241,10 @@ def test_the_fast_rust_stream_is_used_for_a_real_tokenizer(tok):
     extra=st.lists(st.integers(0, 60_000), max_size=6),
     stop=st.lists(st.sampled_from(["é€", " the", "b\n", "😀a"]), max_size=2),
 )
-def test_fast_stream_deltas_equal_the_python_path(tok, pieces, extra, stop):
+def test_fast_stream_deltas_equal_the_python_path(rust_tok, pieces, extra, stop):
     """Same deltas token by token (and the same flush) as the reference algorithm, with
     multi-byte characters, stop strings and ids outside the tokenizer's vocabulary."""
+    tok = rust_tok
     ids = tok.encode("".join(pieces), add_special_tokens=False) + extra
     prompt = tok.encode("Say:", add_special_tokens=False)
     fast, ref = IncrementalDetokenizer(tok, prompt, tuple(stop)), _python_path(tok, prompt, tuple(stop))
@@ -239,3 +253,162 @@ def test_fast_stream_deltas_equal_the_python_path(tok, pieces, extra, stop):
         assert fast.add([t]) == ref.add([t])
     assert fast.flush() == ref.flush()
     assert fast.text == ref.text
+
+
+# ----------------------------------------------------------------------------- byte-level path
+
+
+@pytest.fixture(scope="module")
+def plain_tok(tok) -> Tokenizer:
+    """SmolLM2's vocabulary with a plain ByteLevel decoder (as GPT-2 / Qwen2 / Llama-3 have)
+    and added tokens the per-token rule treats apart: one with a char outside the byte-level
+    alphabet (its own UTF-8), one inside it that stands for broken UTF-8, one special."""
+    from tokenizers import AddedToken, decoders
+    from tokenizers import Tokenizer as RustTokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    rust = RustTokenizer.from_str(tok.hf._tokenizer.to_str())
+    rust.decoder = decoders.ByteLevel()
+    rust.add_tokens([AddedToken(t, special=False) for t in ("<sp ace>", "ïï", "日本")])
+    rust.add_special_tokens([AddedToken("<|special x|>", special=True)])
+    return Tokenizer(PreTrainedTokenizerFast(tokenizer_object=rust), eos_token_ids=[2], name="plain ByteLevel")
+
+
+@pytest.mark.parametrize("which", ["tok", "plain_tok"])
+def test_token_bytes_decode_as_rust_does_for_every_id(request, which):
+    tok = request.getfixturevalue(which)
+    rust = tok.hf._tokenizer
+    for skip in (False, True):
+        table = tok.token_bytes(skip_special_tokens=skip)
+        assert table is not None and len(table.raw) == len(table.text) == tok.vocab_size
+        for i in range(tok.vocab_size):
+            text = table.raw[i].decode("utf-8", "replace")
+            assert text == rust.decode([i], skip_special_tokens=skip), i
+            assert table.text[i] == (None if text.encode() != table.raw[i] else text), i  # None: not UTF-8
+    assert tok.token_bytes(skip_special_tokens=True).raw[2] == b""  # <|im_end|> is special
+    assert tok.token_bytes(skip_special_tokens=False).raw[2] == b"<|im_end|>"
+    assert tok.token_bytes(skip_special_tokens=True) is tok.token_bytes(skip_special_tokens=True)  # built once
+
+
+def test_added_tokens_outside_the_byte_alphabet_keep_their_utf8(plain_tok):
+    table = plain_tok.token_bytes(skip_special_tokens=True)
+    ids = {t: plain_tok.hf.convert_tokens_to_ids(t) for t in ("<sp ace>", "ïï", "日本", "<|special x|>")}
+    assert table.raw[ids["<sp ace>"]] == b"<sp ace>" and table.raw[ids["日本"]] == "日本".encode()
+    assert table.raw[ids["ïï"]] == b"\xef\xef" and table.text[ids["ïï"]] is None  # chars stand for bytes
+    assert table.raw[ids["<|special x|>"]] == b""
+
+
+def test_byte_level_path_needs_a_byte_level_decoder(tok):
+    from tokenizers import AddedToken, decoders
+    from tokenizers import Tokenizer as RustTokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    def with_decoder(decoder=None, added=()) -> Tokenizer:
+        rust = RustTokenizer.from_str(tok.hf._tokenizer.to_str())
+        if decoder is not None:
+            rust.decoder = decoder
+        rust.add_tokens([AddedToken(a, special=False) for a in added])
+        return Tokenizer(PreTrainedTokenizerFast(tokenizer_object=rust))
+
+    assert with_decoder().token_bytes(skip_special_tokens=True) is not None  # SmolLM2's Sequence(..., ByteLevel)
+    assert IncrementalDetokenizer(tok, [])._pieces is not None
+    # Fuse hands ByteLevel the whole text: one token outside the alphabet changes all of it.
+    fused = with_decoder(added=["<sp ace>"])
+    assert fused.token_bytes(skip_special_tokens=True) is None
+    ids = fused.encode("hi <sp ace> yo")
+    assert "Ġ" in fused.decode(ids)  # indeed: not the text that the tokens' bytes make
+    others = [
+        decoders.Metaspace(),
+        decoders.WordPiece(),
+        decoders.Sequence([decoders.ByteLevel(), decoders.Strip()]),
+        decoders.Sequence([decoders.Fuse(), decoders.ByteFallback(), decoders.ByteLevel()]),  # may see "<0x41>"
+        decoders.Sequence([decoders.Replace("a", "b"), decoders.ByteLevel()]),  # "a" occurs in tokens
+    ]
+    for other in others:
+        t = with_decoder(other)
+        assert t.token_bytes(skip_special_tokens=True) is None
+        assert IncrementalDetokenizer(t, [])._stream is not None
+
+
+def test_the_byte_level_path_is_used_for_a_byte_level_tokenizer(tok, plain_tok):
+    for t in (tok, plain_tok):
+        d = IncrementalDetokenizer(t, t.encode("hi"))
+        assert d._pieces is not None and d._stream is None
+
+
+def _ids_strategy(tok: Tokenizer):
+    table = tok.token_bytes(skip_special_tokens=False)
+    partial = [i for i, text in enumerate(table.text) if text is None]  # part of a character
+    special = sorted(tok.hf._tokenizer.get_added_tokens_decoder())
+    words = st.sampled_from(list("ab é€😀\n,.") + ["日本", " the", "👍🏽", "STOP", "Hello world"])
+    encoded = st.lists(words, max_size=8).map(lambda p: tok.encode("".join(p), add_special_tokens=False))
+    one = st.one_of(
+        st.sampled_from(partial),
+        st.sampled_from(special),
+        st.integers(0, tok.vocab_size - 1),
+        st.integers(tok.vocab_size, tok.vocab_size + 1000),  # a model vocabulary bigger than the tokenizer's
+        st.just(-1),
+    ).map(lambda i: [i])
+    return st.lists(st.one_of(encoded, one), max_size=12).map(lambda chunks: [i for c in chunks for i in c])
+
+
+def _check_byte_level_stream(tok, ids, stop, step, skip, min_tokens=0) -> None:
+    d = IncrementalDetokenizer(tok, [], tuple(stop), skip_special_tokens=skip, min_tokens=min_tokens)
+    assert d._pieces is not None
+    full = tok.decode(ids, skip_special_tokens=skip)
+    # Stop strings match only in text after min_tokens tokens: after what was emitted by then.
+    boundary = min(len(ids), min_tokens // step * step)
+    before = tok.decode(ids[:boundary], skip_special_tokens=skip)
+    if before.endswith(REPLACEMENT) and not full.startswith(before):
+        before = before[:-1]  # a character the next tokens complete: not emitted yet
+    want = before + first_completed_stop(full[len(before) :], stop) if min_tokens else first_completed_stop(full, stop)
+    out = ""
+    for i in range(0, len(ids), step):
+        text, hit = d.add(ids[i : i + step])
+        out += text
+        assert want.startswith(out)  # never a character that later tokens change
+        if hit:
+            break
+    out += d.flush()
+    assert out == want == d.text
+    if d.stopped:
+        assert d.add(ids[:1]) == ("", True)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    data=st.data(),
+    stop=st.lists(st.sampled_from(["é€", " the", "b\n", "😀a", "lo wor", "STOP", "<|im", REPLACEMENT, "a"]), max_size=3),
+    step=st.integers(1, 3),
+    skip=st.booleans(),
+)
+@pytest.mark.parametrize("which", ["tok", "plain_tok"])
+def test_byte_level_text_equals_the_full_decode_cut_at_the_first_stop(request, which, data, stop, step, skip):
+    """Multi-byte characters split across tokens, lone halves of characters, special tokens,
+    ids outside the vocabulary, stop strings: the streamed text is the full decode cut at the
+    first stop string, and no delta ever holds a character that a later token changes."""
+    tok = request.getfixturevalue(which)
+    _check_byte_level_stream(tok, data.draw(_ids_strategy(tok)), stop, step, skip)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    pieces=st.lists(st.sampled_from([*"ab é€😀\n,.", "日本", " the", "👍🏽", "Hello world"]), max_size=20),
+    stop=st.lists(st.sampled_from(["é", "a", " the", "😀", "b\n", "lo wor"]), min_size=1, max_size=2),
+    min_tokens=st.integers(0, 12),
+    step=st.integers(1, 3),
+)
+def test_byte_level_stop_strings_wait_for_min_tokens(tok, pieces, stop, min_tokens, step):
+    _check_byte_level_stream(tok, tok.encode("".join(pieces), add_special_tokens=False), stop, step, True, min_tokens)
+
+
+def test_byte_level_incomplete_character_becomes_u_fffd_on_flush_only(tok):
+    ids = tok.encode("ok 🎉", add_special_tokens=False)
+    partial = next(n for n in range(len(ids), 0, -1) if tok.decode(ids[:n]).endswith(REPLACEMENT))
+    d = IncrementalDetokenizer(tok, [])
+    outs = [d.add([t])[0] for t in ids[:partial]]
+    assert outs[-1] == "" and "".join(outs) == "ok "
+    assert d.flush() == REPLACEMENT == tok.decode(ids[:partial])[-1]
+    assert d.text == tok.decode(ids[:partial])
+    with pytest.raises(RuntimeError):
+        d.add([ids[0]])
