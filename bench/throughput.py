@@ -167,7 +167,7 @@ class StepProbe:
         self._cur["ev_start"] = ev
         return self._replay(inp)
 
-    def _wrapped_emit(self, ids, tokens):
+    def _wrapped_emit(self, ids, tokens=None):
         handle = self._emit(ids, tokens)
         ev = torch.cuda.Event(enable_timing=True)
         ev.record()

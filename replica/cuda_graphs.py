@@ -22,6 +22,11 @@ from replica.attention.metadata import AttentionMetadata
 from replica.outputs import RunnerOutput
 
 
+# Columns of a staged row (then the block table).
+_TOKEN, _POS, _SLOT, _LEN, _SRC = range(5)
+_COLS = 5
+
+
 def graph_batch_sizes(max_batch_size: int) -> list[int]:
     """1, 2, 4, 8, 16, 32, ... up to and including ``max_batch_size`` (itself if not a power)."""
     if max_batch_size < 1:
@@ -49,7 +54,10 @@ class DecodeInputs:
 class GraphStep:
     """The tokens of one replay on their way to pinned host memory (see ``DecodeGraphs.emit``)."""
 
-    def __init__(self, request_ids: tuple[str, ...], host: torch.Tensor, event: torch.cuda.Event) -> None:
+    def __init__(self, graphs: DecodeGraphs, request_ids: tuple[str, ...], host: torch.Tensor,
+                 event: torch.cuda.Event) -> None:
+        self._graphs = graphs
+        self._index = graphs.num_emitted  # its host buffer and event serve again two emits later
         self._ids = request_ids
         self._host = host
         self._event = event
@@ -61,6 +69,8 @@ class GraphStep:
 
     def result(self) -> RunnerOutput:
         if self._tokens is None:
+            if self._graphs.num_emitted - self._index > 2:
+                raise RuntimeError("a replay's tokens must be read before the replay after next")
             self._event.synchronize()  # releases the GIL while the device works
             self._tokens = self._host.tolist()
         return RunnerOutput(request_ids=self._ids, token_ids=self._tokens)
@@ -99,18 +109,24 @@ class DecodeGraphs:
         self.seq_lens = torch.zeros(n, **i32)
         self.block_tables = torch.zeros(n, m, **i32)
         self.query_start_loc = torch.arange(n + 1, **i32)
-        # Pinned host staging: packed int64 rows [ids | positions | slots | seq_lens | src rows]
-        # and the block table. Two sets, used by alternate replays: with async scheduling the
-        # host fills one while the previous replay's copies from the other may still be queued.
-        # Reuse is safe because the engine reads replay N's tokens (an event after its copies)
-        # before it prepares replay N+2.
-        self._stage = [torch.zeros(5, n, dtype=torch.int64, pin_memory=True) for _ in range(2)]
-        self._stage_bt = [torch.zeros(n, m, dtype=torch.int32, pin_memory=True) for _ in range(2)]
-        self._stage_dev = torch.zeros(5, n, **i64)
-        # Sampled ids of the last replay (device; next step's placeholders read them) and
-        # their pinned host copies (two: one being read while the next is written).
+        # Pinned host staging, one int32 row per request: [token id | position | slot | seq len |
+        # source row | block table ...], so a replay needs one host-to-device copy. Two buffers,
+        # used by alternate replays: with async scheduling the host fills one while the previous
+        # replay's copy from the other may still be queued. Reuse is safe because the engine
+        # reads replay N's tokens (an event after its copies) before it prepares replay N+2.
+        self._stage = [torch.zeros(n, _COLS + m, dtype=torch.int32, pin_memory=True) for _ in range(2)]
+        self._stage_dev = torch.zeros(n, _COLS + m, **i32)
+        # A padding row: no KV write (slot -1), no attention work (length 0), no source row.
+        self._pad_row = np.zeros(_COLS + m, np.int32)
+        self._pad_row[_SLOT] = self._pad_row[_SRC] = -1
+        # Sampled ids of the last replay (device; next step's placeholders read them; a greedy
+        # graph writes its argmax there itself) and their pinned host copies, with an event each.
         self.last_tokens = torch.zeros(n, **i64)
         self._out_host = [torch.zeros(n, dtype=torch.int64, pin_memory=True) for _ in range(2)]
+        # Blocking: the waiting host thread sleeps instead of spinning a core (cudaEventBlockingSync);
+        # a spinning waiter per replica steals CPU from the proxy, ingress and other replicas.
+        self._events = [torch.cuda.Event(blocking=True) for _ in range(2)]
+        self.num_emitted = 0
         self._turn = 0
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
@@ -134,23 +150,21 @@ class DecodeGraphs:
         )
 
     def _unpack(self, bs: int) -> None:
-        """Device side of the input copies, captured in the graph: the staged rows into the
+        """Device side of the input copy, captured in the graph: the staged rows into the
         inputs the model reads, and each continuing row's token from the previous replay's
-        sampled ids (``src`` row >= 0). One replay instead of a handful of small launches."""
-        dev = self._stage_dev
-        src = dev[4, :bs]
-        self.input_ids[:bs].copy_(torch.where(src >= 0, self.last_tokens[src.clamp(min=0)], dev[0, :bs]))
-        self.positions[:bs].copy_(dev[1, :bs])
-        self.slot_mapping[:bs].copy_(dev[2, :bs])
-        self.seq_lens[:bs].copy_(dev[3, :bs])
+        sampled ids (source row >= 0). One replay instead of a handful of small launches."""
+        dev = self._stage_dev[:bs]
+        src = dev[:, _SRC]
+        self.input_ids[:bs].copy_(torch.where(src >= 0, self.last_tokens[src.clamp(min=0)], dev[:, _TOKEN]))
+        self.positions[:bs].copy_(dev[:, _POS])
+        self.slot_mapping[:bs].copy_(dev[:, _SLOT])
+        self.seq_lens[:bs].copy_(dev[:, _LEN])
+        self.block_tables[:bs].copy_(dev[:, _COLS:])
 
     @torch.inference_mode()
     def capture(self) -> None:
         """Capture every batch size, largest first (smaller graphs reuse its memory pool)."""
-        # Staged padding rows: no KV write (slot -1), no attention work (length 0), no source row.
-        self._stage_dev.zero_()
-        self._stage_dev[2].fill_(-1)
-        self._stage_dev[4].fill_(-1)
+        self._stage_dev.copy_(torch.from_numpy(self._pad_row).expand_as(self._stage_dev))
         self.pool = torch.cuda.graph_pool_handle()
         for bs in reversed(self.sizes):
             meta = self._meta(bs)
@@ -167,6 +181,7 @@ class DecodeGraphs:
                 self._unpack(bs)
                 logits = self.forward(ids, pos, meta)
                 tokens = torch.argmax(logits, dim=-1)
+                self.last_tokens[:bs].copy_(tokens)  # a greedy step's tokens, where the next reads them
             self.graphs[bs], self.logits[bs], self.tokens[bs] = g, logits, tokens
         torch.cuda.synchronize(self.device)
 
@@ -193,38 +208,34 @@ class DecodeGraphs:
         if w > self.max_blocks_per_seq:
             raise ValueError("a block table is wider than the captured graphs allow")
         self._turn ^= 1
-        stage, stage_bt = self._stage[self._turn], self._stage_bt[self._turn]
-        st, bt = stage.numpy(), stage_bt.numpy()
+        stage = self._stage[self._turn]
+        st = stage.numpy()
         page = self.block_size
         pos = inp.positions
-        st[0, :b] = inp.token_ids
-        st[1, :b] = pos
-        bt[:b, :w] = inp.block_tables
-        bt[:b, w:] = 0
-        st[2, :b] = inp.block_tables[np.arange(b), pos // page].astype(np.int64) * page + pos % page
-        st[3, :b] = pos + 1
-        st[4, :b] = -1 if inp.src_rows is None else inp.src_rows
-        # Padding rows: no KV write, no attention work.
-        st[0, b:bs] = 0
-        st[1, b:bs] = 0
-        st[2, b:bs] = -1
-        st[3, b:bs] = 0
-        st[4, b:bs] = -1
-        # Two host-to-device copies; the graph unpacks them (see _unpack).
-        self._stage_dev[:, :bs].copy_(stage[:, :bs], non_blocking=True)
-        self.block_tables[:bs].copy_(stage_bt[:bs], non_blocking=True)
+        st[:b, _TOKEN] = inp.token_ids
+        st[:b, _POS] = pos
+        st[:b, _SLOT] = inp.block_tables[np.arange(b), pos // page] * page + pos % page
+        st[:b, _LEN] = pos + 1
+        st[:b, _SRC] = -1 if inp.src_rows is None else inp.src_rows
+        st[:b, _COLS : _COLS + w] = inp.block_tables
+        st[:b, _COLS + w :] = 0
+        st[b:bs] = self._pad_row
+        self._stage_dev[:bs].copy_(stage[:bs], non_blocking=True)  # the graph unpacks it (_unpack)
         self.graphs[bs].replay()
         return self.logits[bs][:b], self.tokens[bs][:b]
 
-    def emit(self, request_ids: tuple[str, ...], tokens: torch.Tensor) -> GraphStep:
-        """Record the last replay's sampled ids (device ``[B]``): kept on the device for the
-        next replay's placeholders and copied to pinned host memory without waiting."""
+    def emit(self, request_ids: tuple[str, ...], tokens: torch.Tensor | None = None) -> GraphStep:
+        """Record the last replay's sampled ids: ``tokens`` (device ``[B]``, from the sampler)
+        or, with None, the graph's own argmax (already in ``last_tokens``). They stay on the
+        device for the next replay's placeholders and are copied to pinned host memory
+        without waiting."""
         b = len(request_ids)
-        self.last_tokens[:b].copy_(tokens)
+        if tokens is not None:
+            self.last_tokens[:b].copy_(tokens)
         host = self._out_host[self._turn][:b]
         host.copy_(self.last_tokens[:b], non_blocking=True)
-        # Blocking: the waiting host thread sleeps instead of spinning a core (cudaEventBlockingSync);
-        # a spinning waiter per replica steals CPU from the proxy, ingress and other replicas.
-        event = torch.cuda.Event(blocking=True)
+        event = self._events[self._turn]
         event.record()
-        return GraphStep(request_ids, host, event)
+        step = GraphStep(self, request_ids, host, event)
+        self.num_emitted += 1
+        return step

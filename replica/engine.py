@@ -126,6 +126,7 @@ class LLMEngine:
                 num_blocks,
                 seed=config.model.seed,
                 eos_token_ids=self.tokenizer.eos_token_ids,
+                max_model_len=self.max_model_len,
             )
         else:
             runner_blocks = getattr(runner, "num_blocks", None)

@@ -62,6 +62,7 @@ class ModelRunner:
         *,
         seed: int = 0,
         eos_token_ids: Iterable[int] | None = None,
+        max_model_len: int | None = None,
     ) -> None:
         if num_blocks <= 0:
             raise ValueError(f"num_blocks must be > 0, got {num_blocks}")
@@ -89,11 +90,12 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         self._last_graph_step: PendingStep | None = None  # its tokens are in graphs.last_tokens
         if self.device.type == "cuda" and runner.use_cuda_graphs and getattr(self.backend, "cuda_graph_safe", False):
-            self.graphs = self._capture_graphs(runner.max_graph_batch_size)
+            self.graphs = self._capture_graphs(runner.max_graph_batch_size, max_model_len)
 
-    def _capture_graphs(self, max_batch_size: int) -> DecodeGraphs:
+    def _capture_graphs(self, max_batch_size: int, max_model_len: int | None) -> DecodeGraphs:
         cfg = _text_config(self.model.config)
-        max_len = int(getattr(cfg, "max_position_embeddings", 0) or 8192)
+        # Block tables as wide as the engine's longest sequence: each replay copies them.
+        max_len = max_model_len or int(getattr(cfg, "max_position_embeddings", 0) or 8192)
         graphs = DecodeGraphs(
             self._graph_forward,
             device=self.device,
@@ -198,7 +200,7 @@ class ModelRunner:
         if d is not None:
             rids = d.request_ids
             if d.plain_greedy:
-                return self.graphs.emit(rids, greedy)
+                return self.graphs.emit(rids)  # the graph's argmax
             params, n_out = [r.params for r in d.requests], d.num_output_tokens.tolist()
         else:
             rids = tuple(c.request_id for c in out.chunks)
@@ -206,7 +208,7 @@ class ModelRunner:
         # Plain greedy rows (no min_tokens ban left) take the graph's argmax: no rows to build.
         rows = [SamplingRow(p, n, self._banned(p, n)) for p, n in zip(params, n_out)]
         if all(r.params.greedy and not r.banned_token_ids for r in rows):
-            return self.graphs.emit(rids, greedy)
+            return self.graphs.emit(rids)  # the graph's argmax
         return self.graphs.emit(rids, self.sampler(logits, rows))
 
     def _batch_inputs(self, d: DecodeBatch, prev: PendingStep | None) -> DecodeInputs | None:

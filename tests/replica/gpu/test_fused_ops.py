@@ -66,3 +66,60 @@ def test_long_inputs_take_hf_path_and_patching_is_idempotent(device):
         assert n > 0 and fused_ops.patch_model(model) == 0
         got = model(input_ids=ids).logits
     torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
+def _hf_rope(q, k, cos, sin):
+    from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
+
+    return apply_rotary_pos_emb(q, k, cos, sin)
+
+
+@pytest.mark.parametrize("t", [1, 37, 256])
+def test_rope_is_bit_exact_against_hf(kernel_device, kernel_dtype, t):
+    """q and k as the attention forward has them (transposed views of the projections' outputs),
+    cos/sin as HF's rotary embedding makes them: the same bits as HF's apply_rotary_pos_emb."""
+    g = torch.Generator(device=kernel_device).manual_seed(t)
+    hq, hk, d = 14, 2, 64
+    q = (torch.randn(1, t, hq * d, device=kernel_device, generator=g) * 4).to(kernel_dtype)
+    k = (torch.randn(1, t, hk * d, device=kernel_device, generator=g) * 4).to(kernel_dtype)
+    q, k = q.view(1, t, hq, d).transpose(1, 2), k.view(1, t, hk, d).transpose(1, 2)
+    pos = torch.randint(0, 4096, (1, t), device=kernel_device, generator=g).float()
+    inv = 1.0 / (1e6 ** (torch.arange(0, d, 2, device=kernel_device).float() / d))
+    emb = torch.cat([pos[0, :, None] * inv[None]] * 2, dim=-1)[None]
+    cos, sin = emb.cos().to(kernel_dtype), emb.sin().to(kernel_dtype)
+    assert fused_ops.rope_supported(q, cos)
+    ref_q, ref_k = _hf_rope(q, k, cos, sin)
+    got_q, got_k = fused_ops.rope(q, k, cos, sin)
+    assert got_q.shape == ref_q.shape and got_k.shape == ref_k.shape
+    assert torch.equal(got_q, ref_q) and torch.equal(got_k, ref_k)
+
+
+def test_rope_is_not_used_where_it_would_not_be_exact(kernel_device):
+    q = torch.zeros(1, 2, 3, 16, device=kernel_device)
+    cos = torch.zeros(1, 3, 16, device=kernel_device)
+    assert not fused_ops.rope_supported(q, cos)  # float32: FMA contraction could round differently
+    half = q.half()
+    assert fused_ops.rope_supported(half, cos.half())
+    assert not fused_ops.rope_supported(half, cos.half()[..., :8])  # partial rotary
+    assert not fused_ops.rope_supported(torch.zeros(1, 2, 3, 12, device=kernel_device).half(),
+                                        torch.zeros(1, 3, 12, device=kernel_device).half())  # half of 12 is 6
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_patched_attention_is_bit_exact_in_bf16(device, arch):
+    """The patched attention forward (fused rotary) returns the same bits as HF's forward."""
+    model = build_random_model(TINY_CONFIGS[arch], seed=0, dtype=torch.bfloat16, device=device).eval()
+    model.set_attn_implementation("sdpa")
+    attn = model.model.layers[0].self_attn
+    t = 29
+    x = torch.randn(1, t, model.config.hidden_size, device=device, dtype=torch.bfloat16)
+    pos = torch.arange(7, 7 + t, device=device)[None]
+    with torch.inference_mode():
+        emb = model.model.rotary_emb(x, pos)
+        ref, _ = attn(x, emb, None)
+        n = fused_ops.patch_model(model)
+        assert n >= 3 * TINY_CONFIGS[arch]["num_hidden_layers"]  # two norms + MLP + attention per layer
+        assert "_hf_forward" in attn.__dict__
+        got, _ = attn(x, emb, None)
+        assert torch.equal(got, ref)
+        assert torch.equal(attn._hf_forward(x, emb, None)[0], ref)  # HF's path is still there
