@@ -5,7 +5,7 @@ Why: a decode step replayed from a CUDA graph is bound by kernel count, not byte
 HF's RMSNorm is ~7 elementwise kernels (cast, pow, mean, add, rsqrt, mul, cast, mul) and the MLP's
 activation two. One kernel each removes ~15 of the ~40 kernels per layer; HF's rotary embedding
 (``q * cos + rotate_half(q) * sin`` for q and k: slices, negation, concatenation, products, sums)
-is ~10 more, one kernel here (16-bit models only, where it is bit-exact: see ``rope``). The math follows HF's
+is ~10 more, one kernel here (bf16 models, where it is bit-exact: see ``rope``). The math follows HF's
 rounding steps (normalize in fp32, round to the input dtype, then multiply by the weight; SiLU in
 fp32 rounded, then the product rounded), so results match eager up to the order of one fp32 sum.
 
@@ -54,17 +54,25 @@ def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, n, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _round_bf16(x):
+    # Round-to-nearest-even of fp32 to bf16 (kept in fp32), by integer arithmetic: the compiler
+    # turned x.to(bf16).to(fp32) plus a sum into a fused operation that rounds differently
+    # (~18 % of outputs one ulp off HF), which bit operations prevent.
+    b = x.to(tl.uint32, bitcast=True)
+    b = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) << 16
+    return b.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _rope_half(x_ptr, out_ptr, c1, c2, s1, s2, offs, HALF: tl.constexpr):
     # HF: (x * cos) + (rotate_half(x) * sin), rotate_half(x) = cat(-x2, x1); every product and
-    # the sum rounded to the input dtype, as PyTorch's 16-bit elementwise ops do.
-    x1 = tl.load(x_ptr + offs)
-    x2 = tl.load(x_ptr + HALF + offs)
-    dt = x1.dtype
-    x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
-    o1 = (x1f * c1).to(dt).to(tl.float32) + (-x2f * s1).to(dt).to(tl.float32)
-    o2 = (x2f * c2).to(dt).to(tl.float32) + (x1f * s2).to(dt).to(tl.float32)
-    tl.store(out_ptr + offs, o1.to(dt))
-    tl.store(out_ptr + HALF + offs, o2.to(dt))
+    # the sum rounded to bf16, as PyTorch's bf16 elementwise ops do (fp32 math, rounded result).
+    x1 = tl.load(x_ptr + offs).to(tl.float32)
+    x2 = tl.load(x_ptr + HALF + offs).to(tl.float32)
+    o1 = _round_bf16(_round_bf16(x1 * c1) + _round_bf16(-x2 * s1))
+    o2 = _round_bf16(_round_bf16(x2 * c2) + _round_bf16(x1 * s2))
+    tl.store(out_ptr + offs, o1.to(tl.bfloat16))
+    tl.store(out_ptr + HALF + offs, o2.to(tl.bfloat16))
 
 
 @triton.jit
@@ -85,13 +93,13 @@ def _rope_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr, sq_t, sq_h, sk_
 
 
 def rope_supported(q: torch.Tensor, cos: torch.Tensor) -> bool:
-    """16-bit q ``[1, H, T, D]`` with D/2 a power of two and cos ``[1, T, D]`` (full rotary).
-    Not float32: there the compiler may contract a product and the sum into one FMA, which
-    rounds differently from PyTorch's separate ops."""
+    """bf16 q ``[1, H, T, D]`` with D/2 a power of two and cos ``[1, T, D]`` (full rotary).
+    bf16 only: its rounding is done by integer arithmetic, bit-exact against HF (fp32 and
+    fp16 models keep HF's kernels)."""
     d = q.shape[-1]
     half = d // 2
     return (
-        q.dtype in (torch.bfloat16, torch.float16)
+        q.dtype == torch.bfloat16
         and q.dim() == 4 and q.shape[0] == 1
         and d % 2 == 0 and half >= 1 and half & (half - 1) == 0
         and cos.dim() == 3 and cos.shape[-1] == d and cos.dtype == q.dtype
@@ -103,7 +111,7 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor)
     """HF's ``apply_rotary_pos_emb(q, k, cos, sin)`` for q ``[1, Hq, T, D]``, k ``[1, Hk, T, D]``
     (any strides with unit last stride, e.g. the transposed view of a projection's output) and
     cos/sin ``[1, T, D]``; the results are views ``[1, H, T, D]`` of ``[1, T, H, D]`` tensors,
-    laid out as HF's are. Bit-exact against HF in bf16 / fp16 (same rounding steps)."""
+    laid out as HF's are. Bit-exact against HF in bf16 (same rounding steps)."""
     _, hq, t, d = q.shape
     hk = k.shape[1]
     qo = torch.empty((1, t, hq, d), dtype=q.dtype, device=q.device)
@@ -165,12 +173,12 @@ def _mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
 def _attention_forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None,
                        **kwargs):
     """HF's Qwen2 / Llama attention forward (transformers 5.x) with the rotary embedding fused;
-    HF's own forward where the fused kernel doesn't apply (prefill chunks, fp32, partial rotary)."""
+    HF's own forward where the fused kernel doesn't apply (prefill chunks, not bf16, partial rotary)."""
     input_shape = hidden_states.shape[:-1]
     cos, sin = position_embeddings
     attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, None)
     if (_rows(hidden_states) > MAX_FUSED_ROWS or past_key_values is not None or self.training
-            or attention_interface is None or hidden_states.dtype not in (torch.bfloat16, torch.float16)):
+            or attention_interface is None or hidden_states.dtype != torch.bfloat16):
         return self._hf_forward(hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs)
     hidden_shape = (*input_shape, -1, self.head_dim)
     q = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)

@@ -75,18 +75,18 @@ def _hf_rope(q, k, cos, sin):
 
 
 @pytest.mark.parametrize("t", [1, 37, 256])
-def test_rope_is_bit_exact_against_hf(kernel_device, kernel_dtype, t):
+def test_rope_is_bit_exact_against_hf(device, t):
     """q and k as the attention forward has them (transposed views of the projections' outputs),
     cos/sin as HF's rotary embedding makes them: the same bits as HF's apply_rotary_pos_emb."""
-    g = torch.Generator(device=kernel_device).manual_seed(t)
+    g = torch.Generator(device=device).manual_seed(t)
     hq, hk, d = 14, 2, 64
-    q = (torch.randn(1, t, hq * d, device=kernel_device, generator=g) * 4).to(kernel_dtype)
-    k = (torch.randn(1, t, hk * d, device=kernel_device, generator=g) * 4).to(kernel_dtype)
+    q = (torch.randn(1, t, hq * d, device=device, generator=g) * 4).to(torch.bfloat16)
+    k = (torch.randn(1, t, hk * d, device=device, generator=g) * 4).to(torch.bfloat16)
     q, k = q.view(1, t, hq, d).transpose(1, 2), k.view(1, t, hk, d).transpose(1, 2)
-    pos = torch.randint(0, 4096, (1, t), device=kernel_device, generator=g).float()
-    inv = 1.0 / (1e6 ** (torch.arange(0, d, 2, device=kernel_device).float() / d))
+    pos = torch.randint(0, 4096, (1, t), device=device, generator=g).float()
+    inv = 1.0 / (1e6 ** (torch.arange(0, d, 2, device=device).float() / d))
     emb = torch.cat([pos[0, :, None] * inv[None]] * 2, dim=-1)[None]
-    cos, sin = emb.cos().to(kernel_dtype), emb.sin().to(kernel_dtype)
+    cos, sin = emb.cos().to(torch.bfloat16), emb.sin().to(torch.bfloat16)
     assert fused_ops.rope_supported(q, cos)
     ref_q, ref_k = _hf_rope(q, k, cos, sin)
     got_q, got_k = fused_ops.rope(q, k, cos, sin)
@@ -94,15 +94,15 @@ def test_rope_is_bit_exact_against_hf(kernel_device, kernel_dtype, t):
     assert torch.equal(got_q, ref_q) and torch.equal(got_k, ref_k)
 
 
-def test_rope_is_not_used_where_it_would_not_be_exact(kernel_device):
-    q = torch.zeros(1, 2, 3, 16, device=kernel_device)
-    cos = torch.zeros(1, 3, 16, device=kernel_device)
-    assert not fused_ops.rope_supported(q, cos)  # float32: FMA contraction could round differently
-    half = q.half()
-    assert fused_ops.rope_supported(half, cos.half())
-    assert not fused_ops.rope_supported(half, cos.half()[..., :8])  # partial rotary
-    assert not fused_ops.rope_supported(torch.zeros(1, 2, 3, 12, device=kernel_device).half(),
-                                        torch.zeros(1, 3, 12, device=kernel_device).half())  # half of 12 is 6
+def test_rope_is_not_used_where_it_would_not_be_exact():
+    q = torch.zeros(1, 2, 3, 16, dtype=torch.bfloat16)
+    cos = torch.zeros(1, 3, 16, dtype=torch.bfloat16)
+    assert fused_ops.rope_supported(q, cos)
+    assert not fused_ops.rope_supported(q.float(), cos.float())  # fp32 / fp16 keep HF's kernels
+    assert not fused_ops.rope_supported(q.half(), cos.half())
+    assert not fused_ops.rope_supported(q, cos[..., :8])  # partial rotary
+    assert not fused_ops.rope_supported(torch.zeros(1, 2, 3, 12, dtype=torch.bfloat16),
+                                        torch.zeros(1, 3, 12, dtype=torch.bfloat16))  # half of 12 is 6
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
