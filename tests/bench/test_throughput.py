@@ -44,6 +44,8 @@ def test_probe_records_steps_and_leaves_outputs_unchanged():
     assert any(r["decode"] for r in recs) and any(not r["decode"] for r in recs)
     assert len(calls) == engine.stats().num_steps  # one call per applied step
     assert all(c["wall"] >= c["host"] >= 0 and c["blocked"] >= 0 for c in calls)
+    assert all(c["loop_host"] >= c["host"] for c in calls)  # plus the caller's time between steps
+    assert any(r["decode"] and r["batch"] > 1 for r in recs)  # decode batches (arrays) were recorded
     assert not any(r["graph"] for r in recs)  # no CUDA here
 
 
