@@ -22,7 +22,7 @@ import time
 import numpy as np
 import torch
 
-from bench.throughput import _tokenizer, build_model
+from bench.throughput import _tokenizer, build_model, time_result
 from replica.config import CacheConfig, EngineConfig, ModelConfig, RunnerConfig, SchedulerConfig
 from replica.models import DUMMY_CONFIGS, SMOLLM2_VOCAB, LoadedModel
 from replica.request import SamplingParams
@@ -41,19 +41,13 @@ class PhaseTimer:
             t = time.perf_counter()
             handle = launch(out, prev)
             self.acc["launch"] += time.perf_counter() - t
-            inner = handle.result
-
-            def timed_result():
-                t = time.perf_counter()
-                try:
-                    return inner()
-                finally:
-                    self.acc["wait_for_device"] += time.perf_counter() - t
-
-            handle.result = timed_result
+            time_result(handle, self._waited)
             return handle
 
         engine.runner.launch = timed_launch
+
+    def _waited(self, seconds: float) -> None:
+        self.acc["wait_for_device"] += seconds
 
     def _wrap(self, obj, name: str) -> None:
         fn = getattr(obj, name)

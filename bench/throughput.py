@@ -23,6 +23,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -135,6 +136,20 @@ def _tokenizer(tok_dir: str | None):
     return Tokenizer(AutoTokenizer.from_pretrained(tok_dir), eos_token_ids=[2], name="smollm2")
 
 
+def time_result(handle, record: Callable[[float], None]) -> None:
+    """Wrap a launched step's ``result()`` so that the seconds it blocks go to ``record``."""
+    inner = handle.result
+
+    def result():
+        t = time.perf_counter()
+        try:
+            return inner()
+        finally:
+            record(time.perf_counter() - t)
+
+    handle.result = result
+
+
 class StepProbe:
     """Times the engine without touching it, by wrapping the runner.
 
@@ -194,17 +209,12 @@ class StepProbe:
         handle = self._launch(out, prev)
         rec["graph"] = "ev_end" in rec
         self.records.append(rec)
-        inner = handle.result
 
-        def timed_result():
-            t = time.perf_counter()
-            try:
-                return inner()
-            finally:
-                self._blocked += time.perf_counter() - t
-                self._applied = rec
+        def blocked(seconds: float) -> None:
+            self._blocked += seconds
+            self._applied = rec
 
-        handle.result = timed_result
+        time_result(handle, blocked)
         return handle
 
     def step(self):
