@@ -1,10 +1,10 @@
-"""replica/outputs.py: merging consecutive deltas of one request."""
+"""replica/outputs.py: merging consecutive deltas of one request; RunnerOutput's two forms."""
 
 from __future__ import annotations
 
 import pytest
 
-from replica.outputs import Delta, Usage, merge_deltas
+from replica.outputs import Delta, RunnerOutput, Usage, merge_deltas
 from replica.request import FinishReason
 
 
@@ -46,3 +46,21 @@ def test_merge_of_one_delta_is_that_delta():
 def test_merge_refuses_what_cannot_be_one_delta(deltas, message):
     with pytest.raises(ValueError, match=message):
         merge_deltas(deltas)
+
+
+def test_runner_output_rows_and_dict_agree():
+    ids = ("a", "b", "c")
+    res = RunnerOutput(request_ids=ids, token_ids=[5, 6, 7])
+    assert res.tokens_for(ids) == [5, 6, 7]  # the same rows: no dict built
+    assert res._sampled is None
+    assert res.tokens_for(("c", "a")) == [7, 5]
+    assert res.sampled == {"a": 5, "b": 6, "c": 7}
+    assert RunnerOutput({"x": 1}).tokens_for(("x",)) == [1]
+    with pytest.raises(KeyError):
+        RunnerOutput({"x": 1}).tokens_for(("y",))
+
+
+@pytest.mark.parametrize("kwargs", [dict(request_ids=("a",)), dict(request_ids=("a",), token_ids=[1, 2]), dict()])
+def test_runner_output_refuses_inconsistent_rows(kwargs):
+    with pytest.raises(ValueError):
+        RunnerOutput(**kwargs)
