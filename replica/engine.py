@@ -148,6 +148,10 @@ class LLMEngine:
             config.scheduler, config.cache, num_blocks=num_blocks, max_model_len=self.max_model_len
         )
         self._detokenizer_factory = detokenizer_factory or _default_detokenizer
+        if detokenizer_factory is None and callable(getattr(self.tokenizer, "token_bytes", None)):
+            # The byte-level detokenizer's table (~0.1-0.3 s once per tokenizer): now, not in the
+            # first request's time to first token.
+            self.tokenizer.token_bytes(skip_special_tokens=True)
         # Requests whose final delta has not been built yet, with their detokenizers.
         self._live: dict[str, tuple[Request, Detokenizer]] = {}
         self._pending: list[Delta] = []  # deltas of requests finished outside a step (abort)
