@@ -271,6 +271,8 @@ class Scheduler:
             tokens = res.tokens_for(d.request_ids)
         except KeyError as e:
             raise RuntimeError(f"the model runner returned no token for {e.args[0]}") from None
+        toks = np.fromiter(tokens, np.int64, len(d))
+        tokens = toks.tolist()  # plain ints, whatever the runner returned (numpy ints would leak out)
         running = RequestStatus.RUNNING
         got: list[Request] = []
         for req, token, pos in zip(d.requests, tokens, d.positions.tolist()):
@@ -285,7 +287,6 @@ class Scheduler:
             got.append(req)
         # Rows that may stop now: at their length limit, or sampled an EOS / stop id (checked
         # exactly, per row, by _stop_reason). Rows that also filled a block cache it first.
-        toks = np.fromiter(tokens, np.int64, len(d))
         n_out = d.num_output_tokens + 1
         maybe = (n_out >= d.static[:, LIMIT]) | (d.static[:, CHECK_STOP_IDS] != 0) | np.isin(toks, d.eos_ids)
         if self.kv.enable_prefix_caching:

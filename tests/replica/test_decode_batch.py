@@ -181,3 +181,14 @@ def test_finish_reason_is_length_for_rows_leaving_at_their_limit():
     _drive(sched, runner)
     assert [r.finish_reason for r in reqs] == [FinishReason.LENGTH] * 3
     assert [len(r.output_token_ids) for r in reqs] == [4, 5, 6]
+
+
+def test_batch_update_stores_plain_ints_whatever_the_runner_returns():
+    sched, runner = make_scheduler()
+    sched.add(make_req("a", [1, 2, 3], max_tokens=8))
+    first = sched.schedule()
+    nxt = sched.schedule_next(first)
+    sched.update(first, runner.run(first))
+    sched.update(nxt, RunnerOutput(request_ids=("a",), token_ids=np.array([5])))
+    assert sched.get("a").output_token_ids[-1] == 5
+    assert type(sched.get("a").output_token_ids[-1]) is int
