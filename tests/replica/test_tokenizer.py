@@ -357,7 +357,8 @@ def _check_byte_level_stream(tok, ids, stop, step, skip, min_tokens=0) -> None:
     assert d._pieces is not None
     full = tok.decode(ids, skip_special_tokens=skip)
     # Stop strings match only in text after min_tokens tokens: after what was emitted by then.
-    boundary = min(len(ids), min_tokens // step * step)
+    # The stop check starts with the first add() after which more than min_tokens were added.
+    boundary = len(ids) if len(ids) <= min_tokens else min_tokens // step * step
     before = tok.decode(ids[:boundary], skip_special_tokens=skip)
     if before.endswith(REPLACEMENT) and not full.startswith(before):
         before = before[:-1]  # a character the next tokens complete: not emitted yet
