@@ -118,12 +118,19 @@ def test_batch_update_stops_on_eos_stop_ids_min_tokens_and_a_full_context():
     assert len(emitted["min"]) >= 12
 
 
-def test_batch_update_refuses_a_step_applied_twice_and_a_missing_token():
+def _applied_prefill_and_its_blind_successor():
+    """Request "a" prefilled and applied; returns the scheduler and the decode step launched
+    blind after the prefill (not applied yet)."""
     sched, runner = make_scheduler()
     sched.add(make_req("a", [1, 2, 3], max_tokens=8))
     first = sched.schedule()
     nxt = sched.schedule_next(first)
     sched.update(first, runner.run(first))
+    return sched, nxt
+
+
+def test_batch_update_refuses_a_step_applied_twice_and_a_missing_token():
+    sched, nxt = _applied_prefill_and_its_blind_successor()
     assert nxt is not None and nxt.decode is not None
     with pytest.raises(RuntimeError, match="no token for a"):
         sched.update(nxt, RunnerOutput({}))
@@ -184,11 +191,7 @@ def test_finish_reason_is_length_for_rows_leaving_at_their_limit():
 
 
 def test_batch_update_stores_plain_ints_whatever_the_runner_returns():
-    sched, runner = make_scheduler()
-    sched.add(make_req("a", [1, 2, 3], max_tokens=8))
-    first = sched.schedule()
-    nxt = sched.schedule_next(first)
-    sched.update(first, runner.run(first))
+    sched, nxt = _applied_prefill_and_its_blind_successor()
     sched.update(nxt, RunnerOutput(request_ids=("a",), token_ids=np.array([5])))
     assert sched.get("a").output_token_ids[-1] == 5
     assert type(sched.get("a").output_token_ids[-1]) is int
