@@ -27,13 +27,16 @@ from replica.request import Request
 LIMIT, MIN_TOKENS, GREEDY, CHECK_STOP_IDS, PROMPT_LEN = range(5)
 
 
-def pack_block_tables(tables: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
-    """Block tables as one zero-padded int32 array ``[B, max len]`` and their lengths."""
+def pack_block_tables(tables: Sequence[Sequence[int]], num_blocks: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Block tables as one zero-padded int32 array ``[B, max len]`` and their lengths. With
+    ``num_blocks``, every id must be in ``[0, num_blocks)`` (checked before the int32 cast)."""
     b = len(tables)
     lens = np.fromiter((len(t) for t in tables), np.int64, b)
     width = int(lens.max(initial=1)) or 1
     out = np.zeros((b, width), np.int32)
     flat = np.fromiter((x for t in tables for x in t), np.int64, int(lens.sum()))
+    if num_blocks is not None and flat.size and (flat.min() < 0 or flat.max() >= num_blocks):
+        raise ValueError(f"block ids must be in [0, {num_blocks}), got min {flat.min()} max {flat.max()}")
     out[np.arange(width)[None, :] < lens[:, None]] = flat
     return out, lens
 

@@ -266,10 +266,8 @@ class ModelRunner:
             if (src == -2).any():
                 raise ValueError("the previous step sampled no token for a placeholder row")
             ids[holes] = 0
-        tables = [c.block_table for c in chunks]
-        if max(max(t) for t in tables) >= self.num_blocks or min(min(t) for t in tables) < 0:
-            raise ValueError(f"block ids must be in [0, {self.num_blocks})")
-        return DecodeInputs(self._checked_ids(ids), pos, pack_block_tables(tables)[0], src)
+        tables, _ = pack_block_tables([c.block_table for c in chunks], self.num_blocks)
+        return DecodeInputs(self._checked_ids(ids), pos, tables, src)
 
     def _checked_ids(self, ids: np.ndarray) -> np.ndarray:
         if ids.min() < 0 or ids.max() >= self.vocab_size:
@@ -331,13 +329,8 @@ class ModelRunner:
         seq_of_tok = np.repeat(np.arange(b), q_lens)
         positions = np.arange(t) - np.repeat(qsl[:-1] - starts, q_lens)
 
-        max_blocks = int(bt_lens.max())
-        block_tables = np.zeros((b, max_blocks), np.int64)
-        flat = np.fromiter(chain.from_iterable(c.block_table for c in chunks), np.int64, int(bt_lens.sum()))
-        if flat.size and (flat.min() < 0 or flat.max() >= self.num_blocks):
-            raise ValueError(f"block ids must be in [0, {self.num_blocks}), got min {flat.min()} max {flat.max()}")
-        block_tables[np.arange(max_blocks)[None, :] < bt_lens[:, None]] = flat
-        slots = block_tables[seq_of_tok, positions // bs] * bs + positions % bs
+        block_tables, _ = pack_block_tables([c.block_table for c in chunks], self.num_blocks)
+        slots = block_tables[seq_of_tok, positions // bs].astype(np.int64) * bs + positions % bs
 
         sample_mask = np.fromiter((c.sample for c in chunks), bool, b)
         logits_indices = qsl[1:][sample_mask] - 1

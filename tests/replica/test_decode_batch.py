@@ -27,6 +27,12 @@ def test_pack_block_tables_pads_rows_with_zero():
     assert lens.tolist() == [3, 1, 0]
 
 
+@pytest.mark.parametrize("tables", [[[3, 8]], [[-1]], [[2], [2**40]]])
+def test_pack_block_tables_refuses_ids_outside_the_pool(tables):
+    with pytest.raises(ValueError, match=r"block ids must be in \[0, 8\)"):
+        pack_block_tables(tables, num_blocks=8)
+
+
 def test_build_successor_and_chunks_view():
     a = _req("a", [3, 4], max_tokens=10)
     b = _req("b", [8], prompt_len=2, max_tokens=5, temperature=0.7, seed=1)
