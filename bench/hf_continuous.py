@@ -15,10 +15,18 @@ from bench.workload import BenchRequest, RunResult, useful_tokens
 
 
 @torch.no_grad()
-def run_hf_continuous(model, requests: list[BenchRequest], *, max_batch_tokens: int | None = None,
-                      num_blocks: int | None = None, max_memory_percent: float | None = None,
-                      block_size: int = 256, warmup: bool = True, progress: bool = True,
-                      timeout_s: float = 3600.0) -> RunResult:
+def run_hf_continuous(
+    model,
+    requests: list[BenchRequest],
+    *,
+    max_batch_tokens: int | None = None,
+    num_blocks: int | None = None,
+    max_memory_percent: float | None = None,
+    block_size: int = 256,
+    warmup: bool = True,
+    progress: bool = True,
+    timeout_s: float = 3600.0,
+) -> RunResult:
     """Greedy, EOS disabled. ``None`` sizes are left to transformers (from free GPU memory);
     on CPU pass ``num_blocks`` (see ``blocks_needed``), or it reserves most of the RAM.
     Warm-up (CUDA graph capture, first kernels) is not timed."""
@@ -26,10 +34,16 @@ def run_hf_continuous(model, requests: list[BenchRequest], *, max_batch_tokens: 
     from transformers import GenerationConfig
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
-    gen = GenerationConfig(do_sample=False, eos_token_id=-1, pad_token_id=0,
-                           max_new_tokens=max(r.max_tokens for r in requests))
-    cb = ContinuousBatchingConfig(block_size=block_size, num_blocks=num_blocks, max_batch_tokens=max_batch_tokens,
-                                  max_memory_percent=max_memory_percent, allow_block_sharing=False)
+    gen = GenerationConfig(
+        do_sample=False, eos_token_id=-1, pad_token_id=0, max_new_tokens=max(r.max_tokens for r in requests)
+    )
+    cb = ContinuousBatchingConfig(
+        block_size=block_size,
+        num_blocks=num_blocks,
+        max_batch_tokens=max_batch_tokens,
+        max_memory_percent=max_memory_percent,
+        allow_block_sharing=False,
+    )
     ids = [f"r{i}" for i in range(len(requests))]
     results: dict[str, list[int]] = {}
     manager = model.init_continuous_batching(generation_config=gen, continuous_batching_config=cb)
@@ -40,8 +54,7 @@ def run_hf_continuous(model, requests: list[BenchRequest], *, max_batch_tokens: 
         start = time.perf_counter()
         manager.start()
         for rid, r in zip(ids, requests, strict=True):
-            manager.add_request(list(r.prompt_token_ids), request_id=rid, max_new_tokens=r.max_tokens,
-                                eos_token_id=-1)
+            manager.add_request(list(r.prompt_token_ids), request_id=rid, max_new_tokens=r.max_tokens, eos_token_id=-1)
         with tqdm(total=len(requests), desc="hf_cb", unit="req", disable=not progress, dynamic_ncols=True) as bar:
             deadline = time.monotonic() + timeout_s
             while len(results) < len(requests):

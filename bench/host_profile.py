@@ -10,8 +10,8 @@ absolute times).
 from __future__ import annotations
 
 import argparse
-import cProfile
 import collections
+import cProfile
 import io
 import json
 import os
@@ -84,16 +84,18 @@ def main() -> int:
         runner=RunnerConfig(attention_backend="auto", max_graph_batch_size=n),
     )
     model = build_model(args.model, args.seed)
-    loaded = LoadedModel(model=model, tokenizer=_tokenizer(args.tokenizer_dir), name=f"dummy:{args.model}",
-                         max_model_len=4096)
+    loaded = LoadedModel(
+        model=model, tokenizer=_tokenizer(args.tokenizer_dir), name=f"dummy:{args.model}", max_model_len=4096
+    )
     engine = LLMEngine(cfg, loaded=loaded)  # includes the engine's warm-up on CUDA
     rng = np.random.default_rng(args.seed)
     warm = 40  # decode steps before timing: every request decoding, the steady state
     params = SamplingParams(max_tokens=warm + 2 * args.steps + 50, temperature=0.0, ignore_eos=True)
     for i in range(n):
         engine.add_request(f"r{i}", rng.integers(3, SMOLLM2_VOCAB, args.prompt_len).tolist(), params)
-    while engine.scheduler.num_waiting or any(r.num_computed_tokens < r.num_prompt_tokens
-                                              for r in engine.scheduler.running):
+    while engine.scheduler.num_waiting or any(
+        r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running
+    ):
         engine.step()
     for _ in range(warm):
         engine.step()
@@ -117,16 +119,26 @@ def main() -> int:
     buf = io.StringIO()
     pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(22)
     dev = torch.cuda.get_device_name()
-    result = dict(model=args.model, device=dev, batch=n, steps=args.steps, step_wall_ms_mean=wall_ms,
-                  host_ms_mean=host_ms, phases_ms=phases,
-                  step_wall_ms_median=1e3 * statistics.median(walls), profile=buf.getvalue())
+    result = dict(
+        model=args.model,
+        device=dev,
+        batch=n,
+        steps=args.steps,
+        step_wall_ms_mean=wall_ms,
+        host_ms_mean=host_ms,
+        phases_ms=phases,
+        step_wall_ms_median=1e3 * statistics.median(walls),
+        profile=buf.getvalue(),
+    )
     if args.out:
         with open(args.out, "w") as fh:
             json.dump(result, fh, indent=1)
     print(buf.getvalue())
     print(f"=== host per decode step, {args.model} at batch {n} on {dev} (mean of {args.steps} steps) ===")
-    print(f"step wall {wall_ms:.3f} ms = host {host_ms:.3f} ms + waiting for the device "
-          f"{phases.get('wait_for_device', 0.0):.3f} ms")
+    print(
+        f"step wall {wall_ms:.3f} ms = host {host_ms:.3f} ms + waiting for the device "
+        f"{phases.get('wait_for_device', 0.0):.3f} ms"
+    )
     for k in ("schedule_next", "launch", "update", "deltas_and_rest"):
         print(f"  {k:18s} {phases.get(k, 0.0):.3f} ms")
     return 0

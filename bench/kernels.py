@@ -91,18 +91,44 @@ def bench_decode(results, quick: bool):
 
                     def f():
                         kc, vc, bt = sets[next(it) % len(sets)]
-                        paged_decode_attention(q, kc, vc, bt, ctx_t, 0.125, num_splits=splits, block_n=bn,
-                                               num_warps=w, num_stages=st)
+                        paged_decode_attention(
+                            q, kc, vc, bt, ctx_t, 0.125, num_splits=splits, block_n=bn, num_warps=w, num_stages=st
+                        )
 
                     try:
                         ms = do_bench(f, warmup=10, rep=50, return_mode="median")
                     except Exception as e:  # a variant that fails to compile is a result too
-                        rows.append(dict(kind="decode", model=name, bsz=bsz, ctx=ctx, page=page, splits=splits,
-                                         block_n=bn, warps=w, stages=st, error=repr(e)[:200]))
+                        rows.append(
+                            dict(
+                                kind="decode",
+                                model=name,
+                                bsz=bsz,
+                                ctx=ctx,
+                                page=page,
+                                splits=splits,
+                                block_n=bn,
+                                warps=w,
+                                stages=st,
+                                error=repr(e)[:200],
+                            )
+                        )
                         continue
-                    rows.append(dict(kind="decode", model=name, bsz=bsz, ctx=ctx, page=page, splits=splits,
-                                     block_n=bn, warps=w, stages=st, us=ms * 1e3,
-                                     gbps=kv_bytes / (ms * 1e-3) / 1e9, default_splits=default_s))
+                    rows.append(
+                        dict(
+                            kind="decode",
+                            model=name,
+                            bsz=bsz,
+                            ctx=ctx,
+                            page=page,
+                            splits=splits,
+                            block_n=bn,
+                            warps=w,
+                            stages=st,
+                            us=ms * 1e3,
+                            gbps=kv_bytes / (ms * 1e-3) / 1e9,
+                            default_splits=default_s,
+                        )
+                    )
     results["decode"] = rows
 
 
@@ -113,38 +139,96 @@ def bench_prefill(results, quick: bool):
         for chunks in ([(0, 1024)] * 4, [(0, 512)] * 4 + [(1536, 512)] * 4):
             page = 256
             lens = [s + n for s, n in chunks]
-            (kc, vc, bt), = _paged_setup(lens, page, hkv, dim, gen, sets=1)
+            ((kc, vc, bt),) = _paged_setup(lens, page, hkv, dim, gen, sets=1)
             q_lens = [n for _, n in chunks]
             cu = torch.tensor([0] + list(itertools.accumulate(q_lens)), dtype=torch.int32, device="cuda")
             sl = torch.tensor(lens, dtype=torch.int32, device="cuda")
             q = torch.randn(sum(q_lens), hq, dim, device="cuda", dtype=torch.bfloat16)
             # causal FLOPs: 4 * D * sum over queries of visible keys
             flops = sum(4 * dim * hq * (n * s + n * (n + 1) / 2) for s, n in chunks)
-            variants = [(64, 32, 4, 2), (64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 3), (128, 32, 4, 2),
-                        (128, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3)]
+            variants = [
+                (64, 32, 4, 2),
+                (64, 64, 4, 2),
+                (64, 64, 4, 3),
+                (64, 64, 8, 3),
+                (128, 32, 4, 2),
+                (128, 64, 4, 3),
+                (128, 64, 8, 2),
+                (128, 64, 8, 3),
+            ]
             if quick:
                 variants = [(64, 64, 4, 2), (128, 64, 8, 2)]
             for bm, bn, w, st in variants:
                 try:
-                    ms = do_bench(lambda: paged_prefill_attention(q, kc, vc, bt, cu, sl, max(q_lens), 0.125,
-                                                                  block_m=bm, block_n=bn, num_warps=w, num_stages=st),
-                                  warmup=20, rep=100, return_mode="median")
+                    ms = do_bench(
+                        lambda: paged_prefill_attention(
+                            q,
+                            kc,
+                            vc,
+                            bt,
+                            cu,
+                            sl,
+                            max(q_lens),
+                            0.125,
+                            block_m=bm,
+                            block_n=bn,
+                            num_warps=w,
+                            num_stages=st,
+                        ),
+                        warmup=20,
+                        rep=100,
+                        return_mode="median",
+                    )
                 except Exception as e:
-                    rows.append(dict(kind="prefill", model=name, chunks=str(chunks[:1]) + f"x{len(chunks)}",
-                                     block_m=bm, block_n=bn, warps=w, stages=st, error=repr(e)[:200]))
+                    rows.append(
+                        dict(
+                            kind="prefill",
+                            model=name,
+                            chunks=str(chunks[:1]) + f"x{len(chunks)}",
+                            block_m=bm,
+                            block_n=bn,
+                            warps=w,
+                            stages=st,
+                            error=repr(e)[:200],
+                        )
+                    )
                     continue
-                rows.append(dict(kind="prefill", model=name, chunks=f"{chunks[0]}..x{len(chunks)}", block_m=bm,
-                                 block_n=bn, warps=w, stages=st, us=ms * 1e3, tflops=flops / (ms * 1e-3) / 1e12))
+                rows.append(
+                    dict(
+                        kind="prefill",
+                        model=name,
+                        chunks=f"{chunks[0]}..x{len(chunks)}",
+                        block_m=bm,
+                        block_n=bn,
+                        warps=w,
+                        stages=st,
+                        us=ms * 1e3,
+                        tflops=flops / (ms * 1e-3) / 1e12,
+                    )
+                )
             # Dense SDPA (flash) on the same queries with contiguous K/V, as a yardstick.
             if all(s == 0 for s, _ in chunks):
                 n = q_lens[0]
                 qd = q.view(len(chunks), n, hq, dim).transpose(1, 2)
                 kd = torch.randn(len(chunks), hkv, n, dim, device="cuda", dtype=torch.bfloat16)
                 vd = torch.randn_like(kd)
-                ms = do_bench(lambda: torch.nn.functional.scaled_dot_product_attention(
-                    qd, kd, vd, is_causal=True, enable_gqa=True), warmup=20, rep=100, return_mode="median")
-                rows.append(dict(kind="prefill-sdpa", model=name, chunks=f"{chunks[0]}..x{len(chunks)}",
-                                 us=ms * 1e3, tflops=flops / (ms * 1e-3) / 1e12))
+                ms = do_bench(
+                    lambda: torch.nn.functional.scaled_dot_product_attention(
+                        qd, kd, vd, is_causal=True, enable_gqa=True
+                    ),
+                    warmup=20,
+                    rep=100,
+                    return_mode="median",
+                )
+                rows.append(
+                    dict(
+                        kind="prefill-sdpa",
+                        model=name,
+                        chunks=f"{chunks[0]}..x{len(chunks)}",
+                        us=ms * 1e3,
+                        tflops=flops / (ms * 1e-3) / 1e12,
+                    )
+                )
     results["prefill"] = rows
 
 
@@ -169,12 +253,19 @@ def main() -> int:
         print("needs CUDA", file=sys.stderr)
         return 2
     props = torch.cuda.get_device_properties(0)
-    results = {"device": props.name, "sms": props.multi_processor_count, "triton": triton.__version__,
-               "torch": torch.__version__}
+    results = {
+        "device": props.name,
+        "sms": props.multi_processor_count,
+        "triton": triton.__version__,
+        "torch": torch.__version__,
+    }
     results["copy_GBps"] = copy_bandwidth() / 1e9
     results["matmul_TFLOPs"] = matmul_tflops()
-    print(f"{props.name}: copy {results['copy_GBps']:.0f} GB/s (read+write), bf16 matmul "
-          f"{results['matmul_TFLOPs']:.0f} TFLOP/s", flush=True)
+    print(
+        f"{props.name}: copy {results['copy_GBps']:.0f} GB/s (read+write), bf16 matmul "
+        f"{results['matmul_TFLOPs']:.0f} TFLOP/s",
+        flush=True,
+    )
     bench_store(results)
     bench_decode(results, args.quick)
     bench_prefill(results, args.quick)
@@ -187,8 +278,10 @@ def main() -> int:
     for r in results["decode"] + results["prefill"]:
         if "us" not in r:
             continue
-        key = (f"{r['kind']} {r['model']} b={r.get('bsz', '')} ctx={r.get('ctx', r.get('chunks'))}"
-               f" page={r.get('page', 256)}")
+        key = (
+            f"{r['kind']} {r['model']} b={r.get('bsz', '')} ctx={r.get('ctx', r.get('chunks'))}"
+            f" page={r.get('page', 256)}"
+        )
         if key not in best or r["us"] < best[key]["us"]:
             best[key] = r
     for key, r in best.items():

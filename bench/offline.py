@@ -32,8 +32,9 @@ from bench.workload import BenchRequest, RunResult, WorkloadSpec, make_workload,
 METHODS = ("static", "hf_cb", "engine")
 
 
-def run_engine(loaded, requests: list[BenchRequest], args: argparse.Namespace, *,
-               progress: bool = True) -> tuple[RunResult, dict]:
+def run_engine(
+    loaded, requests: list[BenchRequest], args: argparse.Namespace, *, progress: bool = True
+) -> tuple[RunResult, dict]:
     """This engine, through ``LLMEngine.generate`` on the already-loaded model."""
     from replica.config import CacheConfig, EngineConfig, ModelConfig, RunnerConfig, SchedulerConfig
     from replica.engine import LLMEngine
@@ -42,19 +43,29 @@ def run_engine(loaded, requests: list[BenchRequest], args: argparse.Namespace, *
     max_len = max(len(r.prompt_token_ids) + r.max_tokens for r in requests)
     config = EngineConfig(
         model=ModelConfig(model=args.model, device=args.device, dtype=args.dtype, max_model_len=max_len),
-        cache=CacheConfig(block_size=args.block_size, num_blocks=args.num_blocks,
-                          gpu_memory_utilization=args.gpu_memory_utilization, cpu_cache_gib=args.cpu_cache_gib,
-                          enable_prefix_caching=False),  # random prompts share nothing; keep it equal
-        scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                                  max_waiting=len(requests)),
+        cache=CacheConfig(
+            block_size=args.block_size,
+            num_blocks=args.num_blocks,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            cpu_cache_gib=args.cpu_cache_gib,
+            enable_prefix_caching=False,
+        ),  # random prompts share nothing; keep it equal
+        scheduler=SchedulerConfig(
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            max_waiting=len(requests),
+        ),
         runner=RunnerConfig(use_cuda_graphs=not args.no_cuda_graphs),
     )
     engine = LLMEngine(config, loaded=loaded)
     params = [SamplingParams(max_tokens=r.max_tokens, temperature=0.0, ignore_eos=True) for r in requests]
     prompts = [list(r.prompt_token_ids) for r in requests]
     if args.warmup:
-        engine.generate(prompts[:4], [SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)] * len(prompts[:4]),
-                        use_tqdm=False)
+        engine.generate(
+            prompts[:4],
+            [SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)] * len(prompts[:4]),
+            use_tqdm=False,
+        )
     _sync(loaded.model.device)
     start = time.perf_counter()
     outs = engine.generate(prompts, params, use_tqdm=progress)
@@ -64,11 +75,19 @@ def run_engine(loaded, requests: list[BenchRequest], args: argparse.Namespace, *
         if len(o.token_ids) != r.max_tokens:
             raise RuntimeError(f"engine produced {len(o.token_ids)} tokens for a request of {r.max_tokens}")
     stats = engine.stats()
-    result = RunResult("engine", elapsed, useful_tokens(requests), sum(len(o.token_ids) for o in outs),
-                       tuple(tuple(o.token_ids) for o in outs))
+    result = RunResult(
+        "engine",
+        elapsed,
+        useful_tokens(requests),
+        sum(len(o.token_ids) for o in outs),
+        tuple(tuple(o.token_ids) for o in outs),
+    )
     del engine
-    return result, {"num_blocks": stats.num_total_blocks, "num_preemptions": stats.num_preemptions,
-                    "num_steps": stats.num_steps}
+    return result, {
+        "num_blocks": stats.num_total_blocks,
+        "num_preemptions": stats.num_preemptions,
+        "num_steps": stats.num_steps,
+    }
 
 
 def agreement(a: RunResult, b: RunResult, prefix: int = 8) -> float:
@@ -90,8 +109,11 @@ def _free_memory() -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench.offline", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.offline",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--model", default="tiny:llama", help="tiny:* | dummy:* | default | HF id/path")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
@@ -129,15 +151,23 @@ def main(argv: list[str] | None = None) -> dict:
     loaded = load_model(ModelConfig(model=args.model, device=args.device, dtype=args.dtype, seed=args.seed))
     model = loaded.model
     vocab = min(loaded.tokenizer.vocab_size, model.config.vocab_size)
-    spec = WorkloadSpec(num_requests=args.num_requests, prompt_len=tuple(args.prompt_len),
-                        output_len=tuple(args.output_len), vocab_size=vocab, seed=args.seed)
+    spec = WorkloadSpec(
+        num_requests=args.num_requests,
+        prompt_len=tuple(args.prompt_len),
+        output_len=tuple(args.output_len),
+        vocab_size=vocab,
+        seed=args.seed,
+    )
     requests = make_workload(spec)
     warm = requests[: min(4, len(requests))]
     warm = [BenchRequest(r.prompt_token_ids, min(4, r.max_tokens)) for r in warm]
     pad_id = next(iter(sorted(loaded.tokenizer.eos_token_ids)), 0)
     on_cpu = model.device.type == "cpu"
-    print(f"model {args.model} ({type(model).__name__}, {model.dtype}) on {model.device}; "
-          f"{len(requests)} requests, {useful_tokens(requests)} useful output tokens", file=sys.stderr)
+    print(
+        f"model {args.model} ({type(model).__name__}, {model.dtype}) on {model.device}; "
+        f"{len(requests)} requests, {useful_tokens(requests)} useful output tokens",
+        file=sys.stderr,
+    )
 
     results: dict[str, RunResult] = {}
     extra: dict[str, dict] = {}
@@ -145,13 +175,17 @@ def main(argv: list[str] | None = None) -> dict:
     if "static" in methods:
         if args.warmup:
             run_static(model, warm, batch_size=args.batch_size, pad_token_id=pad_id, progress=False)
-        results["static"] = run_static(model, requests, batch_size=args.batch_size, pad_token_id=pad_id,
-                                       progress=args.progress)
+        results["static"] = run_static(
+            model, requests, batch_size=args.batch_size, pad_token_id=pad_id, progress=args.progress
+        )
         _free_memory()
     if "hf_cb" in methods:
-        hf_kwargs = dict(block_size=args.hf_block_size, max_batch_tokens=args.max_num_batched_tokens,
-                         max_memory_percent=args.gpu_memory_utilization,
-                         num_blocks=blocks_needed(requests, args.hf_block_size) if on_cpu else None)
+        hf_kwargs = dict(
+            block_size=args.hf_block_size,
+            max_batch_tokens=args.max_num_batched_tokens,
+            max_memory_percent=args.gpu_memory_utilization,
+            num_blocks=blocks_needed(requests, args.hf_block_size) if on_cpu else None,
+        )
         results["hf_cb"] = run_hf_continuous(model, requests, warmup=args.warmup, progress=args.progress, **hf_kwargs)
         _free_memory()
     if "engine" in methods:
@@ -161,8 +195,9 @@ def main(argv: list[str] | None = None) -> dict:
     report = {
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "host": platform.node(),
-        "device": torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else platform.processor()
-        or "cpu",
+        "device": torch.cuda.get_device_name(model.device)
+        if model.device.type == "cuda"
+        else platform.processor() or "cpu",
         "torch": torch.__version__,
         "model": args.model,
         "dtype": str(model.dtype).removeprefix("torch."),
@@ -175,7 +210,9 @@ def main(argv: list[str] | None = None) -> dict:
     names = list(results)
     for i, a in enumerate(names):
         for b in names[i + 1 :]:
-            report["ratios"][f"{b}/{a}"] = round(results[b].useful_tokens_per_s / max(results[a].useful_tokens_per_s, 1e-9), 3)
+            report["ratios"][f"{b}/{a}"] = round(
+                results[b].useful_tokens_per_s / max(results[a].useful_tokens_per_s, 1e-9), 3
+            )
             report["agreement_first8"][f"{b}~{a}"] = round(agreement(results[a], results[b]), 3)
 
     _print_table(report)
@@ -190,8 +227,10 @@ def _print_table(report: dict) -> None:
     print(f"\n{report['model']} [{report['dtype']}] on {report['device']}")
     print(f"{'method':<8} {'useful tok/s':>13} {'elapsed s':>10} {'useful':>8} {'computed':>9} {'waste':>6}")
     for m, r in report["results"].items():
-        print(f"{m:<8} {r['useful_tokens_per_s']:>13.1f} {r['elapsed_s']:>10.2f} {r['useful_tokens']:>8} "
-              f"{r['computed_tokens']:>9} {r['waste_fraction']:>6.1%}")
+        print(
+            f"{m:<8} {r['useful_tokens_per_s']:>13.1f} {r['elapsed_s']:>10.2f} {r['useful_tokens']:>8} "
+            f"{r['computed_tokens']:>9} {r['waste_fraction']:>6.1%}"
+        )
     for k, v in report["ratios"].items():
         print(f"ratio {k}: {v:.2f}x   (first-8-token agreement {report['agreement_first8'][k.replace('/', '~')]:.0%})")
 

@@ -24,7 +24,6 @@ import json
 import os
 import platform
 import random
-import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -33,11 +32,54 @@ from typing import Any
 
 import httpx
 
-WORDS = (
-    "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa "
-    "quebec romeo sierra tango uniform victor whiskey xray yankee zulu river mountain forest ocean desert "
-    "engine kernel buffer packet socket thread mutex cache block page table vector matrix tensor graph"
-).split()
+WORDS = [
+    "alpha",
+    "bravo",
+    "charlie",
+    "delta",
+    "echo",
+    "foxtrot",
+    "golf",
+    "hotel",
+    "india",
+    "juliet",
+    "kilo",
+    "lima",
+    "mike",
+    "november",
+    "oscar",
+    "papa",
+    "quebec",
+    "romeo",
+    "sierra",
+    "tango",
+    "uniform",
+    "victor",
+    "whiskey",
+    "xray",
+    "yankee",
+    "zulu",
+    "river",
+    "mountain",
+    "forest",
+    "ocean",
+    "desert",
+    "engine",
+    "kernel",
+    "buffer",
+    "packet",
+    "socket",
+    "thread",
+    "mutex",
+    "cache",
+    "block",
+    "page",
+    "table",
+    "vector",
+    "matrix",
+    "tensor",
+    "graph",
+]
 
 
 @dataclass
@@ -285,8 +327,19 @@ async def main_async(args: argparse.Namespace) -> list[RouterResult]:
     for name, url in targets:
         model = await _wait_ready(url)
         # Warm-up outside the measurement: model load, first-step overheads; an unrelated prompt.
-        await run_workload(url, router=name, model=model, conversations=2, turns=1, context_words=8, user_words=4,
-                           max_tokens=4, concurrency=2, seed=-1, timeout_s=args.timeout_s)
+        await run_workload(
+            url,
+            router=name,
+            model=model,
+            conversations=2,
+            turns=1,
+            context_words=8,
+            user_words=4,
+            max_tokens=4,
+            concurrency=2,
+            seed=-1,
+            timeout_s=args.timeout_s,
+        )
         res = await run_workload(
             url,
             router=name,
@@ -306,14 +359,18 @@ async def main_async(args: argparse.Namespace) -> list[RouterResult]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", default="tiny:llama", help='model of both apps ("tiny:llama", "default", ...)')
     p.add_argument("--replicas", type=int, default=2, help="LLMReplica count per router")
     p.add_argument("--replica-cpus", type=float, default=0.5, help="CPUs reserved per replica (logical)")
     p.add_argument("--ray-cpus", type=int, default=16, help="logical CPUs of the local Ray cluster")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--num-blocks", type=int, default=1024, help="KV blocks per replica")
-    p.add_argument("--stats-period-s", type=float, default=1.0, help="request_routing_stats_period_s if the yaml has none")
+    p.add_argument(
+        "--stats-period-s", type=float, default=1.0, help="request_routing_stats_period_s if the yaml has none"
+    )
     p.add_argument("--conversations", type=int, default=12)
     p.add_argument("--turns", type=int, default=4)
     p.add_argument("--context-words", type=int, default=300, help="words of each conversation's own context")

@@ -113,7 +113,7 @@ def wait_healthy(url: str, timeout: float) -> None:
                 if r.status == 200:
                     return
                 last = f"HTTP {r.status}"
-        except Exception as e:  # noqa: BLE001 - not up yet
+        except Exception as e:
             last = repr(e)
         time.sleep(0.5)
     raise RuntimeError(f"{url}/health not healthy after {timeout:.0f} s: {last}")
@@ -126,22 +126,50 @@ def run_locust(a: argparse.Namespace, n: int, url: str, prefix: Path) -> Path:
     users = a.users_per_replica * n
     procs = min(users, a.max_locust_processes, max(1, math.ceil(a.locust_processes_per_replica * n)))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    print(f"[scaling] N={n}: locust, {users} users in {procs} process(es), "
-          f"{a.warmup:g}+{a.duration:g} s", flush=True)
+    print(f"[scaling] N={n}: locust, {users} users in {procs} process(es), {a.warmup:g}+{a.duration:g} s", flush=True)
     running = []
     for i in range(procs):
         u = users // procs + (1 if i < users % procs else 0)
         part = Path(f"{prefix}_p{i}")
         cmd = [
-            sys.executable, "-m", "locust", "-f", str(ROOT / "loadtest" / "locustfile.py"), "--headless",
-            "-H", url, "-u", str(u), "-r", str(u), "-t", f"{math.ceil(a.warmup + a.duration)}s",
-            "--stop-timeout", str(math.ceil(a.stop_timeout)), "--csv", str(part), "--only-summary",
-            "--loglevel", "WARNING", "CompletionUser",
-            "--input-len", f"fixed:{a.input_len}", "--output-len", f"fixed:{a.output_len}",
-            "--length-control", "ignore_eos", "--itl-events", "request", "--replica-source", "none",
-            "--seed", str(a.seed + 1000 * i), "--jsonl", f"{part}_requests.jsonl",
+            sys.executable,
+            "-m",
+            "locust",
+            "-f",
+            str(ROOT / "loadtest" / "locustfile.py"),
+            "--headless",
+            "-H",
+            url,
+            "-u",
+            str(u),
+            "-r",
+            str(u),
+            "-t",
+            f"{math.ceil(a.warmup + a.duration)}s",
+            "--stop-timeout",
+            str(math.ceil(a.stop_timeout)),
+            "--csv",
+            str(part),
+            "--only-summary",
+            "--loglevel",
+            "WARNING",
+            "CompletionUser",
+            "--input-len",
+            f"fixed:{a.input_len}",
+            "--output-len",
+            f"fixed:{a.output_len}",
+            "--length-control",
+            "ignore_eos",
+            "--itl-events",
+            "request",
+            "--replica-source",
+            "none",
+            "--seed",
+            str(a.seed + 1000 * i),
+            "--jsonl",
+            f"{part}_requests.jsonl",
         ]
-        log = open(f"{part}_locust.log", "w")
+        log = open(f"{part}_locust.log", "w")  # noqa: SIM115  (closed once its process ends)
         running.append((subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log, part))
     failed = []
     for proc, log, part in running:
@@ -172,7 +200,7 @@ class _Sampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
-    def __enter__(self):  # noqa: ANN204 - returns the subclass
+    def __enter__(self):
         self._thread.start()
         return self
 
@@ -219,10 +247,17 @@ class EngineSampler(_Sampler):
                     seen[st.replica_id] = st
                 for rid, st in seen.items():
                     e = st.engine
-                    self.samples.append({"ts": t, "replica": rid, "steps": e.num_steps,
-                                         "gen_tokens": e.generation_tokens_total, "running": e.num_running,
-                                         "waiting": e.num_waiting})
-            except Exception as ex:  # noqa: BLE001 - diagnostics only; never fail the run
+                    self.samples.append(
+                        {
+                            "ts": t,
+                            "replica": rid,
+                            "steps": e.num_steps,
+                            "gen_tokens": e.generation_tokens_total,
+                            "running": e.num_running,
+                            "waiting": e.num_waiting,
+                        }
+                    )
+            except Exception as ex:
                 self.samples.append({"ts": t, "error": repr(ex)})
             await asyncio.sleep(self.interval)
 
@@ -254,9 +289,16 @@ class CpuSampler(_Sampler):
     host's cores went (LLM replicas, ingress replicas, the Serve proxy, locust, Ray itself).
     Linux only; elsewhere it records nothing."""
 
-    GROUPS = (("LLMReplica", "llm_replica"), ("OpenAIIngress", "ingress"), ("ProxyActor", "serve_proxy"),
-              ("ServeController", "serve_controller"), ("locust", "locust"), ("raylet", "raylet"),
-              ("gcs_server", "gcs"), ("serve_scaling", "driver"))
+    GROUPS = (
+        ("LLMReplica", "llm_replica"),
+        ("OpenAIIngress", "ingress"),
+        ("ProxyActor", "serve_proxy"),
+        ("ServeController", "serve_controller"),
+        ("locust", "locust"),
+        ("raylet", "raylet"),
+        ("gcs_server", "gcs"),
+        ("serve_scaling", "driver"),
+    )
 
     def __init__(self, interval: float = 2.0) -> None:
         super().__init__(interval, "cpu-sampler")
@@ -373,8 +415,20 @@ def one_run(a: argparse.Namespace, n: int, url: str, run_dir: Path) -> dict[str,
     stats["cpu"] = cpu.summary(t0 + a.warmup, t0 + a.warmup + a.duration)
     (run_dir / "engine_samples.json").write_text(json.dumps(sampler.samples))
     rep = subprocess.run(
-        [sys.executable, "-m", "loadtest.report", "--jsonl", str(jsonl), "--out", str(run_dir / "plots"), "--window", "5"],
-        cwd=ROOT, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "loadtest.report",
+            "--jsonl",
+            str(jsonl),
+            "--out",
+            str(run_dir / "plots"),
+            "--window",
+            "5",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
     )
     (run_dir / "report.txt").write_text(rep.stdout + rep.stderr)
     return {"replicas": n, "users": a.users_per_replica * n, "app_start_s": started_s, **stats}
@@ -449,9 +503,12 @@ def plot_results(out: Path) -> None:
     data = json.loads((out / "results.json").read_text())
     info, st = data["machine"], data["settings"]
     gpu = info["gpus"][0].split(",")[0] if info["gpus"] else "CPU"
-    plot(data["results"], out / "scaling.png",
-         f"{st['model']}, {st['users_per_replica']} streaming users per replica, prompt {st['input_len']} / "
-         f"output {st['output_len']} tokens ({gpu}, {info['date_utc']})")
+    plot(
+        data["results"],
+        out / "scaling.png",
+        f"{st['model']}, {st['users_per_replica']} streaming users per replica, prompt {st['input_len']} / "
+        f"output {st['output_len']} tokens ({gpu}, {info['date_utc']})",
+    )
 
 
 def replot(out: Path) -> None:
@@ -461,24 +518,42 @@ def replot(out: Path) -> None:
         with tarfile.open(out / "runs.tar.gz") as tar:
             tar.extractall(out, filter="data")
         for run in sorted((out / "runs").iterdir()):
-            subprocess.run([sys.executable, "-m", "loadtest.report", "--jsonl", str(run / "load_requests.jsonl"),
-                            "--out", str(run / "plots"), "--window", "5"], cwd=ROOT, check=True, capture_output=True)
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "loadtest.report",
+                    "--jsonl",
+                    str(run / "load_requests.jsonl"),
+                    "--out",
+                    str(run / "plots"),
+                    "--window",
+                    "5",
+                ],
+                cwd=ROOT,
+                check=True,
+                capture_output=True,
+            )
     print(f"[scaling] plots in {out}")
 
 
 def machine() -> dict[str, Any]:
     info: dict[str, Any] = {"date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpus": os.cpu_count()}
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20).stdout.strip()
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        ).stdout.strip()
         info["gpus"] = out.splitlines()
-    except Exception:  # noqa: BLE001 - no GPU here
+    except Exception:
         info["gpus"] = []
     try:
         import torch
 
         info["torch"] = torch.__version__
-    except Exception:  # noqa: BLE001
+    except Exception:
         pass
     import ray
 
@@ -549,10 +624,14 @@ def main(argv: list[str] | None = None) -> int:
             results.append(one_run(a, n, url, runs / f"n{n}"))
             r = results[-1]
             add_efficiency(results)  # written after every run: a cut-short call keeps what it has
-            (out / "results.json").write_text(json.dumps({"machine": info, "settings": settings, "results": results}, indent=1))
-            print(f"[scaling] N={n}: {r['output_tokens_per_s']:,.0f} output tok/s, TTFT p50 {r['ttft_ms']['p50']} ms, "
-                  f"TPOT p50 {r['tpot_ms']['p50']} ms, {r['requests_started']} requests ({r['requests_failed']} failed)",
-                  flush=True)
+            (out / "results.json").write_text(
+                json.dumps({"machine": info, "settings": settings, "results": results}, indent=1)
+            )
+            print(
+                f"[scaling] N={n}: {r['output_tokens_per_s']:,.0f} output tok/s, TTFT p50 {r['ttft_ms']['p50']} ms, "
+                f"TPOT p50 {r['tpot_ms']['p50']} ms, {r['requests_started']} requests ({r['requests_failed']} failed)",
+                flush=True,
+            )
             for rid, e in r["engines"].items():
                 print(f"[scaling]   engine {rid}: {e}", flush=True)
             print(f"[scaling]   cpu cores by process group: {r.get('cpu')}", flush=True)

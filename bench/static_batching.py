@@ -16,10 +16,11 @@ from bench.workload import BenchRequest, RunResult, useful_tokens
 
 
 @torch.no_grad()
-def run_static(model, requests: list[BenchRequest], *, batch_size: int, pad_token_id: int,
-               progress: bool = True) -> RunResult:
-    from transformers import GenerationConfig
+def run_static(
+    model, requests: list[BenchRequest], *, batch_size: int, pad_token_id: int, progress: bool = True
+) -> RunResult:
     from tqdm.auto import tqdm
+    from transformers import GenerationConfig
 
     device = model.device
     outputs: list[tuple[int, ...]] = []
@@ -36,8 +37,12 @@ def run_static(model, requests: list[BenchRequest], *, batch_size: int, pad_toke
             mask[row, width - len(r.prompt_token_ids) :] = 1
         max_new = max(r.max_tokens for r in batch)
         gen = GenerationConfig(
-            max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False,
-            eos_token_id=None, pad_token_id=pad_token_id, bos_token_id=None,
+            max_new_tokens=max_new,
+            min_new_tokens=max_new,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=pad_token_id,
+            bos_token_id=None,
         )
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen)
         new = out[:, width:].tolist()

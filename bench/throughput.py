@@ -72,8 +72,9 @@ def run_static(name: str, seed: int, prompts, outs, batch: int) -> dict:
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in ps], device=model.device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in ps], device=model.device)
         n_new = max(os_)
-        cfg = GenerationConfig(max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, eos_token_id=None,
-                               pad_token_id=pad)
+        cfg = GenerationConfig(
+            max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, eos_token_id=None, pad_token_id=pad
+        )
         torch.cuda.synchronize()
         t = time.perf_counter()
         with torch.inference_mode():
@@ -193,16 +194,23 @@ class StepProbe:
         d = out.decode
         if d is not None:  # a DecodeBatch: read its arrays (iterating would build chunks)
             pos = d.positions.astype(float)
-            rec = dict(decode=True, batch=len(d), tokens=len(d), ctx=int((pos + 1).sum()),
-                       attn_pairs=float((pos + 1).sum()), sampled=len(d))
+            rec = dict(
+                decode=True,
+                batch=len(d),
+                tokens=len(d),
+                ctx=int((pos + 1).sum()),
+                attn_pairs=float((pos + 1).sum()),
+                sampled=len(d),
+            )
         else:
             rec = dict(
                 decode=all(ch.num_tokens == 1 for ch in out.chunks),
                 batch=len(out.chunks),
                 tokens=out.num_batched_tokens,
                 ctx=int(sum(ch.start_pos + ch.num_tokens for ch in out.chunks)),
-                attn_pairs=float(sum(ch.num_tokens * ch.start_pos + ch.num_tokens * (ch.num_tokens + 1) / 2
-                                     for ch in out.chunks)),
+                attn_pairs=float(
+                    sum(ch.num_tokens * ch.start_pos + ch.num_tokens * (ch.num_tokens + 1) / 2 for ch in out.chunks)
+                ),
                 sampled=sum(1 for ch in out.chunks if ch.sample),
             )
         self._cur = rec
@@ -227,9 +235,17 @@ class StepProbe:
         wall = end - t0
         if self._applied is not None:
             r = self._applied
-            self.calls.append(dict(wall=wall, blocked=self._blocked, host=wall - self._blocked,
-                                   loop_host=wall - self._blocked + between, batch=r["batch"],
-                                   graph=r["graph"], decode=r["decode"]))
+            self.calls.append(
+                dict(
+                    wall=wall,
+                    blocked=self._blocked,
+                    host=wall - self._blocked,
+                    loop_host=wall - self._blocked + between,
+                    batch=r["batch"],
+                    graph=r["graph"],
+                    decode=r["decode"],
+                )
+            )
         return deltas
 
     def finish(self) -> None:
@@ -257,10 +273,18 @@ def run_engine(name: str, seed: int, prompts, outs, args) -> tuple[dict, list[di
     cfg = EngineConfig(
         model=ModelConfig(model=f"dummy:{name}", dtype="bfloat16", device="cuda", max_model_len=args.max_model_len),
         cache=CacheConfig(block_size=args.block_size, enable_prefix_caching=False),
-        scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_batched_tokens,
-                                  max_waiting=max(1024, len(prompts)), async_scheduling=not args.no_async),
-        runner=RunnerConfig(attention_backend="auto", max_graph_batch_size=args.max_num_seqs,
-                            use_cuda_graphs=not args.no_graphs, warmup=False),
+        scheduler=SchedulerConfig(
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_batched_tokens,
+            max_waiting=max(1024, len(prompts)),
+            async_scheduling=not args.no_async,
+        ),
+        runner=RunnerConfig(
+            attention_backend="auto",
+            max_graph_batch_size=args.max_num_seqs,
+            use_cuda_graphs=not args.no_graphs,
+            warmup=False,
+        ),
     )
     t = time.perf_counter()
     engine = LLMEngine(cfg, loaded=loaded)
@@ -279,10 +303,19 @@ def run_engine(name: str, seed: int, prompts, outs, args) -> tuple[dict, list[di
     torch.cuda.synchronize()
     dt = time.perf_counter() - t
     probe.finish()
-    res = dict(requests=len(prompts), output_tokens=n_tok, seconds=dt, tok_s=n_tok / dt, init_s=init_s,
-               warmup_s=warmup_s, async_scheduling=cfg.scheduler.async_scheduling,
-               num_blocks=engine.num_blocks, backend=engine.runner.backend.name,
-               graphs=engine.runner.graphs is not None, fused_modules=engine.runner.num_fused_modules)
+    res = dict(
+        requests=len(prompts),
+        output_tokens=n_tok,
+        seconds=dt,
+        tok_s=n_tok / dt,
+        init_s=init_s,
+        warmup_s=warmup_s,
+        async_scheduling=cfg.scheduler.async_scheduling,
+        num_blocks=engine.num_blocks,
+        backend=engine.runner.backend.name,
+        graphs=engine.runner.graphs is not None,
+        fused_modules=engine.runner.num_fused_modules,
+    )
     recs, calls = probe.records, probe.calls
     del probe, engine, loaded, model
     free_cuda()
@@ -337,12 +370,21 @@ def main() -> int:
     dev = torch.cuda.get_device_name(0)
     bw, peak = copy_bandwidth(1.0), matmul_tflops(8192) * 1e12
     prompts, outs = workload(args.requests, args.seed)
-    result: dict = dict(device=dev, model=args.model, args=vars(args), copy_GBps=bw / 1e9, matmul_TFLOPs=peak / 1e12,
-                        prompt_tokens=sum(map(len, prompts)), output_tokens=sum(outs))
+    result: dict = dict(
+        device=dev,
+        model=args.model,
+        args=vars(args),
+        copy_GBps=bw / 1e9,
+        matmul_TFLOPs=peak / 1e12,
+        prompt_tokens=sum(map(len, prompts)),
+        output_tokens=sum(outs),
+    )
     nb = min(args.baseline_requests, args.requests)
     if nb:
-        for key, fn in (("static", lambda: run_static(args.model, args.seed, prompts[:nb], outs[:nb], args.static_batch)),
-                        ("hf_continuous", lambda: run_hf_continuous(args.model, args.seed, prompts[:nb], outs[:nb]))):
+        for key, fn in (
+            ("static", lambda: run_static(args.model, args.seed, prompts[:nb], outs[:nb], args.static_batch)),
+            ("hf_continuous", lambda: run_hf_continuous(args.model, args.seed, prompts[:nb], outs[:nb])),
+        ):
             try:
                 result[key] = fn()
                 print(f"{key}:", result[key], flush=True)
@@ -361,10 +403,13 @@ def main() -> int:
     dec = [r for r in recs if r["decode"]]
     graph = [r for r in dec if r["graph"]]
     gcalls = [c for c in calls if c["graph"]]
-    big = lambda rows: [r for r in rows if r["batch"] >= 192]  # noqa: E731
+    big = lambda rows: [r for r in rows if r["batch"] >= 192]
     full = [c for c in gcalls if c["batch"] == args.max_num_seqs]
     result["steps"] = dict(
-        total=len(recs), decode=len(dec), graph=len(graph), mixed_or_prefill=len(recs) - len(dec),
+        total=len(recs),
+        decode=len(dec),
+        graph=len(graph),
+        mixed_or_prefill=len(recs) - len(dec),
         mean_decode_batch=statistics.mean(r["batch"] for r in dec) if dec else None,
         # Host work of an engine.step call that applied a graph step (wall minus time blocked on the device).
         host_ms_per_graph_call_median=1e3 * med(c["host"] for c in gcalls) if gcalls else None,
@@ -391,32 +436,46 @@ def main() -> int:
             json.dump(dict(result, step_records=recs, step_calls=calls), fh, indent=1)
 
     s = result["steps"]
-    print(f"\n=== W1 {args.model} on {dev}: {args.requests} requests, {result['prompt_tokens']} prompt / "
-          f"{result['output_tokens']} output tokens ===")
+    print(
+        f"\n=== W1 {args.model} on {dev}: {args.requests} requests, {result['prompt_tokens']} prompt / "
+        f"{result['output_tokens']} output tokens ==="
+    )
     print(f"{'system':28s} {'requests':>8s} {'out tok':>9s} {'seconds':>8s} {'tok/s':>9s}")
     for key in ("static", "hf_continuous", "engine"):
         if key in result:
             r = result[key]
             print(f"{key:28s} {r['requests']:8d} {r['output_tokens']:9d} {r['seconds']:8.2f} {r['tok_s']:9.0f}")
     if nb:
-        print(f"engine / static: {eng['tok_s'] / result['static']['tok_s']:.1f}x   "
-              f"engine / hf_continuous: {eng['tok_s'] / result['hf_continuous']['tok_s']:.1f}x "
-              f"(baselines on the first {nb} requests)")
-    f = lambda x, n=2: "-" if x is None else f"{x:.{n}f}"  # noqa: E731
-    print(f"steps: {s['total']} ({s['decode']} decode, {s['graph']} from graphs, {s['mixed_or_prefill']} with "
-          f"prefill); async scheduling {'on' if eng['async_scheduling'] else 'off'}; fused modules "
-          f"{eng['fused_modules']}; warm-up {eng['warmup_s']:.1f} s (untimed)")
-    print(f"graph decode steps (mean batch {f(s['mean_decode_batch'], 0)}): GPU busy {f(s['gpu_s_graph_total'])} s, "
-          f"GPU idle between them {f(s['gap_s_total'])} s; eager (prefill/mixed) calls {f(s['eager_call_s_total'])} s")
-    print(f"per graph step, median (batch >= 192): GPU {f(s['gpu_ms_per_graph_step_median'])} "
-          f"({f(s['gpu_ms_batch_ge192_median'])}) ms; host work per engine.step "
-          f"{f(s['host_ms_per_graph_call_median'], 3)} ({f(s['host_ms_per_graph_call_batch_ge192_median'], 3)}) ms; "
-          f"GPU idle waiting for the host {f(s['gap_ms_median'], 3)} ({f(s['gap_ms_batch_ge192_median'], 3)}) ms")
-    print(f"host work per decode step at batch {args.max_num_seqs} (median of {s['full_batch_calls']} steps): "
-          f"engine.step {f(s['host_ms_full_batch_median'], 3)} ms, whole loop {f(s['loop_host_ms_full_batch_median'], 3)} ms")
-    print(f"roofline: weights {rl['weight_bytes'] / 1e9:.2f} GB/step, KV {rl['kv_bytes_per_token'] / 1e3:.1f} kB/token, "
-          f"copy {bw / 1e9:.0f} GB/s, matmul {peak / 1e12:.0f} TFLOP/s -> floor {rl['floor_s']:.2f} s = "
-          f"{result['roofline']['tok_s_ceiling']:.0f} tok/s; engine at {rl['floor_s'] / eng['seconds']:.0%} of it")
+        print(
+            f"engine / static: {eng['tok_s'] / result['static']['tok_s']:.1f}x   "
+            f"engine / hf_continuous: {eng['tok_s'] / result['hf_continuous']['tok_s']:.1f}x "
+            f"(baselines on the first {nb} requests)"
+        )
+    f = lambda x, n=2: "-" if x is None else f"{x:.{n}f}"
+    print(
+        f"steps: {s['total']} ({s['decode']} decode, {s['graph']} from graphs, {s['mixed_or_prefill']} with "
+        f"prefill); async scheduling {'on' if eng['async_scheduling'] else 'off'}; fused modules "
+        f"{eng['fused_modules']}; warm-up {eng['warmup_s']:.1f} s (untimed)"
+    )
+    print(
+        f"graph decode steps (mean batch {f(s['mean_decode_batch'], 0)}): GPU busy {f(s['gpu_s_graph_total'])} s, "
+        f"GPU idle between them {f(s['gap_s_total'])} s; eager (prefill/mixed) calls {f(s['eager_call_s_total'])} s"
+    )
+    print(
+        f"per graph step, median (batch >= 192): GPU {f(s['gpu_ms_per_graph_step_median'])} "
+        f"({f(s['gpu_ms_batch_ge192_median'])}) ms; host work per engine.step "
+        f"{f(s['host_ms_per_graph_call_median'], 3)} ({f(s['host_ms_per_graph_call_batch_ge192_median'], 3)}) ms; "
+        f"GPU idle waiting for the host {f(s['gap_ms_median'], 3)} ({f(s['gap_ms_batch_ge192_median'], 3)}) ms"
+    )
+    print(
+        f"host work per decode step at batch {args.max_num_seqs} (median of {s['full_batch_calls']} steps): "
+        f"engine.step {f(s['host_ms_full_batch_median'], 3)} ms, whole loop {f(s['loop_host_ms_full_batch_median'], 3)} ms"
+    )
+    print(
+        f"roofline: weights {rl['weight_bytes'] / 1e9:.2f} GB/step, KV {rl['kv_bytes_per_token'] / 1e3:.1f} kB/token, "
+        f"copy {bw / 1e9:.0f} GB/s, matmul {peak / 1e12:.0f} TFLOP/s -> floor {rl['floor_s']:.2f} s = "
+        f"{result['roofline']['tok_s_ceiling']:.0f} tok/s; engine at {rl['floor_s'] / eng['seconds']:.0%} of it"
+    )
     return 0
 
 

@@ -29,24 +29,38 @@ class _Args(BaseModel):
 class EngineArgs(_Args):
     """Engine settings (replica/config.py); unset fields keep the engine's defaults."""
 
-    dtype: Literal["auto", "float32", "float64", "bfloat16", "float16"] | None = Field(default=None, description="Weights/activations dtype.")
-    device: str | None = Field(default=None, description="auto | cpu | cuda | cuda:N (auto: cuda when Ray gave the replica a GPU, else cpu).")
+    dtype: Literal["auto", "float32", "float64", "bfloat16", "float16"] | None = Field(
+        default=None, description="Weights/activations dtype."
+    )
+    device: str | None = Field(
+        default=None, description="auto | cpu | cuda | cuda:N (auto: cuda when Ray gave the replica a GPU, else cpu)."
+    )
     max_model_len: int | None = Field(default=None, gt=0, description="Context length (default: the model's own).")
     seed: int | None = Field(default=None, description="Seed for dummy weights and unseeded sampling.")
     block_size: int | None = Field(default=None, gt=0, description="Tokens per KV block.")
-    num_blocks: int | None = Field(default=None, gt=0, description="KV blocks in the pool (default: sized from memory).")
-    gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1, description="Fraction of GPU memory for weights + KV cache.")
+    num_blocks: int | None = Field(
+        default=None, gt=0, description="KV blocks in the pool (default: sized from memory)."
+    )
+    gpu_memory_utilization: float | None = Field(
+        default=None, gt=0, le=1, description="Fraction of GPU memory for weights + KV cache."
+    )
     cpu_cache_gib: float | None = Field(default=None, gt=0, description="KV cache size on CPU.")
     enable_prefix_caching: bool | None = Field(default=None, description="Reuse KV blocks of shared prompt prefixes.")
     watermark: float | None = Field(default=None, ge=0, lt=1, description="Fraction of blocks kept free at admission.")
     max_num_seqs: int | None = Field(default=None, gt=0, description="Requests running at once per replica.")
     max_num_batched_tokens: int | None = Field(default=None, gt=0, description="Token budget of one engine step.")
     max_waiting: int | None = Field(default=None, ge=0, description="Waiting queue bound per replica; beyond it: 429.")
-    async_scheduling: bool | None = Field(default=None, description="Launch decode step N+1 before step N's tokens reach the host.")
+    async_scheduling: bool | None = Field(
+        default=None, description="Launch decode step N+1 before step N's tokens reach the host."
+    )
     use_cuda_graphs: bool | None = Field(default=None, description="Replay decode steps from CUDA graphs.")
     max_graph_batch_size: int | None = Field(default=None, gt=0, description="Largest captured decode batch.")
-    attention_backend: Literal["auto", "torch", "triton"] | None = Field(default=None, description="Paged attention kernels.")
-    warmup: bool | None = Field(default=None, description="CUDA: run throwaway requests at start (kernel JIT, allocator).")
+    attention_backend: Literal["auto", "torch", "triton"] | None = Field(
+        default=None, description="Paged attention kernels."
+    )
+    warmup: bool | None = Field(
+        default=None, description="CUDA: run throwaway requests at start (kernel JIT, allocator)."
+    )
 
     def _pick(self, cls: type, **extra: Any) -> Any:
         fields = {f: getattr(self, f) for f in cls.__dataclass_fields__ if f in type(self).model_fields}
@@ -64,7 +78,9 @@ class AutoscalingArgs(_Args):
     downscale_delay_s: float | None = Field(default=None, ge=0)
     metrics_interval_s: float | None = Field(default=None, gt=0)
     look_back_period_s: float | None = Field(default=None, gt=0)
-    policy: str | None = Field(default=None, description="Import path module:function of a custom policy (default: Serve's).")
+    policy: str | None = Field(
+        default=None, description="Import path module:function of a custom policy (default: Serve's)."
+    )
     policy_kwargs: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
@@ -95,23 +111,47 @@ class RouterArgs(_Args):
 class AppArgs(_Args):
     """Arguments of build_app (the ``args`` of an application in deployments.yaml)."""
 
-    model: str = Field(default="default", description='"default" (embedded SmolLM2-135M-Instruct), "dummy:<shape>", "tiny:<arch>", HF id or path.')
-    served_model_name: str | None = Field(default=None, description="Model name clients send and /v1/models lists (default: model).")
+    model: str = Field(
+        default="default",
+        description='"default" (embedded SmolLM2-135M-Instruct), "dummy:<shape>", "tiny:<arch>", HF id or path.',
+    )
+    served_model_name: str | None = Field(
+        default=None, description="Model name clients send and /v1/models lists (default: model)."
+    )
     engine: EngineArgs = Field(default_factory=EngineArgs)
     num_replicas: int = Field(default=1, ge=1, description="Fixed LLMReplica count (ignored with autoscaling).")
     autoscaling: AutoscalingArgs | None = Field(default=None, description="Autoscaling bounds instead of num_replicas.")
-    num_gpus: float | Literal["auto"] = Field(default="auto", description='GPUs per replica; "auto": 1 where the cluster has GPUs, else 0.')
+    num_gpus: float | Literal["auto"] = Field(
+        default="auto", description='GPUs per replica; "auto": 1 where the cluster has GPUs, else 0.'
+    )
     num_cpus: float = Field(default=1, ge=0, description="CPUs reserved per LLMReplica.")
-    accelerator_resource: str | None = Field(default=None, description="Custom Ray resource (1 per replica) for placement, e.g. fake_gpu in tests.")
-    max_ongoing_requests: int | None = Field(default=None, gt=0, description="Serve's per-replica cap (default: max_num_seqs + max_waiting + 1: one over the engine's capacity, so the engine's own queue-full refusal answers 429).")
-    replica: ReplicaUserConfig = Field(default_factory=ReplicaUserConfig, description="Live settings (user_config, no restart).")
+    accelerator_resource: str | None = Field(
+        default=None, description="Custom Ray resource (1 per replica) for placement, e.g. fake_gpu in tests."
+    )
+    max_ongoing_requests: int | None = Field(
+        default=None,
+        gt=0,
+        description="Serve's per-replica cap (default: max_num_seqs + max_waiting + 1: one over the engine's capacity, so the engine's own queue-full refusal answers 429).",
+    )
+    replica: ReplicaUserConfig = Field(
+        default_factory=ReplicaUserConfig, description="Live settings (user_config, no restart)."
+    )
     router: RouterArgs | None = Field(default=None, description="Custom request router (KV-cache aware).")
     ingress_replicas: int = Field(default=1, ge=1, description="OpenAIIngress replicas.")
     ingress_num_cpus: float = Field(default=1, ge=0)
-    default_max_tokens: int | None = Field(default=None, ge=1, description="Chat max_tokens when a client sends none (default: rest of the context).")
-    graceful_shutdown_timeout_s: float = Field(default=60, ge=0, description="How long Serve waits for in-flight requests before stopping a replica.")
-    limits: RequestLimits = Field(default_factory=RequestLimits, description="Request limits: body size, prompt tokens, max_tokens, stop strings, timeout.")
-    auth: AuthSettings = Field(default_factory=AuthSettings, description="Optional API keys (list, file or environment variable).")
+    default_max_tokens: int | None = Field(
+        default=None, ge=1, description="Chat max_tokens when a client sends none (default: rest of the context)."
+    )
+    graceful_shutdown_timeout_s: float = Field(
+        default=60, ge=0, description="How long Serve waits for in-flight requests before stopping a replica."
+    )
+    limits: RequestLimits = Field(
+        default_factory=RequestLimits,
+        description="Request limits: body size, prompt tokens, max_tokens, stop strings, timeout.",
+    )
+    auth: AuthSettings = Field(
+        default_factory=AuthSettings, description="Optional API keys (list, file or environment variable)."
+    )
 
     def resolved_num_gpus(self) -> float:
         if self.num_gpus != "auto":
@@ -178,8 +218,11 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     llm = LLMReplica.options(**options).bind(engine_config)
 
     settings = IngressSettings(
-        model=a.model, served_model_name=a.served_model_name, default_max_tokens=a.default_max_tokens,
-        limits=a.limits, auth=a.auth,
+        model=a.model,
+        served_model_name=a.served_model_name,
+        default_max_tokens=a.default_max_tokens,
+        limits=a.limits,
+        auth=a.auth,
     )
     ingress = OpenAIIngress.options(
         num_replicas=a.ingress_replicas, ray_actor_options={"num_cpus": a.ingress_num_cpus}

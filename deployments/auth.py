@@ -201,7 +201,7 @@ def _route_path(scope: dict) -> str:
     and, like current ASGI servers, leaves that prefix in ``path``."""
     path, root = scope.get("path", ""), scope.get("root_path", "")
     if root and path.startswith(root):
-        path = path[len(root):] or "/"
+        path = path[len(root) :] or "/"
     return path
 
 

@@ -97,7 +97,9 @@ class QueueDepthPolicyConfig:
         known = {f.name for f in fields(cls)}
         extra = set(kwargs) - known
         if extra:
-            raise ValueError(f"unknown policy_kwargs for QueueDepthAutoscalingPolicy: {sorted(extra)}; allowed: {sorted(known)}")
+            raise ValueError(
+                f"unknown policy_kwargs for QueueDepthAutoscalingPolicy: {sorted(extra)}; allowed: {sorted(known)}"
+            )
         return cls(**kwargs)
 
 
@@ -140,9 +142,7 @@ def decide(
         return Decision(min(max(cur, min_replicas), max_replicas), {}, "bounds")
     n = max(1, snap.num_running_replicas)
     per_replica = snap.load / n
-    kv_pressure = (
-        snap.mean_kv_usage is not None and snap.mean_kv_usage >= cfg.kv_usage_high and snap.total_waiting > 0
-    )
+    kv_pressure = snap.mean_kv_usage is not None and snap.mean_kv_usage >= cfg.kv_usage_high and snap.total_waiting > 0
     wanted_by_load = math.ceil(snap.load / cfg.target_requests_per_replica)
     want = cur
     if not snap.reported:

@@ -50,7 +50,10 @@ class FailoverClient:
                     ):
                         logger.warning(
                             "request %s: attempt %d/%d refused (%s); retrying",
-                            req.request_id, attempt, self.max_attempts, item.message,
+                            req.request_id,
+                            attempt,
+                            self.max_attempts,
+                            item.message,
                         )
                         retry = True
                         break

@@ -268,7 +268,9 @@ class OpenAIService:
         except EngineError:
             raise
         except Exception as exc:  # a template that rejects the conversation (e.g. role order)
-            raise APIError.invalid(f"messages could not be formatted by the chat template: {exc}", param="messages")
+            raise APIError.invalid(
+                f"messages could not be formatted by the chat template: {exc}", param="messages"
+            ) from exc
         greq = await self._request(rid, list(token_ids), body, body.requested_max_tokens, "messages")
         if body.stream:
             return await self._stream(greq, body.include_usage, self._chat_chunks(greq))
@@ -288,7 +290,8 @@ class OpenAIService:
     def _check_model(self, model: str) -> None:
         if model not in (self.served_name, self._settings.model):
             raise APIError.from_code(
-                "model_not_found", f"The model `{model}` does not exist. This server serves `{self.served_name}`.",
+                "model_not_found",
+                f"The model `{model}` does not exist. This server serves `{self.served_name}`.",
                 param="model",
             )
 
@@ -345,9 +348,7 @@ class OpenAIService:
             await agen.aclose()  # on cancel (client gone) this cancels the replica call
         raise APIError.from_code("internal_error", "the replica ended the stream without finishing the request")
 
-    async def _stream(
-        self, greq: GenerateRequest, include_usage: bool, chunks: Any
-    ) -> Response:
+    async def _stream(self, greq: GenerateRequest, include_usage: bool, chunks: Any) -> Response:
         """Start the stream; refusals before the first token still get a proper HTTP status."""
         agen = self._client.generate(greq)
         try:
@@ -369,7 +370,9 @@ class OpenAIService:
             headers={"x-request-id": greq.request_id, "Cache-Control": "no-cache"},
         )
 
-    async def _deltas(self, first: Delta, agen: AsyncIterator[Delta | ReplicaError]) -> AsyncIterator[Delta | ReplicaError]:
+    async def _deltas(
+        self, first: Delta, agen: AsyncIterator[Delta | ReplicaError]
+    ) -> AsyncIterator[Delta | ReplicaError]:
         yield first
         if first.finished:
             return
@@ -383,7 +386,9 @@ class OpenAIService:
         return self._chunk_stream(
             greq,
             content=lambda d: CompletionResponse(
-                id=rid, created=created, model=name,
+                id=rid,
+                created=created,
+                model=name,
                 choices=[CompletionChoice(text=d.text, finish_reason=_finish_reason(d.finish_reason))],
             ),
             usage=lambda u: CompletionResponse(id=rid, created=created, model=name, choices=[], usage=u),
@@ -394,13 +399,19 @@ class OpenAIService:
         return self._chunk_stream(
             greq,
             head=ChatCompletionChunk(
-                id=rid, created=created, model=name,
+                id=rid,
+                created=created,
+                model=name,
                 choices=[ChatChunkChoice(delta=ChatDelta(role="assistant", content=""))],
             ),
             content=lambda d: ChatCompletionChunk(
-                id=rid, created=created, model=name,
+                id=rid,
+                created=created,
+                model=name,
                 choices=[
-                    ChatChunkChoice(delta=ChatDelta(content=d.text or None), finish_reason=_finish_reason(d.finish_reason))
+                    ChatChunkChoice(
+                        delta=ChatDelta(content=d.text or None), finish_reason=_finish_reason(d.finish_reason)
+                    )
                 ],
             ),
             usage=lambda u: ChatCompletionChunk(id=rid, created=created, model=name, choices=[], usage=u),
@@ -437,7 +448,9 @@ class OpenAIService:
                 yield SSE_DONE
             except Exception as exc:  # e.g. the replica raised: an error event, not a cut connection
                 logger.exception("request %s: stream failed", greq.request_id)
-                yield _error_event(APIError.from_code("internal_error", f"internal error: {type(exc).__name__}"), greq.request_id)
+                yield _error_event(
+                    APIError.from_code("internal_error", f"internal error: {type(exc).__name__}"), greq.request_id
+                )
                 yield SSE_DONE
             finally:
                 await agen.aclose()

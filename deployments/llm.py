@@ -70,7 +70,9 @@ class ReplicaUserConfig(BaseModel):
     drain_timeout_s: float = Field(default=30.0, ge=0, description="How long shutdown waits for running requests.")
     metrics_interval_s: float = Field(default=1.0, gt=0, description="Period of engine-stats gauges.")
     routing_num_block_hashes: int = Field(
-        default=DEFAULT_MAX_PREFIX_HASHES, ge=0, description="Cached prefix block hashes reported to the router per stats call."
+        default=DEFAULT_MAX_PREFIX_HASHES,
+        ge=0,
+        description="Cached prefix block hashes reported to the router per stats call.",
     )
     log_requests: bool = Field(default=False, description="Log each request's start and finish at INFO.")
     stream_interval: int = Field(

@@ -49,11 +49,17 @@ class ReplicaMetrics:
             boundaries=TPOT_BOUNDARIES,
             tag_keys=tags,
         )
-        self.waiting = m.Gauge("cbserve_num_waiting_requests", description="Requests in the engine queue.", tag_keys=tags)
-        self.running = m.Gauge("cbserve_num_running_requests", description="Requests in the running batch.", tag_keys=tags)
+        self.waiting = m.Gauge(
+            "cbserve_num_waiting_requests", description="Requests in the engine queue.", tag_keys=tags
+        )
+        self.running = m.Gauge(
+            "cbserve_num_running_requests", description="Requests in the running batch.", tag_keys=tags
+        )
         self.kv_used = m.Gauge("cbserve_kv_blocks_used", description="KV cache blocks in use.", tag_keys=tags)
         self.kv_total = m.Gauge("cbserve_kv_blocks_total", description="KV cache blocks in the pool.", tag_keys=tags)
-        self.kv_usage = m.Gauge("cbserve_kv_cache_usage_ratio", description="Fraction of KV blocks in use.", tag_keys=tags)
+        self.kv_usage = m.Gauge(
+            "cbserve_kv_cache_usage_ratio", description="Fraction of KV blocks in use.", tag_keys=tags
+        )
         self.preemptions = m.Counter(
             "cbserve_preemptions_total", description="Requests preempted (recomputed later).", tag_keys=tags
         )
@@ -69,7 +75,9 @@ class ReplicaMetrics:
         )
         self.prompt_tokens = m.Counter("cbserve_prompt_tokens_total", description="Prompt tokens.", tag_keys=tags)
         self.cached_tokens = m.Counter(
-            "cbserve_cached_prompt_tokens_total", description="Prompt tokens served from the prefix cache.", tag_keys=tags
+            "cbserve_cached_prompt_tokens_total",
+            description="Prompt tokens served from the prefix cache.",
+            tag_keys=tags,
         )
         self.generation_tokens = m.Counter(
             "cbserve_generation_tokens_total", description="Generated tokens.", tag_keys=tags

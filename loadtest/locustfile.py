@@ -37,6 +37,7 @@ from loadtest.workload import WorkItem, Workload, load_prompt_set  # noqa: E402
 
 log = logging.getLogger("cbserve.loadtest")
 
+
 class RunContext:
     """Per-process state of one locust run: options, workload, the JSONL sink, the model name."""
 
@@ -185,7 +186,7 @@ class _StreamingUser(HttpUser):
         with self.client.get("/v1/models", name="/v1/models", catch_response=True) as resp:
             try:
                 return resp.json()["data"][0]["id"]
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 resp.failure(f"cannot read a model id from /v1/models: {e}")
                 raise RuntimeError("no --model given and /v1/models gave no model id") from e
 
@@ -212,24 +213,35 @@ class _StreamingUser(HttpUser):
         body = self._request_body(item)
         ts, start = time.time(), time.perf_counter()
         lag = start - slot if slot is not None else 0.0
-        common = dict(ts=ts, endpoint=self.endpoint, max_tokens=item.max_tokens,
-                      target_input_len=item.target_input_len, scheduled_lag=lag)
+        common = dict(
+            ts=ts,
+            endpoint=self.endpoint,
+            max_tokens=item.max_tokens,
+            target_input_len=item.target_input_len,
+            scheduled_lag=lag,
+        )
         with self.client.post(
-            self.endpoint, json=body, stream=True, catch_response=True,
-            timeout=self.opts.request_timeout, name=self.endpoint,
+            self.endpoint,
+            json=body,
+            stream=True,
+            catch_response=True,
+            timeout=self.opts.request_timeout,
+            name=self.endpoint,
         ) as resp:
             status = resp.status_code or 0
             try:
                 if status != 200:
                     detail = str(resp.error) if getattr(resp, "error", None) else resp.text[:300]
-                    record = RequestRecord.failed(status=status, error=f"HTTP {status}: {detail}",
-                                                  e2e=time.perf_counter() - start, **common)
+                    record = RequestRecord.failed(
+                        status=status, error=f"HTTP {status}: {detail}", e2e=time.perf_counter() - start, **common
+                    )
                 else:
                     res = read_sse(resp.iter_lines(), time.perf_counter)
                     record = RequestRecord.from_stream(res, start=start, status=status, **common)
-            except Exception as e:  # noqa: BLE001 - a broken stream is a failed request, not a crash
-                record = RequestRecord.failed(status=status, error=f"{type(e).__name__}: {e}",
-                                              e2e=time.perf_counter() - start, **common)
+            except Exception as e:
+                record = RequestRecord.failed(
+                    status=status, error=f"{type(e).__name__}: {e}", e2e=time.perf_counter() - start, **common
+                )
             resp.request_meta["response_time"] = (record.e2e or 0.0) * 1000
             resp.request_meta["response_length"] = record.output_tokens
             if record.ok:
@@ -254,8 +266,14 @@ class _StreamingUser(HttpUser):
         name = self.endpoint
 
         def metric(kind: str, seconds: float, length: int = 0) -> None:
-            fire(request_type=kind, name=name, response_time=seconds * 1000, response_length=length,
-                 exception=None, context={})
+            fire(
+                request_type=kind,
+                name=name,
+                response_time=seconds * 1000,
+                response_length=length,
+                exception=None,
+                context={},
+            )
 
         metric("TTFT", record.ttft)
         if record.tpot is not None:

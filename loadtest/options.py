@@ -35,7 +35,12 @@ _ARGS: tuple[tuple[str, Any, type, str], ...] = (
     ("--itl-events", "token", str, "ITL rows in locust stats: token (one per gap) | request (mean) | none"),
     ("--replica-source", "serve-api", str, "replica count sampling: serve-api | metrics | none"),
     ("--replica-url", "", str, "sampling URL; empty: http://<host>:8265/api/serve/applications/ or <host>/metrics"),
-    ("--replica-token", "", str, "serve-api: Ray dashboard auth token (default: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token)"),
+    (
+        "--replica-token",
+        "",
+        str,
+        "serve-api: Ray dashboard auth token (default: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token)",
+    ),
     ("--replica-metric", "", str, "metrics source: Prometheus gauge whose samples are summed"),
     ("--replica-deployments", "", str, "serve-api source: comma-separated deployment names (empty: all)"),
     ("--replica-interval", 2.0, float, "seconds between replica samples"),
@@ -56,13 +61,23 @@ def add_arguments(parser: Any) -> None:
     for flag, default, typ, help_ in _ARGS:
         env = _env_name(flag)
         if typ is bool:
-            parser.add_argument(flag, action="store_true", default=_env_bool(os.environ.get(env, "")),
-                                help=f"{help_} [env {env}]")
+            parser.add_argument(
+                flag, action="store_true", default=_env_bool(os.environ.get(env, "")), help=f"{help_} [env {env}]"
+            )
         else:
             # Locust's web UI masks secrets; a plain argparse parser (tests) knows no such flag.
-            secret = {"is_secret": True} if flag.endswith(("-token", "-key")) and hasattr(parser, "secret_args_included_in_web_ui") else {}
-            parser.add_argument(flag, type=typ, default=typ(os.environ.get(env, default)),
-                                help=f"{help_} (default {default!r}) [env {env}]", **secret)
+            secret = (
+                {"is_secret": True}
+                if flag.endswith(("-token", "-key")) and hasattr(parser, "secret_args_included_in_web_ui")
+                else {}
+            )
+            parser.add_argument(
+                flag,
+                type=typ,
+                default=typ(os.environ.get(env, default)),
+                help=f"{help_} (default {default!r}) [env {env}]",
+                **secret,
+            )
 
 
 @dataclass(frozen=True)
@@ -105,9 +120,7 @@ class LoadTestOptions:
             values[dest] = raw
         values["input_len"] = LengthSpec.parse(values["input_len"], what="--input-len")
         values["output_len"] = LengthSpec.parse(values["output_len"], what="--output-len")
-        values["replica_deployments"] = tuple(
-            d.strip() for d in values["replica_deployments"].split(",") if d.strip()
-        )
+        values["replica_deployments"] = tuple(d.strip() for d in values["replica_deployments"].split(",") if d.strip())
         opts = cls(**values)
         opts._validate()
         return opts

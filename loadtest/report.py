@@ -277,8 +277,14 @@ def plot_replicas(replicas: list[dict[str, Any]], users: tuple[np.ndarray, np.nd
         line = ax.step(ts, running, where="post", label=f"{name} running")[0]
         ax.step(ts, target, where="post", linestyle="--", color=line.get_color(), alpha=0.6, label=f"{name} target")
     if not series:
-        ax.text(0.5, 0.5, "no replica samples in the JSONL\n(see --replica-source)", ha="center", va="center",
-                transform=ax.transAxes)
+        ax.text(
+            0.5,
+            0.5,
+            "no replica samples in the JSONL\n(see --replica-source)",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+        )
     from matplotlib.ticker import MaxNLocator
 
     ax.set_ylabel("replicas")
@@ -316,9 +322,12 @@ def format_summary(summary: dict[str, Any], stats: list[dict[str, str]]) -> str:
             + "".join(f"{s[k]:>10.1f}" for k in ("mean", "p50", "p90", "p95", "p99", "max"))
         )
     g = summary["goodput"]
-    limits = ", ".join(
-        f"{k} <= {v:g} ms" for k, v in (("TTFT", g["ttft_limit_ms"]), ("TPOT", g["tpot_limit_ms"])) if v is not None
-    ) or "no limits"
+    limits = (
+        ", ".join(
+            f"{k} <= {v:g} ms" for k, v in (("TTFT", g["ttft_limit_ms"]), ("TPOT", g["tpot_limit_ms"])) if v is not None
+        )
+        or "no limits"
+    )
     lines += [
         "",
         f"goodput ({limits}): {g['good_requests']}/{summary['requests']} requests "
@@ -327,8 +336,11 @@ def format_summary(summary: dict[str, Any], stats: list[dict[str, str]]) -> str:
     ]
     rows = [r for r in stats if r.get("Type") in LOCUST_ROW_TYPES]
     if rows:
-        lines += ["", "locust stats (_stats.csv, ms):",
-                  f"{'type':<6}{'name':<24}{'reqs':>8}{'fails':>7}{'median':>9}{'p95':>9}{'p99':>9}"]
+        lines += [
+            "",
+            "locust stats (_stats.csv, ms):",
+            f"{'type':<6}{'name':<24}{'reqs':>8}{'fails':>7}{'median':>9}{'p95':>9}{'p99':>9}",
+        ]
         for r in rows:
             lines.append(
                 f"{r['Type']:<6}{r['Name']:<24}{r['Request Count']:>8}{r['Failure Count']:>7}"

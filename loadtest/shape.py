@@ -30,17 +30,30 @@ _ENV = "CBSERVE_LT_"
 
 @events.init_command_line_parser.add_listener
 def _add_arguments(parser: Any) -> None:
-    parser.add_argument("--shape-levels", type=str, default=os.environ.get(_ENV + "SHAPE_LEVELS", "1,2,4"),
-                        help=f"user counts of the steps, peak last (default 1,2,4) [env {_ENV}SHAPE_LEVELS]")
-    parser.add_argument("--shape-step-time", type=float,
-                        default=float(os.environ.get(_ENV + "SHAPE_STEP_TIME", 60)),
-                        help=f"seconds per step (default 60) [env {_ENV}SHAPE_STEP_TIME]")
-    parser.add_argument("--shape-hold-time", type=float,
-                        default=float(os.environ.get(_ENV + "SHAPE_HOLD_TIME", 120)),
-                        help=f"seconds at the peak (default 120) [env {_ENV}SHAPE_HOLD_TIME]")
-    parser.add_argument("--shape-spawn-rate", type=float,
-                        default=float(os.environ.get(_ENV + "SHAPE_SPAWN_RATE", 10)),
-                        help=f"users started/stopped per second at a step (default 10) [env {_ENV}SHAPE_SPAWN_RATE]")
+    parser.add_argument(
+        "--shape-levels",
+        type=str,
+        default=os.environ.get(_ENV + "SHAPE_LEVELS", "1,2,4"),
+        help=f"user counts of the steps, peak last (default 1,2,4) [env {_ENV}SHAPE_LEVELS]",
+    )
+    parser.add_argument(
+        "--shape-step-time",
+        type=float,
+        default=float(os.environ.get(_ENV + "SHAPE_STEP_TIME", 60)),
+        help=f"seconds per step (default 60) [env {_ENV}SHAPE_STEP_TIME]",
+    )
+    parser.add_argument(
+        "--shape-hold-time",
+        type=float,
+        default=float(os.environ.get(_ENV + "SHAPE_HOLD_TIME", 120)),
+        help=f"seconds at the peak (default 120) [env {_ENV}SHAPE_HOLD_TIME]",
+    )
+    parser.add_argument(
+        "--shape-spawn-rate",
+        type=float,
+        default=float(os.environ.get(_ENV + "SHAPE_SPAWN_RATE", 10)),
+        help=f"users started/stopped per second at a step (default 10) [env {_ENV}SHAPE_SPAWN_RATE]",
+    )
 
 
 class StepLoadShape(LoadTestShape):

@@ -160,13 +160,33 @@ class RequestRecord:
 
     @classmethod
     def failed(
-        cls, *, ts: float, endpoint: str, status: int, error: str, e2e: float | None, max_tokens: int,
-        target_input_len: int | None, scheduled_lag: float = 0.0,
+        cls,
+        *,
+        ts: float,
+        endpoint: str,
+        status: int,
+        error: str,
+        e2e: float | None,
+        max_tokens: int,
+        target_input_len: int | None,
+        scheduled_lag: float = 0.0,
     ) -> RequestRecord:
         return cls(
-            ts=ts, endpoint=endpoint, status=status, ok=False, ttft=None, tpot=None, e2e=e2e, itl=(),
-            output_tokens=0, prompt_tokens=None, tokens_from_usage=False, max_tokens=max_tokens,
-            target_input_len=target_input_len, error=error, scheduled_lag=scheduled_lag,
+            ts=ts,
+            endpoint=endpoint,
+            status=status,
+            ok=False,
+            ttft=None,
+            tpot=None,
+            e2e=e2e,
+            itl=(),
+            output_tokens=0,
+            prompt_tokens=None,
+            tokens_from_usage=False,
+            max_tokens=max_tokens,
+            target_input_len=target_input_len,
+            error=error,
+            scheduled_lag=scheduled_lag,
         )
 
     def to_json(self, *, itl_list: bool = False) -> str:

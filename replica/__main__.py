@@ -23,8 +23,11 @@ from replica.request import SamplingParams
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m replica", description="Generate text with the cbserve engine.")
     p.add_argument("prompts", nargs="+", metavar="PROMPT", help="prompt text (several: one batch)")
-    p.add_argument("--model", default="default",
-                   help="default | tiny:llama | dummy:qwen2.5-0.5b | HF id or local path (default: %(default)s)")
+    p.add_argument(
+        "--model",
+        default="default",
+        help="default | tiny:llama | dummy:qwen2.5-0.5b | HF id or local path (default: %(default)s)",
+    )
     p.add_argument("--no-chat", action="store_true", help="plain completion: no chat template")
     p.add_argument("--system", default=None, help="system message (chat mode)")
     p.add_argument("--max-tokens", type=int, default=128)
@@ -51,8 +54,14 @@ def main(argv: list[str] | None = None) -> int:
         runner=RunnerConfig(),
     )
     try:
-        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                                top_k=args.top_k, seed=args.seed, stop=tuple(args.stop))
+        params = SamplingParams(
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            seed=args.seed,
+            stop=tuple(args.stop),
+        )
         engine = LLMEngine(config)
         prompts = [_prompt(engine.tokenizer, text, args) for text in args.prompts]
         start = time.perf_counter()
@@ -62,13 +71,18 @@ def main(argv: list[str] | None = None) -> int:
             outs = engine.generate(prompts, params, use_tqdm=False)
             for i, out in enumerate(outs):
                 print(f"--- [{i}] {args.prompts[i]!r}\n{out.text}\n")
-            n_tokens, reason = sum(len(o.token_ids) for o in outs), ",".join(sorted({o.finish_reason.value for o in outs}))
+            n_tokens, reason = (
+                sum(len(o.token_ids) for o in outs),
+                ",".join(sorted({o.finish_reason.value for o in outs})),
+            )
     except (EngineError, ModelLoadError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     elapsed = time.perf_counter() - start
-    print(f"[{n_tokens} tokens in {elapsed:.2f} s, {n_tokens / max(elapsed, 1e-9):.1f} tok/s, finish: {reason}]",
-          file=sys.stderr)
+    print(
+        f"[{n_tokens} tokens in {elapsed:.2f} s, {n_tokens / max(elapsed, 1e-9):.1f} tok/s, finish: {reason}]",
+        file=sys.stderr,
+    )
     return 0
 
 

@@ -21,7 +21,6 @@ import torch
 from replica.attention.metadata import AttentionMetadata
 from replica.outputs import RunnerOutput
 
-
 # Columns of a staged row (then the block table).
 _TOKEN, _POS, _SLOT, _LEN, _SRC = range(5)
 _COLS = 5
@@ -54,8 +53,9 @@ class DecodeInputs:
 class GraphStep:
     """The tokens of one replay on their way to pinned host memory (see ``DecodeGraphs.emit``)."""
 
-    def __init__(self, graphs: DecodeGraphs, request_ids: tuple[str, ...], host: torch.Tensor,
-                 event: torch.cuda.Event) -> None:
+    def __init__(
+        self, graphs: DecodeGraphs, request_ids: tuple[str, ...], host: torch.Tensor, event: torch.cuda.Event
+    ) -> None:
         self._graphs = graphs
         self._index = graphs.num_emitted  # its host buffer and event serve again two emits later
         self._ids = request_ids

@@ -129,8 +129,9 @@ class DecodeBatch:
             block_tables=tables,
             num_blocks=nblocks,
             static=np.array([static_row(r, max_model_len) for r in requests], np.int64).reshape(b, 5),
-            eos_ids=np.array(sorted(set().union(*(r.eos_token_ids for r in requests if not r.params.ignore_eos))),
-                             np.int64),
+            eos_ids=np.array(
+                sorted(set().union(*(r.eos_token_ids for r in requests if not r.params.ignore_eos))), np.int64
+            ),
         )
 
     def successor(self, rows: np.ndarray) -> DecodeBatch:

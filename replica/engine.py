@@ -15,8 +15,8 @@ import operator
 import threading
 import time
 from collections import deque
-from dataclasses import replace
 from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 from replica.config import EngineConfig
@@ -110,8 +110,12 @@ class LLMEngine:
             raise ValueError("max_model_len is unknown: set ModelConfig.max_model_len")
         self.max_model_len = min(lens)
         if config.model.max_model_len and config.model.max_model_len > self.max_model_len:
-            logger.warning("max_model_len %d is above the model's %d: using %d",
-                           config.model.max_model_len, self.max_model_len, self.max_model_len)
+            logger.warning(
+                "max_model_len %d is above the model's %d: using %d",
+                config.model.max_model_len,
+                self.max_model_len,
+                self.max_model_len,
+            )
         self.model_name = config.model.served_name or (loaded.name if loaded is not None else config.model.model)
         self.block_size = config.cache.block_size
         built_runner = runner is None
@@ -167,8 +171,12 @@ class LLMEngine:
         self._generation_tokens_total = 0
         self._cached_prompt_tokens_total = 0
         self._rate: deque[tuple[float, int]] = deque()  # (step start, output tokens)
-        if built_runner and config.runner.warmup and getattr(runner, "device", None) is not None \
-                and runner.device.type == "cuda":
+        if (
+            built_runner
+            and config.runner.warmup
+            and getattr(runner, "device", None) is not None
+            and runner.device.type == "cuda"
+        ):
             logger.info("engine warm-up took %.2f s", self.warmup())
 
     # ----- requests ---------------------------------------------------------------------
@@ -376,13 +384,14 @@ class LLMEngine:
         long_len = max(1, min(budget, self.max_model_len - 2))
         vocab = max(2, min(self._vocab_size, 30_000))
         greedy = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
-        self.add(self.make_request("warmup-long", [(7 * i) % vocab + 1 for i in range(long_len)], greedy),
-                 enforce_queue_limit=False)
+        self.add(
+            self.make_request("warmup-long", [(7 * i) % vocab + 1 for i in range(long_len)], greedy),
+            enforce_queue_limit=False,
+        )
         n = max(1, min(num_decode, self.config.scheduler.max_num_seqs - 1))
         for i in range(n):
             prompt = [(13 * i + j) % vocab + 1 for j in range(min(16 + 8 * i, self.max_model_len - 9))]
-            self.add(self.make_request(f"warmup-{i}", prompt, replace(greedy, max_tokens=8)),
-                     enforce_queue_limit=False)
+            self.add(self.make_request(f"warmup-{i}", prompt, replace(greedy, max_tokens=8)), enforce_queue_limit=False)
         while self.has_unfinished():
             self.step()
         self.scheduler.kv.reset_prefix_cache()
@@ -403,9 +412,7 @@ class LLMEngine:
         """Run a batch to completion; outputs in the order of ``prompts``. Every prompt is
         validated before any work (a refusal raises and runs nothing); the bounded waiting
         queue is fed as it drains."""
-        if isinstance(prompts, str) or (
-            isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)
-        ):
+        if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
         prompts = list(prompts)  # type: ignore[arg-type]
         if params is None or isinstance(params, SamplingParams):
@@ -781,4 +788,3 @@ class AsyncEngine:
         if force or now - self._hashes_at >= self._HASHES_REFRESH_S:
             self._hashes = self.engine.cached_block_hashes(self._hashes_limit)
             self._hashes_at = now
-

@@ -76,8 +76,23 @@ def _rope_half(x_ptr, out_ptr, c1, c2, s1, s2, offs, HALF: tl.constexpr):
 
 
 @triton.jit
-def _rope_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr, sq_t, sq_h, sk_t, sk_h, scs_t, so_qt, so_kt,
-                 n_q_heads, HALF: tl.constexpr):
+def _rope_kernel(
+    q_ptr,
+    k_ptr,
+    cos_ptr,
+    sin_ptr,
+    qo_ptr,
+    ko_ptr,
+    sq_t,
+    sq_h,
+    sk_t,
+    sk_h,
+    scs_t,
+    so_qt,
+    so_kt,
+    n_q_heads,
+    HALF: tl.constexpr,
+):
     t = tl.program_id(0)
     h = tl.program_id(1)  # query heads first, then key heads: one launch for both
     offs = tl.arange(0, HALF)
@@ -100,10 +115,16 @@ def rope_supported(q: torch.Tensor, cos: torch.Tensor) -> bool:
     half = d // 2
     return (
         q.dtype == torch.bfloat16
-        and q.dim() == 4 and q.shape[0] == 1
-        and d % 2 == 0 and half >= 1 and half & (half - 1) == 0
-        and cos.dim() == 3 and cos.shape[-1] == d and cos.dtype == q.dtype
-        and cos.stride(-1) == 1 and q.stride(-1) == 1
+        and q.dim() == 4
+        and q.shape[0] == 1
+        and d % 2 == 0
+        and half >= 1
+        and half & (half - 1) == 0
+        and cos.dim() == 3
+        and cos.shape[-1] == d
+        and cos.dtype == q.dtype
+        and cos.stride(-1) == 1
+        and q.stride(-1) == 1
     )
 
 
@@ -121,8 +142,22 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor)
         if sin2.stride() != cos2.stride():
             cos2, sin2 = cos2.contiguous(), sin2.contiguous()
         _rope_kernel[(t, hq + hk)](
-            q, k, cos2, sin2, qo, ko, q.stride(2), q.stride(1), k.stride(2), k.stride(1), cos2.stride(0),
-            qo.stride(1), ko.stride(1), hq, HALF=d // 2, num_warps=1,
+            q,
+            k,
+            cos2,
+            sin2,
+            qo,
+            ko,
+            q.stride(2),
+            q.stride(1),
+            k.stride(2),
+            k.stride(1),
+            cos2.stride(0),
+            qo.stride(1),
+            ko.stride(1),
+            hq,
+            HALF=d // 2,
+            num_warps=1,
         )
     return qo.transpose(1, 2), ko.transpose(1, 2)
 
@@ -170,15 +205,19 @@ def _mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
 
 
-def _attention_forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None,
-                       **kwargs):
+def _attention_forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None, **kwargs):
     """HF's Qwen2 / Llama attention forward (transformers 5.x) with the rotary embedding fused;
     HF's own forward where the fused kernel doesn't apply (prefill chunks, not bf16, partial rotary)."""
     input_shape = hidden_states.shape[:-1]
     cos, sin = position_embeddings
     attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, None)
-    if (_rows(hidden_states) > MAX_FUSED_ROWS or past_key_values is not None or self.training
-            or attention_interface is None or hidden_states.dtype != torch.bfloat16):
+    if (
+        _rows(hidden_states) > MAX_FUSED_ROWS
+        or past_key_values is not None
+        or self.training
+        or attention_interface is None
+        or hidden_states.dtype != torch.bfloat16
+    ):
         return self._hf_forward(hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs)
     hidden_shape = (*input_shape, -1, self.head_dim)
     q = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
@@ -222,9 +261,8 @@ def _is_rms_norm(m: torch.nn.Module) -> bool:
 
 def _is_silu_mlp(m: torch.nn.Module) -> bool:
     act = getattr(m, "act_fn", None)
-    return (
-        all(isinstance(getattr(m, n, None), torch.nn.Linear) for n in ("gate_proj", "up_proj", "down_proj"))
-        and (isinstance(act, torch.nn.SiLU) or type(act).__name__ == "SiLUActivation")
+    return all(isinstance(getattr(m, n, None), torch.nn.Linear) for n in ("gate_proj", "up_proj", "down_proj")) and (
+        isinstance(act, torch.nn.SiLU) or type(act).__name__ == "SiLUActivation"
     )
 
 

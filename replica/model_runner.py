@@ -196,7 +196,7 @@ class ModelRunner:
         inp = self._batch_inputs(d, prev) if d is not None else self._chunk_inputs(out, prev)
         if inp is None:
             return None
-        logits, greedy = self.graphs.replay(inp)
+        logits, _greedy = self.graphs.replay(inp)
         if d is not None:
             rids = d.request_ids
             if d.plain_greedy:

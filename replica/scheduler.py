@@ -22,8 +22,8 @@ from collections import deque
 import numpy as np
 
 from replica.admission import AdmissionController
-from replica.decode_batch import CHECK_STOP_IDS, LIMIT, DecodeBatch
 from replica.config import CacheConfig, SchedulerConfig
+from replica.decode_batch import CHECK_STOP_IDS, LIMIT, DecodeBatch
 from replica.errors import InvalidRequestError, QueueFullError
 from replica.kv_cache import KVCacheManager
 from replica.outputs import RunnerOutput, ScheduledChunk, SchedulerOutput
@@ -33,9 +33,7 @@ from replica.request import FinishReason, Request, RequestStatus
 class Scheduler:
     """Owns the waiting queue, the running list and the KV block pool."""
 
-    def __init__(
-        self, config: SchedulerConfig, cache: CacheConfig, *, num_blocks: int, max_model_len: int
-    ) -> None:
+    def __init__(self, config: SchedulerConfig, cache: CacheConfig, *, num_blocks: int, max_model_len: int) -> None:
         self.config = config
         self.max_model_len = max_model_len
         self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
@@ -77,8 +75,7 @@ class Scheduler:
         self.admission.check_fits(request)
         if enforce_queue_limit and len(self.waiting) >= self.config.max_waiting:
             raise QueueFullError(
-                f"the waiting queue is full ({len(self.waiting)} of {self.config.max_waiting} requests); "
-                f"retry later"
+                f"the waiting queue is full ({len(self.waiting)} of {self.config.max_waiting} requests); retry later"
             )
         request.status = RequestStatus.WAITING
         self.waiting.append(request)
@@ -139,12 +136,7 @@ class Scheduler:
 
         # Then waiting ones, in order, while they fit. Not right after a preemption:
         # the freed blocks are for the running requests that needed them.
-        while (
-            not preempted
-            and self.waiting
-            and budget > 0
-            and len(self.running) < self.config.max_num_seqs
-        ):
+        while not preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
             hits, num_hit = self.kv.get_computed_prefix(req)
             needed = self.kv.blocks_for(req.num_tokens) - len(hits) + self.kv.num_unreferenced(hits)
@@ -308,9 +300,7 @@ class Scheduler:
     def _stop_reason(self, req: Request, token: int) -> FinishReason | None:
         p = req.params
         n_out = len(req.output_token_ids)
-        if n_out >= p.min_tokens and (
-            (not p.ignore_eos and token in req.eos_token_ids) or token in p.stop_token_ids
-        ):
+        if n_out >= p.min_tokens and ((not p.ignore_eos and token in req.eos_token_ids) or token in p.stop_token_ids):
             return FinishReason.STOP
         if n_out >= p.max_tokens or len(req.prompt_token_ids) + n_out >= self.max_model_len:
             return FinishReason.LENGTH

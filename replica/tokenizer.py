@@ -116,9 +116,7 @@ class Tokenizer:
             )
         normalized = _validate_messages(messages)
         try:
-            return self.hf.apply_chat_template(
-                normalized, add_generation_prompt=add_generation_prompt, tokenize=False
-            )
+            return self.hf.apply_chat_template(normalized, add_generation_prompt=add_generation_prompt, tokenize=False)
         except InvalidRequestError:
             raise
         except Exception as e:  # jinja raise_exception(...) in templates, e.g. "roles must alternate"

@@ -111,7 +111,7 @@ class InflightTracker:
         while t.finished and t.finished[0][1] < cutoff:
             t.finished.popleft()
         while t.recent_prefixes:
-            h, seen = next(iter(t.recent_prefixes.items()))
+            _h, seen = next(iter(t.recent_prefixes.items()))
             if seen >= cutoff:
                 break
             t.recent_prefixes.popitem(last=False)

@@ -94,7 +94,9 @@ class KVCacheAwareRouter(RequestRouter):
             recent_prefixes=self._tracker.recent_prefixes(rid, now),
         )
 
-    def decide(self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None) -> RoutingDecision:
+    def decide(
+        self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None
+    ) -> RoutingDecision:
         now = time.time()
         views = [self._view(r, now) for r in candidate_replicas]
         tokens = None
@@ -114,7 +116,12 @@ class KVCacheAwareRouter(RequestRouter):
         decision = self.decide(candidate_replicas, pending_request)
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         if logger.isEnabledFor(logging.DEBUG):
-            logger.debug("kv router: %s -> %s (%d blocks matched)", decision.reason.value, decision.first, decision.matched_blocks)
+            logger.debug(
+                "kv router: %s -> %s (%d blocks matched)",
+                decision.reason.value,
+                decision.first,
+                decision.matched_blocks,
+            )
         return [[by_id[rid] for rid in group] for group in decision.groups]
 
     def _remember_prompt(self, request_id: str, tokens: list[int], views: list[ReplicaView]) -> None:
@@ -134,7 +141,10 @@ class KVCacheAwareRouter(RequestRouter):
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
         rid = pending_request.metadata.internal_request_id
         hashes = self._prompt_hashes.get(rid)
-        if hashes is None or extract_prompt_token_ids(pending_request.args, pending_request.kwargs, self._prompt_field) is None:
+        if (
+            hashes is None
+            or extract_prompt_token_ids(pending_request.args, pending_request.kwargs, self._prompt_field) is None
+        ):
             return
         self._tracker.on_sent(replica_id.unique_id, rid, time.time(), hashes)
 

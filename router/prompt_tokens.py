@@ -21,7 +21,11 @@ DEFAULT_FIELD = "prompt_token_ids"
 
 
 def _as_token_ids(value: Any) -> list[int] | None:
-    if isinstance(value, (list, tuple)) and value and all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+    if (
+        isinstance(value, (list, tuple))
+        and value
+        and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+    ):
         return list(value)
     return None
 

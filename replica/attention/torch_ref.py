@@ -59,7 +59,7 @@ def paged_attention(
 ) -> torch.Tensor:
     """Attention of the new queries ``[T, H, D]`` over the cached context (which must already hold
     the new tokens' K/V). Returns ``[T, H, D]`` in ``query.dtype``."""
-    t, h, d = query.shape
+    _t, h, d = query.shape
     _, block_size, kvh, _ = k_cache.shape
     if h % kvh:
         raise ValueError(f"num_heads {h} is not a multiple of num_kv_heads {kvh}")

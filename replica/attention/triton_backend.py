@@ -62,10 +62,25 @@ class TritonAttentionBackend:
         if meta.max_query_len == 1 and query.shape[0] == num_seqs:
             splits = default_num_splits(num_seqs, k_cache.shape[2], self.num_sms(query.device))
             return paged_decode_attention(
-                query, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale,
-                num_splits=splits, sliding_window=sliding_window, softcap=softcap,
+                query,
+                k_cache,
+                v_cache,
+                meta.block_tables,
+                meta.seq_lens,
+                scale,
+                num_splits=splits,
+                sliding_window=sliding_window,
+                softcap=softcap,
             )
         return paged_prefill_attention(
-            query, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens,
-            meta.max_query_len, scale, sliding_window=sliding_window, softcap=softcap,
+            query,
+            k_cache,
+            v_cache,
+            meta.block_tables,
+            meta.query_start_loc,
+            meta.seq_lens,
+            meta.max_query_len,
+            scale,
+            sliding_window=sliding_window,
+            softcap=softcap,
         )

@@ -55,7 +55,9 @@ def store_kv(
     """Scatter ``key``/``value`` ``[num_tokens, num_kv_heads, head_dim]`` (any strides with a
     unit last stride) into the caches at ``slot_mapping`` ``[num_tokens]`` (int32/int64)."""
     if key.dim() != 3 or value.shape != key.shape:
-        raise ValueError(f"key/value must be [tokens, kv_heads, head_dim]; got {tuple(key.shape)}, {tuple(value.shape)}")
+        raise ValueError(
+            f"key/value must be [tokens, kv_heads, head_dim]; got {tuple(key.shape)}, {tuple(value.shape)}"
+        )
     if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
         raise ValueError("k_cache/v_cache must be [num_blocks, block_size, kv_heads, head_dim] and equal")
     n, h, d = key.shape

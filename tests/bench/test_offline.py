@@ -14,9 +14,10 @@ from replica.models import tiny_model
 
 
 def _greedy_alone(model, prompt, n):
-    out = model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                         eos_token_id=None, pad_token_id=0)
-    return tuple(out[0, len(prompt):].tolist())
+    out = model.generate(
+        torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0
+    )
+    return tuple(out[0, len(prompt) :].tolist())
 
 
 def test_static_batching_pads_left_and_counts_only_useful_tokens():
@@ -33,8 +34,9 @@ def test_static_batching_pads_left_and_counts_only_useful_tokens():
 def test_hf_continuous_batching_matches_static():
     model = tiny_model("llama", seed=3).model
     reqs = make_workload(WorkloadSpec(num_requests=4, prompt_len=(3, 10), output_len=(2, 6), seed=3))
-    hf = run_hf_continuous(model, reqs, block_size=16, num_blocks=blocks_needed(reqs, 16), max_batch_tokens=64,
-                           progress=False)
+    hf = run_hf_continuous(
+        model, reqs, block_size=16, num_blocks=blocks_needed(reqs, 16), max_batch_tokens=64, progress=False
+    )
     static = run_static(model, reqs, batch_size=4, pad_token_id=2, progress=False)
     assert hf.outputs == static.outputs
     assert hf.computed_tokens == hf.useful_tokens
@@ -43,9 +45,30 @@ def test_hf_continuous_batching_matches_static():
 
 def test_offline_runs_all_three_and_writes_json(tmp_path, capsys):
     out = tmp_path / "offline.json"
-    report = main(["--model", "tiny:llama", "--num-requests", "6", "--prompt-len", "4", "12",
-                   "--output-len", "3", "8", "--batch-size", "4", "--no-progress", "--no-warmup",
-                   "--max-num-batched-tokens", "64", "--num-blocks", "64", "--out", str(out)])
+    report = main(
+        [
+            "--model",
+            "tiny:llama",
+            "--num-requests",
+            "6",
+            "--prompt-len",
+            "4",
+            "12",
+            "--output-len",
+            "3",
+            "8",
+            "--batch-size",
+            "4",
+            "--no-progress",
+            "--no-warmup",
+            "--max-num-batched-tokens",
+            "64",
+            "--num-blocks",
+            "64",
+            "--out",
+            str(out),
+        ]
+    )
     saved = json.loads(out.read_text())
     assert saved["results"].keys() == {"static", "hf_cb", "engine"}
     useful = {r["useful_tokens"] for r in saved["results"].values()}

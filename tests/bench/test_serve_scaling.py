@@ -38,8 +38,15 @@ def test_efficiency_is_relative_to_n_times_one_replica():
 def test_table_has_one_row_per_run():
     lat = {"p50": 10.0, "p99": 20.0, "mean": 12.0}
     results = [
-        {"replicas": n, "users": 32 * n, "output_tokens_per_s": 1000.0 * n, "ttft_ms": lat, "tpot_ms": lat,
-         "requests_started": 10, "requests_failed": 0}
+        {
+            "replicas": n,
+            "users": 32 * n,
+            "output_tokens_per_s": 1000.0 * n,
+            "ttft_ms": lat,
+            "tpot_ms": lat,
+            "requests_started": 10,
+            "requests_failed": 0,
+        }
         for n in (1, 2)
     ]
     add_efficiency(results)
@@ -50,7 +57,7 @@ def test_table_has_one_row_per_run():
 def test_app_args_scale_ingress_with_replicas_and_parse_engine_values():
     class A:
         model, num_gpus, replica_num_cpus, ingress_per_replica, ingress_num_cpus = "tiny:llama", 1.0, 1.0, 2.0, 1.0
-        engine = ["max_num_seqs=64", "use_cuda_graphs=false", "dtype=bfloat16"]
+        engine = ["max_num_seqs=64", "use_cuda_graphs=false", "dtype=bfloat16"]  # noqa: RUF012
         accelerator_resource = ""
         stream_interval = 4
 

@@ -57,8 +57,10 @@ def test_workload_is_seeded_and_in_range():
 
 
 def test_roofline_grows_with_context():
-    recs = [dict(ctx=1000, tokens=8, sampled=8, attn_pairs=8000.0), dict(ctx=2000, tokens=8, sampled=8,
-                                                                           attn_pairs=16000.0)]
+    recs = [
+        dict(ctx=1000, tokens=8, sampled=8, attn_pairs=8000.0),
+        dict(ctx=2000, tokens=8, sampled=8, attn_pairs=16000.0),
+    ]
     small = roofline("qwen2.5-0.5b", recs[:1], bw=3e12, peak=7e14)
     both = roofline("qwen2.5-0.5b", recs, bw=3e12, peak=7e14)
     assert both["floor_s"] > 2 * small["floor_s"] * 0.99 and small["weight_bytes"] > 9e8

@@ -177,7 +177,9 @@ class FakeMetricsBackend:
     Counter = Gauge = Histogram = _make
 
 
-async def make_server(engine: FakeEngine | None = None, user_config: dict | None = None) -> tuple[LLMServer, FakeEngine]:
+async def make_server(
+    engine: FakeEngine | None = None, user_config: dict | None = None
+) -> tuple[LLMServer, FakeEngine]:
     engine = engine or FakeEngine()
     server = object.__new__(LLMServer)
     await server.__init__(

@@ -38,17 +38,28 @@ def test_engine_args_map_onto_the_frozen_engine_config():
     args = {
         "model": "tiny:llama",
         "served_model_name": "tiny",
-        "engine": {"dtype": "float32", "max_model_len": 512, "block_size": 8, "num_blocks": 100,
-                   "max_num_seqs": 4, "max_waiting": 3, "attention_backend": "torch", "use_cuda_graphs": False},
+        "engine": {
+            "dtype": "float32",
+            "max_model_len": 512,
+            "block_size": 8,
+            "num_blocks": 100,
+            "max_num_seqs": 4,
+            "max_waiting": 3,
+            "attention_backend": "torch",
+            "use_cuda_graphs": False,
+        },
         "num_gpus": 1,
         "accelerator_resource": "fake_gpu",
         "max_ongoing_requests": 9,
         "replica": {"log_requests": True},
     }
-    ingress, llm, settings = llm_deployment(build_app(args))
+    _ingress, llm, settings = llm_deployment(build_app(args))
     (cfg,) = llm.init_args
     assert (cfg.model.model, cfg.model.served_name, cfg.model.dtype, cfg.model.max_model_len) == (
-        "tiny:llama", "tiny", "float32", 512,
+        "tiny:llama",
+        "tiny",
+        "float32",
+        512,
     )
     assert (cfg.cache.block_size, cfg.cache.num_blocks) == (8, 100)
     assert (cfg.scheduler.max_num_seqs, cfg.scheduler.max_waiting) == (4, 3)
@@ -66,9 +77,13 @@ def test_num_gpus_auto_is_zero_without_gpus():
 
 def test_autoscaling_and_router_options_reach_serve():
     args = {
-        "autoscaling": {"min_replicas": 1, "max_replicas": 3, "upscale_delay_s": 5,
-                        "policy": "deployments.autoscaling:QueueDepthAutoscalingPolicy",
-                        "policy_kwargs": {"target_requests_per_replica": 8}},
+        "autoscaling": {
+            "min_replicas": 1,
+            "max_replicas": 3,
+            "upscale_delay_s": 5,
+            "policy": "deployments.autoscaling:QueueDepthAutoscalingPolicy",
+            "policy_kwargs": {"target_requests_per_replica": 8},
+        },
         "router": {"request_router_class": "router.kv_router:KVCacheAwareRouter", "request_routing_stats_period_s": 1},
     }
     _, llm, _ = llm_deployment(build_app(args))

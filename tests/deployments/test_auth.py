@@ -215,7 +215,9 @@ async def _ingress(auth: AuthSettings):
 
     server, _ = await make_server()
     client = LocalClient(server)
-    service = OpenAIService(client, FakeTokenizer(), IngressSettings(model="m", auth=auth), metrics_backend=FakeMetricsBackend())
+    service = OpenAIService(
+        client, FakeTokenizer(), IngressSettings(model="m", auth=auth), metrics_backend=FakeMetricsBackend()
+    )
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=build_api(service)), base_url="http://t"), client
 
 
@@ -234,7 +236,7 @@ async def test_ingress_401_never_reaches_a_replica():
 
 async def test_ingress_keys_from_the_environment(monkeypatch):
     monkeypatch.setenv("CBSERVE_API_KEYS", f"{OTHER},{KEY}")
-    http, client = await _ingress(AuthSettings())
+    http, _client = await _ingress(AuthSettings())
     async with http:
         assert (await http.get("/v1/models")).status_code == 401
         assert (await http.get("/v1/models", headers={"Authorization": f"Bearer {OTHER}"})).status_code == 200

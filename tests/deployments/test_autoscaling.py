@@ -17,11 +17,23 @@ from deployments.autoscaling import (
 )
 
 CFG = QueueDepthPolicyConfig(
-    target_requests_per_replica=4, idle_requests_per_replica=0.5, kv_usage_high=0.9, upscale_delay_s=5, downscale_delay_s=20
+    target_requests_per_replica=4,
+    idle_requests_per_replica=0.5,
+    kv_usage_high=0.9,
+    upscale_delay_s=5,
+    downscale_delay_s=20,
 )
 
 
-def snap(replicas: int, waiting: float, running: float, *, target: int | None = None, kv: float | None = None, queued: float = 0.0):
+def snap(
+    replicas: int,
+    waiting: float,
+    running: float,
+    *,
+    target: int | None = None,
+    kv: float | None = None,
+    queued: float = 0.0,
+):
     return LoadSnapshot(
         num_running_replicas=replicas,
         target_replicas=replicas if target is None else target,
@@ -196,9 +208,9 @@ def test_policy_falls_back_to_serve_request_count_without_engine_metrics():
 
 
 async def test_replica_reports_the_metrics_the_policy_reads():
+    from deployments.llm import GenerateRequest
     from replica.request import SamplingParams
     from tests.deployments.fakes import make_server
-    from deployments.llm import GenerateRequest
 
     server, _ = await make_server()
     gen = server.generate(GenerateRequest("r", tuple(range(3, 11)), SamplingParams(max_tokens=50)))

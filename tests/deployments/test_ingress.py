@@ -7,7 +7,6 @@ incremental / disconnect behaviour on the StreamingResponse's body iterator dire
 from __future__ import annotations
 
 import asyncio
-
 import json
 from types import SimpleNamespace
 
@@ -15,13 +14,13 @@ import httpx
 import pytest
 from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
 
+import deployments.ingress as ingress_mod
 from deployments.errors import ReplicaError
 from deployments.ingress import HandleLLMClient, IngressSettings, OpenAIService, build_api
 from deployments.llm import GenerateRequest
 from deployments.protocol import ChatCompletionRequest
 from replica.outputs import Delta, Usage
 from replica.request import FinishReason, SamplingParams
-import deployments.ingress as ingress_mod
 from tests.deployments.fakes import FakeEngine, FakeMetricsBackend, FakeTokenizer, LocalClient, make_server
 
 pytestmark = pytest.mark.timeout(60)
@@ -35,7 +34,10 @@ async def env():
     server, engine = await make_server(FakeEngine(max_model_len=128, max_running=2, max_waiting=1))
     client = LocalClient(server)
     service = OpenAIService(
-        client, FakeTokenizer(), IngressSettings(model=MODEL, served_model_name="tiny"), metrics_backend=FakeMetricsBackend()
+        client,
+        FakeTokenizer(),
+        IngressSettings(model=MODEL, served_model_name="tiny"),
+        metrics_backend=FakeMetricsBackend(),
     )
     http = httpx.AsyncClient(transport=httpx.ASGITransport(app=build_api(service)), base_url="http://t")
     yield http, service, engine, client
@@ -88,19 +90,33 @@ async def test_completion_text_and_token_prompts(env):
 async def test_sampling_parameters_reach_the_engine(env):
     http, _, _, client = env
     body = {
-        **CHAT, "max_completion_tokens": 3, "temperature": 0.5, "top_p": 0.9, "stop": ["x", "yz"],
-        "ignore_eos": True, "min_tokens": 2, "top_k": 40, "user": "u1",
+        **CHAT,
+        "max_completion_tokens": 3,
+        "temperature": 0.5,
+        "top_p": 0.9,
+        "stop": ["x", "yz"],
+        "ignore_eos": True,
+        "min_tokens": 2,
+        "top_k": 40,
+        "user": "u1",
     }
     r = await http.post("/v1/chat/completions", json=body)
     assert r.status_code == 200, r.text
     p = client.requests[-1].params
     assert (p.max_tokens, p.temperature, p.top_p, p.stop, p.ignore_eos, p.min_tokens, p.top_k, p.seed) == (
-        3, 0.5, 0.9, ("x", "yz"), True, 2, 40, 3,
+        3,
+        0.5,
+        0.9,
+        ("x", "yz"),
+        True,
+        2,
+        40,
+        3,
     )
 
 
 async def test_chat_default_max_tokens_fills_the_context(env):
-    http, service, _, client = env
+    http, _service, _, client = env
     r = await http.post("/v1/chat/completions", json={k: v for k, v in CHAT.items() if k != "max_tokens"})
     assert r.status_code == 200
     assert client.requests[-1].params.max_tokens == 128 - len(client.requests[-1].prompt_token_ids)
@@ -153,19 +169,21 @@ async def test_models_and_health(env):
 
 
 async def test_a_replica_that_never_answers_model_info_gives_503_not_a_hang(env, monkeypatch):
-    http, service, _, client = env
+    http, _service, _, client = env
     monkeypatch.setattr(ingress_mod, "MODEL_INFO_TIMEOUT_S", 0.2)
 
     async def stuck():
         await asyncio.sleep(60)
 
     monkeypatch.setattr(client, "model_info", stuck)
-    r = await asyncio.wait_for(http.post("/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2}), 10)
+    r = await asyncio.wait_for(
+        http.post("/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2}), 10
+    )
     assert r.status_code == 503 and "within 0.2s" in r.json()["error"]["message"]
 
 
 async def test_health_follows_the_replicas_not_the_cached_model_info(env, monkeypatch):
-    http, service, _, client = env
+    http, _service, _, client = env
     assert (await http.get("/v1/models")).status_code == 200  # model info now cached
     monkeypatch.setattr(ingress_mod, "HEALTH_TTL_S", 0.0)
 
@@ -245,7 +263,10 @@ async def test_context_length_exceeded(env):
     err = assert_openai_error(r, 400, code="context_length_exceeded")
     assert "maximum context length is 128 tokens" in err["message"]
     r = await http.post("/v1/completions", json={"model": MODEL, "prompt": "x" * 20, "max_tokens": 120})
-    assert "21 in the prompt, 120 in the completion" in assert_openai_error(r, 400, code="context_length_exceeded")["message"]
+    assert (
+        "21 in the prompt, 120 in the completion"
+        in assert_openai_error(r, 400, code="context_length_exceeded")["message"]
+    )
     assert client.requests == []
 
 
@@ -271,7 +292,7 @@ async def test_full_queue_answers_429_with_retry_after(env):
 
 
 async def test_draining_replica_answers_503(env):
-    http, service, _, client = env
+    http, _service, _, client = env
     await client.server.shutdown()
     for stream in (False, True):
         r = await http.post("/v1/chat/completions", json={**CHAT, "stream": stream})
@@ -284,7 +305,9 @@ async def test_unreachable_replicas_answer_503_not_500():
             raise RuntimeError("deployment has no running replicas")
 
     server, _ = await make_server()
-    service = OpenAIService(NoReplicas(server), FakeTokenizer(), IngressSettings(model=MODEL), metrics_backend=FakeMetricsBackend())
+    service = OpenAIService(
+        NoReplicas(server), FakeTokenizer(), IngressSettings(model=MODEL), metrics_backend=FakeMetricsBackend()
+    )
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=build_api(service)), base_url="http://t") as http:
         for r in (await http.post("/v1/chat/completions", json=CHAT), await http.get("/v1/models")):
             assert "no running replicas" in assert_openai_error(r, 503, code="engine_unavailable")["message"]

@@ -231,7 +231,11 @@ async def limited():
     server, engine = await make_server(FakeEngine(max_model_len=128))
     client = LocalClient(server)
     limits = RequestLimits(
-        max_body_bytes=2000, max_prompt_tokens=20, max_tokens=8, max_stop_strings=2, max_stop_string_len=5,
+        max_body_bytes=2000,
+        max_prompt_tokens=20,
+        max_tokens=8,
+        max_stop_strings=2,
+        max_stop_string_len=5,
         request_timeout_s=0.5,
     )
     service = OpenAIService(
@@ -252,8 +256,12 @@ async def test_ingress_refuses_over_limit_requests_before_any_replica(limited):
         ({**ok, "stop": ["a", "b", "c"]}, 400, "invalid_request", "stop"),
         ({**ok, "stop": "abcdef"}, 400, "invalid_request", "stop"),
         ({"model": "m", "messages": [{"role": "user", "content": "z" * 30}]}, 400, "prompt_too_long", "messages"),
-        ({"model": "m", "messages": [{"role": "user", "content": "z"}], "max_completion_tokens": 50}, 400,
-         "max_tokens_too_large", "max_tokens"),
+        (
+            {"model": "m", "messages": [{"role": "user", "content": "z"}], "max_completion_tokens": 50},
+            400,
+            "max_tokens_too_large",
+            "max_tokens",
+        ),
     ]
     for body, status, code, param in cases:
         path = "/v1/chat/completions" if "messages" in body else "/v1/completions"

@@ -14,7 +14,6 @@ from replica.outputs import Delta
 from replica.request import FinishReason, SamplingParams
 from tests.deployments.fakes import FakeEngine, make_server
 
-
 pytestmark = pytest.mark.timeout(60)
 
 
@@ -137,7 +136,7 @@ async def test_metrics_observe_ttft_and_finish():
 
 
 async def test_model_info_comes_from_the_engine():
-    server, engine = await make_server(FakeEngine(max_model_len=99, block_size=8))
+    server, _engine = await make_server(FakeEngine(max_model_len=99, block_size=8))
     info = server.model_info()
     assert (info.name, info.max_model_len, info.block_size) == ("default", 99, 8)
 

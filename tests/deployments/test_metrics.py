@@ -9,9 +9,20 @@ from replica.outputs import EngineStats
 from tests.deployments.fakes import FakeMetricsBackend
 
 STATS = EngineStats(
-    num_waiting=3, num_running=2, num_free_blocks=90, num_total_blocks=100, num_cached_blocks=5, block_size=16,
-    num_preemptions=1, num_refused=0, prompt_tokens_total=50, generation_tokens_total=20,
-    cached_prompt_tokens_total=16, tokens_per_s=1.0, num_steps=10, max_model_len=512,
+    num_waiting=3,
+    num_running=2,
+    num_free_blocks=90,
+    num_total_blocks=100,
+    num_cached_blocks=5,
+    block_size=16,
+    num_preemptions=1,
+    num_refused=0,
+    prompt_tokens_total=50,
+    generation_tokens_total=20,
+    cached_prompt_tokens_total=16,
+    tokens_per_s=1.0,
+    num_steps=10,
+    max_model_len=512,
 )
 
 

@@ -27,12 +27,27 @@ def test_chat_max_completion_tokens_supersedes_max_tokens():
 
 def test_stop_and_engine_extras_reach_sampling_params():
     r = ChatCompletionRequest(
-        model="m", messages=MSGS, stop="END", seed=4, temperature=0, ignore_eos=True, min_tokens=2, top_k=5,
-        stop_token_ids=[7], stream=True, stream_options={"include_usage": True},
+        model="m",
+        messages=MSGS,
+        stop="END",
+        seed=4,
+        temperature=0,
+        ignore_eos=True,
+        min_tokens=2,
+        top_k=5,
+        stop_token_ids=[7],
+        stream=True,
+        stream_options={"include_usage": True},
     )
     p = r.sampling_params(10)
     assert (p.stop, p.seed, p.greedy, p.ignore_eos, p.min_tokens, p.top_k, p.stop_token_ids) == (
-        ("END",), 4, True, True, 2, 5, (7,),
+        ("END",),
+        4,
+        True,
+        True,
+        2,
+        5,
+        (7,),
     )
     assert r.include_usage
 
@@ -72,7 +87,9 @@ def test_prompt_forms(prompt, expected):
     assert CompletionRequest(model="m", prompt=prompt).prompt == expected
 
 
-@pytest.mark.parametrize("kwargs", [{"echo": True}, {"logprobs": 2}, {"best_of": 3}, {"suffix": "x"}, {"prompt": [[1], [2]]}])
+@pytest.mark.parametrize(
+    "kwargs", [{"echo": True}, {"logprobs": 2}, {"best_of": 3}, {"suffix": "x"}, {"prompt": [[1], [2]]}]
+)
 def test_unsupported_completion_fields_are_rejected(kwargs):
     with pytest.raises(pydantic.ValidationError):
         CompletionRequest(**{"model": "m", "prompt": "x", **kwargs})

@@ -76,7 +76,8 @@ def wait_idle(timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while True:
         busy = {
-            n: s for n, s in kv_state().items()
+            n: s
+            for n, s in kv_state().items()
             if s["num_running"] or s["num_waiting"] or s["num_free_blocks"] != s["num_total_blocks"]
         }
         if not busy:
@@ -94,12 +95,21 @@ def test_openai_client_chat_and_completion_both_replicas_serve(app):
     before = {rid: s.prompt_tokens_total for rid, s in engine_stats().items()}
 
     chat = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "Hello"}], max_tokens=12, seed=7, extra_body={"ignore_eos": True}
+        model=MODEL,
+        messages=[{"role": "user", "content": "Hello"}],
+        max_tokens=12,
+        seed=7,
+        extra_body={"ignore_eos": True},
     )
     assert chat.choices[0].finish_reason == "length" and chat.usage.completion_tokens == 12
     streamed = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "Hello"}], max_tokens=12, seed=7,
-        extra_body={"ignore_eos": True}, stream=True, stream_options={"include_usage": True},
+        model=MODEL,
+        messages=[{"role": "user", "content": "Hello"}],
+        max_tokens=12,
+        seed=7,
+        extra_body={"ignore_eos": True},
+        stream=True,
+        stream_options={"include_usage": True},
     )
     chunks = list(streamed)
     assert chunks[-1].usage.completion_tokens == 12 and chunks[-1].choices == []
@@ -108,18 +118,23 @@ def test_openai_client_chat_and_completion_both_replicas_serve(app):
 
     comp = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=8, seed=3, temperature=0.8)
     assert comp.usage.completion_tokens <= 8 and comp.choices[0].finish_reason in ("stop", "length")
-    pieces = [c.choices[0].text for c in client.completions.create(
-        model=MODEL, prompt="Once upon a time", max_tokens=8, seed=3, temperature=0.8, stream=True
-    )]
+    pieces = [
+        c.choices[0].text
+        for c in client.completions.create(
+            model=MODEL, prompt="Once upon a time", max_tokens=8, seed=3, temperature=0.8, stream=True
+        )
+    ]
     assert "".join(pieces) == comp.choices[0].text
 
     # Concurrent traffic spreads over both replicas.
     async def burst():
         async with httpx.AsyncClient(base_url=app, timeout=120) as http:
-            rs = await asyncio.gather(*[
-                http.post("/v1/completions", json={"model": MODEL, "prompt": f"prompt {i}", "max_tokens": 4})
-                for i in range(8)
-            ])
+            rs = await asyncio.gather(
+                *[
+                    http.post("/v1/completions", json={"model": MODEL, "prompt": f"prompt {i}", "max_tokens": 4})
+                    for i in range(8)
+                ]
+            )
         return [r.status_code for r in rs]
 
     codes = asyncio.run(burst())
@@ -133,16 +148,15 @@ def test_disconnect_mid_stream_frees_kv_blocks(app):
     wait_idle()
     generated_before = sum(s.generation_tokens_total for s in engine_stats().values())
     body = {"model": MODEL, "prompt": "tell me a long story", "max_tokens": 1500, "ignore_eos": True, "stream": True}
-    with httpx.Client(base_url=app, timeout=120) as http:
-        with http.stream("POST", "/v1/completions", json=body) as r:
-            assert r.status_code == 200
-            lines = r.iter_lines()
-            first = next(line for line in lines if line.startswith("data: "))
-            assert json.loads(first[6:])["choices"][0]["finish_reason"] is None
-            # The first chunk came while the request still runs and holds KV blocks:
-            # time to first token is not the whole request.
-            held = [s for s in kv_state().values() if s["num_running"] == 1]
-            assert len(held) == 1 and held[0]["num_free_blocks"] < held[0]["num_total_blocks"]
+    with httpx.Client(base_url=app, timeout=120) as http, http.stream("POST", "/v1/completions", json=body) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        first = next(line for line in lines if line.startswith("data: "))
+        assert json.loads(first[6:])["choices"][0]["finish_reason"] is None
+        # The first chunk came while the request still runs and holds KV blocks:
+        # time to first token is not the whole request.
+        held = [s for s in kv_state().values() if s["num_running"] == 1]
+        assert len(held) == 1 and held[0]["num_free_blocks"] < held[0]["num_total_blocks"]
         # Leaving the block closes the connection mid-stream.
     wait_idle(timeout=30)  # no blocks held, nothing running: the engine request was aborted
     generated = sum(s.generation_tokens_total for s in engine_stats().values()) - generated_before
@@ -160,6 +174,7 @@ def test_overfull_queue_answers_429(app):
 
     async def flood():
         async with httpx.AsyncClient(base_url=app, timeout=120) as http:
+
             async def one():
                 return await http.send(http.build_request("POST", "/v1/completions", json=body), stream=True)
 
@@ -193,11 +208,26 @@ def test_overfull_queue_answers_429(app):
 def test_errors_in_openai_shape(app):
     with httpx.Client(base_url=app, timeout=60) as http:
         cases = [
-            (http.post("/v1/chat/completions", content=b"{oops", headers={"content-type": "application/json"}), 400, None),
-            (http.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "x"}], "n": 3}), 400, None),
+            (
+                http.post("/v1/chat/completions", content=b"{oops", headers={"content-type": "application/json"}),
+                400,
+                None,
+            ),
+            (
+                http.post(
+                    "/v1/chat/completions",
+                    json={"model": MODEL, "messages": [{"role": "user", "content": "x"}], "n": 3},
+                ),
+                400,
+                None,
+            ),
             (http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "temperature": "hot"}), 400, None),
             (http.post("/v1/completions", json={"model": MODEL}), 400, None),
-            (http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 5000}), 400, "context_length_exceeded"),
+            (
+                http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 5000}),
+                400,
+                "context_length_exceeded",
+            ),
             (http.post("/v1/completions", json={"model": "nope", "prompt": "x"}), 404, "model_not_found"),
         ]
         for r, status, code in cases:

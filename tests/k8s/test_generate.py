@@ -50,7 +50,7 @@ OVERRIDES = {
 def test_overrides_merge_only_what_they_name():
     before = copy.deepcopy(SAMPLE)
     out = apply_overrides(SAMPLE, OVERRIDES)
-    assert SAMPLE == before  # inputs untouched
+    assert before == SAMPLE  # inputs untouched
     assert out["http_options"] == {"host": "0.0.0.0", "port": 8000}
     llm = out["applications"][0]["deployments"][1]
     assert llm["ray_actor_options"] == {"num_cpus": 1, "num_gpus": 1}
@@ -90,8 +90,9 @@ def test_worker_bounds_follow_the_gpu_deployment():
     cfg = apply_overrides(SAMPLE, OVERRIDES)
     assert gpu_worker_bounds(cfg, ClusterSpec()) == (1, 3)
     assert gpu_worker_bounds(cfg, ClusterSpec(min_workers=0, max_workers=8)) == (0, 8)
-    half = apply_overrides(cfg, {"applications": {"cbserve": {"deployments": {"LLMReplica": {
-        "ray_actor_options": {"num_gpus": 0.5}}}}}})
+    half = apply_overrides(
+        cfg, {"applications": {"cbserve": {"deployments": {"LLMReplica": {"ray_actor_options": {"num_gpus": 0.5}}}}}}
+    )
     assert gpu_worker_bounds(half, ClusterSpec()) == (1, 2)  # two replicas share a GPU pod
     with pytest.raises(ValueError, match="asks for no GPU"):
         gpu_worker_bounds(SAMPLE, ClusterSpec())
@@ -128,14 +129,26 @@ def test_worker_bounds_from_build_app_args():
     with pytest.raises(ValueError, match="bad args for build_app"):
         gpu_worker_bounds(apply_overrides(ARGS_APP, _args_over(num_gpu=1)), ClusterSpec())
     # Serve-level options on the deployment win over the args, as Serve applies them.
-    both = apply_overrides(scaled, {"applications": {"cbserve": {"deployments": {"LLMReplica": {
-        "num_replicas": 3, "ray_actor_options": {"num_cpus": 1, "num_gpus": 2}}}}}})
+    both = apply_overrides(
+        scaled,
+        {
+            "applications": {
+                "cbserve": {
+                    "deployments": {
+                        "LLMReplica": {"num_replicas": 3, "ray_actor_options": {"num_cpus": 1, "num_gpus": 2}}
+                    }
+                }
+            }
+        },
+    )
     assert replica_plan(both, ClusterSpec()) == ReplicaPlan(2.0, 3, 3)
     # A replica's two GPUs must share a node: three pods of two GPUs, not six of one.
     assert gpu_worker_bounds(both, ClusterSpec()) == (3, 3)
     (group,) = build_rayservice(both, ClusterSpec())["spec"]["rayClusterConfig"]["workerGroupSpecs"]
     assert group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "2"
-    two_apps = {"applications": [ARGS_APP["applications"][0] | {"deployments": []}, {"name": "b", "import_path": "x:y"}]}
+    two_apps = {
+        "applications": [ARGS_APP["applications"][0] | {"deployments": []}, {"name": "b", "import_path": "x:y"}]
+    }
     with pytest.raises(ValueError, match="no deployment 'LLMReplica'"):
         gpu_worker_bounds(two_apps, ClusterSpec())
 

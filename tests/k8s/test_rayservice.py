@@ -69,7 +69,7 @@ def test_serve_config_is_deployments_yaml_plus_overrides(serve_config):
     allowed = set(_leaves(overrides))
     assert changed <= allowed, f"serveConfigV2 differs from deployments.yaml outside the overrides: {changed - allowed}"
     # Applications and deployments keep their order and names.
-    names = lambda cfg: [(a.get("name"), [d["name"] for d in a.get("deployments", [])]) for a in cfg["applications"]]  # noqa: E731
+    names = lambda cfg: [(a.get("name"), [d["name"] for d in a.get("deployments", [])]) for a in cfg["applications"]]
     assert names(serve_config) == names(deployments)
 
 

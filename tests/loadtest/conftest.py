@@ -76,7 +76,10 @@ SERVE_DETAILS = {
     "applications": {
         "cbserve": {
             "deployments": {
-                "LLMReplica": {"target_num_replicas": 3, "replicas": [{"state": "RUNNING"}] * 2 + [{"state": "STARTING"}]},
+                "LLMReplica": {
+                    "target_num_replicas": 3,
+                    "replicas": [{"state": "RUNNING"}] * 2 + [{"state": "STARTING"}],
+                },
                 "OpenAIIngress": {"target_num_replicas": 1, "replicas": [{"state": "RUNNING"}]},
             }
         }
@@ -200,7 +203,9 @@ class LocustRun:
 
     def check(self) -> None:
         """Fail with locust's own output when the run itself failed."""
-        assert self.proc.returncode == 0, f"locust exited {self.proc.returncode}:\n{self.proc.stdout[-4000:]}\n{self.proc.stderr[-4000:]}"
+        assert self.proc.returncode == 0, (
+            f"locust exited {self.proc.returncode}:\n{self.proc.stdout[-4000:]}\n{self.proc.stderr[-4000:]}"
+        )
 
 
 @pytest.fixture(scope="session")
@@ -212,10 +217,28 @@ def locust_run(openai_server: str, tmp_path_factory) -> LocustRun:
     proc = run_locust(
         [
             str(ROOT / "loadtest" / "locustfile.py"),
-            "-H", openai_server, "-u", "4", "-r", "4", "-t", "120s", "--max-requests", "60", "--csv", str(prefix),
-            "--input-len", "uniform:8:32", "--output-len", "uniform:4:12",
-            "--replica-url", f"{openai_server}/api/serve/applications/", "--replica-interval", "0.2",
-            "--replica-deployments", "LLMReplica",
+            "-H",
+            openai_server,
+            "-u",
+            "4",
+            "-r",
+            "4",
+            "-t",
+            "120s",
+            "--max-requests",
+            "60",
+            "--csv",
+            str(prefix),
+            "--input-len",
+            "uniform:8:32",
+            "--output-len",
+            "uniform:4:12",
+            "--replica-url",
+            f"{openai_server}/api/serve/applications/",
+            "--replica-interval",
+            "0.2",
+            "--replica-deployments",
+            "LLMReplica",
         ],
         cwd=out,
     )

@@ -76,10 +76,32 @@ def test_step_shape_with_poisson_pacing(openai_server, tmp_path):
     proc = run_locust(
         [
             f"{ROOT / 'loadtest' / 'locustfile.py'},{ROOT / 'loadtest' / 'shape.py'}",
-            "-H", openai_server, "--csv", str(prefix), "--csv-full-history", "ChatUser",
-            "--shape-levels", "1,3", "--shape-step-time", "2", "--shape-hold-time", "3",
-            "--pacing", "poisson", "--request-rate", "20", "--output-len", "fixed:4", "--input-len", "fixed:8",
-            "--length-control", "min_tokens", "--replica-source", "none", "--itl-events", "request",
+            "-H",
+            openai_server,
+            "--csv",
+            str(prefix),
+            "--csv-full-history",
+            "ChatUser",
+            "--shape-levels",
+            "1,3",
+            "--shape-step-time",
+            "2",
+            "--shape-hold-time",
+            "3",
+            "--pacing",
+            "poisson",
+            "--request-rate",
+            "20",
+            "--output-len",
+            "fixed:4",
+            "--input-len",
+            "fixed:8",
+            "--length-control",
+            "min_tokens",
+            "--replica-source",
+            "none",
+            "--itl-events",
+            "request",
         ],
         cwd=tmp_path,
     )
@@ -87,13 +109,17 @@ def test_step_shape_with_poisson_pacing(openai_server, tmp_path):
     history = [r for r in _rows(f"{prefix}_stats_history.csv") if r["Name"] == "Aggregated"]
     users = [int(r["User Count"]) for r in history]
     assert max(users) == 3, users  # stepped up to the peak ...
-    assert 1 in users[users.index(3):], users  # ... and back down before the shape ended the test
+    assert 1 in users[users.index(3) :], users  # ... and back down before the shape ended the test
     requests = [json.loads(line) for line in (tmp_path / "shape_requests.jsonl").read_text().splitlines()]
-    assert requests and all(r["ok"] and r["output_tokens"] == 4 and r["endpoint"] == "/v1/chat/completions"
-                            for r in requests)
+    assert requests and all(
+        r["ok"] and r["output_tokens"] == 4 and r["endpoint"] == "/v1/chat/completions" for r in requests
+    )
     stats = {(r["Type"], r["Name"]): r for r in _rows(f"{prefix}_stats.csv")}
     # --itl-events request: one ITL entry per request, not per gap.
-    assert stats[("ITL", "/v1/chat/completions")]["Request Count"] == stats[("E2E", "/v1/chat/completions")]["Request Count"]
+    assert (
+        stats[("ITL", "/v1/chat/completions")]["Request Count"]
+        == stats[("E2E", "/v1/chat/completions")]["Request Count"]
+    )
 
 
 def test_bad_option_is_a_clear_error(openai_server, tmp_path):
@@ -112,8 +138,24 @@ def test_against_the_real_engine(real_engine_server, tmp_path):
     proc = run_locust(
         [
             str(ROOT / "loadtest" / "locustfile.py"),
-            "-H", real_engine_server, "-u", "2", "-r", "2", "-t", "120s", "--max-requests", "6",
-            "--csv", str(prefix), "--input-len", "dataset", "--output-len", "fixed:12", "--replica-source", "none",
+            "-H",
+            real_engine_server,
+            "-u",
+            "2",
+            "-r",
+            "2",
+            "-t",
+            "120s",
+            "--max-requests",
+            "6",
+            "--csv",
+            str(prefix),
+            "--input-len",
+            "dataset",
+            "--output-len",
+            "fixed:12",
+            "--replica-source",
+            "none",
             "ChatUser",
         ],
         cwd=tmp_path,
@@ -141,9 +183,26 @@ def test_api_key_is_sent(tmp_path):
     settings = IngressSettings(model="fake", auth=AuthSettings(api_keys=(key,), api_keys_env=None))
     url, server, thread = serve_in_thread(build_api(OpenAIService(FakeLLMClient(), WordTokenizer(), settings)))
     try:
-        common = [str(ROOT / "loadtest" / "locustfile.py"), "-H", url, "-u", "1", "-t", "60s", "--max-requests", "3",
-                  "--model", "fake", "--output-len", "fixed:3", "--input-len", "fixed:4", "--replica-source", "none",
-                  "ChatUser"]
+        common = [
+            str(ROOT / "loadtest" / "locustfile.py"),
+            "-H",
+            url,
+            "-u",
+            "1",
+            "-t",
+            "60s",
+            "--max-requests",
+            "3",
+            "--model",
+            "fake",
+            "--output-len",
+            "fixed:3",
+            "--input-len",
+            "fixed:4",
+            "--replica-source",
+            "none",
+            "ChatUser",
+        ]
         ok = run_locust([*common, "--api-key", key, "--csv", str(tmp_path / "ok")], cwd=tmp_path)
         assert ok.returncode == 0, ok.stdout[-2000:] + ok.stderr[-2000:]
         denied = run_locust([*common, "--csv", str(tmp_path / "denied")], cwd=tmp_path)

@@ -24,8 +24,21 @@ def test_defaults():
 
 
 def test_flags():
-    o = _parse(["--pacing", "poisson", "--request-rate", "2.5", "--input-len", "dataset", "--output-len", "dataset",
-                "--itl-list", "--replica-deployments", "LLMReplica, OpenAIIngress"])
+    o = _parse(
+        [
+            "--pacing",
+            "poisson",
+            "--request-rate",
+            "2.5",
+            "--input-len",
+            "dataset",
+            "--output-len",
+            "dataset",
+            "--itl-list",
+            "--replica-deployments",
+            "LLMReplica, OpenAIIngress",
+        ]
+    )
     assert o.pacing == "poisson" and o.request_rate == 2.5 and o.itl_list
     assert o.input_len.kind == o.output_len.kind == "dataset"
     assert o.replica_deployments == ("LLMReplica", "OpenAIIngress")

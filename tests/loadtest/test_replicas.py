@@ -12,7 +12,12 @@ DETAILS = {
             "deployments": {
                 "LLMReplica": {
                     "target_num_replicas": 4,
-                    "replicas": [{"state": "RUNNING"}, {"state": "RUNNING"}, {"state": "STARTING"}, {"state": "STOPPING"}],
+                    "replicas": [
+                        {"state": "RUNNING"},
+                        {"state": "RUNNING"},
+                        {"state": "STARTING"},
+                        {"state": "STOPPING"},
+                    ],
                 },
                 "OpenAIIngress": {"target_num_replicas": 1, "replicas": [{"state": "RUNNING"}]},
             }

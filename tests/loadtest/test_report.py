@@ -16,8 +16,16 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def _req(ts, ttft, tpot, e2e, tokens, ok=True):
-    return {"type": "request", "ts": ts, "ok": ok, "ttft": ttft, "tpot": tpot, "e2e": e2e,
-            "output_tokens": tokens, "itl_stats": {"mean": tpot} if tpot else None}
+    return {
+        "type": "request",
+        "ts": ts,
+        "ok": ok,
+        "ttft": ttft,
+        "tpot": tpot,
+        "e2e": e2e,
+        "output_tokens": tokens,
+        "itl_stats": {"mean": tpot} if tpot else None,
+    }
 
 
 def test_goodput_counts_only_requests_within_both_limits():
@@ -64,9 +72,25 @@ def test_report_on_a_locust_run(locust_run, tmp_path):
     out = tmp_path / "plots"
     # As a user runs it: a separate process (matplotlib Agg, no display).
     proc = subprocess.run(
-        [sys.executable, "-m", "loadtest.report", "--csv", str(locust_run.prefix), "--out", str(out),
-         "--ttft-ms", "10000", "--tpot-ms", "10000", "--window", "1"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "loadtest.report",
+            "--csv",
+            str(locust_run.prefix),
+            "--out",
+            str(out),
+            "--ttft-ms",
+            "10000",
+            "--tpot-ms",
+            "10000",
+            "--window",
+            "1",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     for name in ("latency.png", "throughput.png", "replicas.png"):
@@ -94,6 +118,8 @@ def test_default_output_folder_is_next_to_the_csv(locust_run, tmp_path):
 def test_analysis_modules_do_not_import_locust():
     """locust monkey-patches the whole process with gevent on import; the report, options and
     parsing modules must stay importable without it (pytest, notebooks)."""
-    code = ("import sys, loadtest.report, loadtest.options, loadtest.stream, loadtest.workload, "
-            "loadtest.replicas, loadtest.step_plan; assert 'locust' not in sys.modules and 'gevent' not in sys.modules")
+    code = (
+        "import sys, loadtest.report, loadtest.options, loadtest.stream, loadtest.workload, "
+        "loadtest.replicas, loadtest.step_plan; assert 'locust' not in sys.modules and 'gevent' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)

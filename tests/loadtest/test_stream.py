@@ -29,8 +29,9 @@ class Clock:
 
 def _record(lines, times, start=0.0, status=200):
     res = read_sse(lines, Clock(times))
-    return RequestRecord.from_stream(res, ts=1000.0, start=start, endpoint="/v1/chat/completions", status=status,
-                                     max_tokens=8, target_input_len=None)
+    return RequestRecord.from_stream(
+        res, ts=1000.0, start=start, endpoint="/v1/chat/completions", status=status, max_tokens=8, target_input_len=None
+    )
 
 
 def test_latencies_from_a_chat_stream():
@@ -98,7 +99,14 @@ def test_non_200_status_is_a_failure_even_with_text():
 
 
 def test_failed_record_json():
-    r = RequestRecord.failed(ts=5.0, endpoint="/v1/completions", status=429, error="HTTP 429: busy", e2e=0.01,
-                             max_tokens=4, target_input_len=3)
+    r = RequestRecord.failed(
+        ts=5.0,
+        endpoint="/v1/completions",
+        status=429,
+        error="HTTP 429: busy",
+        e2e=0.01,
+        max_tokens=4,
+        target_input_len=3,
+    )
     d = json.loads(r.to_json())
     assert d["ok"] is False and d["status"] == 429 and d["ttft"] is None and d["error"] == "HTTP 429: busy"

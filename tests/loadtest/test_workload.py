@@ -12,14 +12,20 @@ from loadtest.workload import DEFAULT_PROMPT_FILE, LengthSpec, Workload, load_pr
 
 @pytest.mark.parametrize(
     "spec, expected",
-    [("fixed:128", LengthSpec("fixed", 128, 128)), ("uniform:8:64", LengthSpec("uniform", 8, 64)),
-     ("dataset", LengthSpec("dataset")), (" Fixed:1 ", LengthSpec("fixed", 1, 1))],
+    [
+        ("fixed:128", LengthSpec("fixed", 128, 128)),
+        ("uniform:8:64", LengthSpec("uniform", 8, 64)),
+        ("dataset", LengthSpec("dataset")),
+        (" Fixed:1 ", LengthSpec("fixed", 1, 1)),
+    ],
 )
 def test_parse(spec, expected):
     assert LengthSpec.parse(spec) == expected
 
 
-@pytest.mark.parametrize("spec", ["fixed", "fixed:0", "uniform:9:3", "uniform:4", "normal:3:1", "fixed:x", "dataset:7", ""])
+@pytest.mark.parametrize(
+    "spec", ["fixed", "fixed:0", "uniform:9:3", "uniform:4", "normal:3:1", "fixed:x", "dataset:7", ""]
+)
 def test_parse_rejects(spec):
     with pytest.raises(ValueError, match="--input-len"):
         LengthSpec.parse(spec, what="--input-len")
@@ -43,8 +49,13 @@ def test_bundled_prompt_set_is_valid():
 
 @pytest.mark.parametrize(
     "content, match",
-    [("[]", "non-empty JSON list"), ("{", "cannot read"), ('[{"text": "x"}]', "non-empty string 'prompt'"),
-     ('[{"prompt": "x", "output_len": 0}]', "positive int"), ('[{"prompt": "x", "extra": 1}]', "unknown keys")],
+    [
+        ("[]", "non-empty JSON list"),
+        ("{", "cannot read"),
+        ('[{"text": "x"}]', "non-empty string 'prompt'"),
+        ('[{"prompt": "x", "output_len": 0}]', "positive int"),
+        ('[{"prompt": "x", "extra": 1}]', "unknown keys"),
+    ],
 )
 def test_bad_prompt_sets(tmp_path, content, match):
     p = tmp_path / "p.json"
@@ -63,8 +74,9 @@ def test_synthetic_prompt_has_the_asked_word_count_and_varies():
 def test_workload_dataset_lengths(tmp_path):
     p = tmp_path / "p.json"
     p.write_text(json.dumps([{"prompt": "alpha", "output_len": 5}, {"prompt": "beta"}]))
-    w = Workload(LengthSpec.parse("dataset"), LengthSpec.parse("dataset"), prompt_set=load_prompt_set(p),
-                 default_output_len=9)
+    w = Workload(
+        LengthSpec.parse("dataset"), LengthSpec.parse("dataset"), prompt_set=load_prompt_set(p), default_output_len=9
+    )
     items = {w.sample(random.Random(i)) for i in range(30)}
     assert {(i.prompt, i.max_tokens, i.target_input_len) for i in items} == {("alpha", 5, None), ("beta", 9, None)}
     fixed_out = Workload(LengthSpec.parse("dataset"), LengthSpec.parse("fixed:3"), prompt_set=load_prompt_set(p))

@@ -29,7 +29,11 @@ def request(i: int, *, stream: bool) -> tuple[str, dict]:
         body = {"model": MODEL, "prompt": f"story number {i}: once upon a time", "max_tokens": MAX_TOKENS}
         path = "/v1/completions"
     else:
-        body = {"model": MODEL, "messages": [{"role": "user", "content": f"tell me fact {i}"}], "max_tokens": MAX_TOKENS}
+        body = {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": f"tell me fact {i}"}],
+            "max_tokens": MAX_TOKENS,
+        }
         path = "/v1/chat/completions"
     body.update(temperature=0, ignore_eos=True, stream=stream)
     return path, body

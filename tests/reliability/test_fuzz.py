@@ -28,8 +28,12 @@ pytestmark = pytest.mark.timeout(600)
 
 EXAMPLES = int(os.environ.get("CBSERVE_FUZZ_EXAMPLES", "200"))
 LIMITS = RequestLimits(
-    max_body_bytes=64 * 1024, max_prompt_tokens=128, max_tokens=8, max_stop_strings=4,
-    max_stop_string_len=32, request_timeout_s=30,
+    max_body_bytes=64 * 1024,
+    max_prompt_tokens=128,
+    max_tokens=8,
+    max_stop_strings=4,
+    max_stop_string_len=32,
+    request_timeout_s=30,
 )
 PER_REQUEST_S = 60  # a hang fails the test instead of the suite
 
@@ -109,8 +113,16 @@ def test_engine_is_clean_after_fuzzing(fuzz_env):
 def test_nan_and_huge_numbers_are_400_not_500(fuzz_env):
     """Explicit cases hypothesis found worth pinning."""
     loop, stack = fuzz_env
-    for extra in ({"temperature": math.nan}, {"top_p": math.inf}, {"temperature": -math.inf}, {"max_tokens": 10**30},
-                  {"max_tokens": 9}, {"stop": ["x"] * 5}, {"stop": "y" * 33}, {"top_k": 2**63, "temperature": 1.0}):
+    for extra in (
+        {"temperature": math.nan},
+        {"top_p": math.inf},
+        {"temperature": -math.inf},
+        {"max_tokens": 10**30},
+        {"max_tokens": 9},
+        {"stop": ["x"] * 5},
+        {"stop": "y" * 33},
+        {"top_k": 2**63, "temperature": 1.0},
+    ):
         body = dumps({"model": MODEL, "prompt": "hi", **extra})
         reply = loop.run_until_complete(asgi_call(stack.app, "POST", "/v1/completions", body, headers=AUTH))
         assert reply.status == 400, (extra, reply.status, reply.body)

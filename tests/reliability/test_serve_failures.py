@@ -8,15 +8,15 @@ replica and new requests succeed; no KV block stays held.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 
 import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
-from tests.reliability.strategies import KEY, dumps, http_request
+from tests.reliability.strategies import KEY, http_request
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
 
@@ -30,8 +30,14 @@ ARGS = {
     "num_cpus": 1,
     "accelerator_resource": "fake_gpu",
     "ingress_num_cpus": 0.5,
-    "engine": {"dtype": "float32", "max_model_len": 512, "num_blocks": 128, "block_size": 16,
-               "max_num_seqs": 8, "max_waiting": 16},
+    "engine": {
+        "dtype": "float32",
+        "max_model_len": 512,
+        "num_blocks": 128,
+        "block_size": 16,
+        "max_num_seqs": 8,
+        "max_waiting": 16,
+    },
     "auth": {"api_keys": [KEY], "api_keys_env": None},
     "limits": {"max_body_bytes": 65536, "max_tokens": 400, "max_prompt_tokens": 256, "request_timeout_s": 120},
 }
@@ -66,7 +72,8 @@ def wait_idle(timeout: float = 60) -> dict:
     while True:
         stats = replica_stats()
         busy = [
-            s for s in stats.values()
+            s
+            for s in stats.values()
             if s.engine.num_running or s.engine.num_waiting or s.engine.num_free_blocks != s.engine.num_total_blocks
         ]
         if not busy:
@@ -176,9 +183,13 @@ def test_replica_killed_under_load(app):
     complete = [r for r in results if r["status"] == 200 and r["done"] and r["error"] is None]
     cut = [r for r in results if r["status"] == 200 and r["error"] is not None]
     refused = [r for r in results if r["status"] == 503]
-    summary = {"complete": len(complete), "cut_mid_stream": len(cut), "503": len(refused),
-               "late_complete": sum(r["i"] >= 100 for r in complete),
-               "other": [r for r in results if r not in complete + cut + refused]}
+    summary = {
+        "complete": len(complete),
+        "cut_mid_stream": len(cut),
+        "503": len(refused),
+        "late_complete": sum(r["i"] >= 100 for r in complete),
+        "other": [r for r in results if r not in complete + cut + refused],
+    }
     print("replica kill:", summary)
     assert not summary["other"], summary
     for r in complete:
@@ -197,10 +208,8 @@ def test_replica_killed_under_load(app):
         dep = serve.status().applications[APP].deployments["LLMReplica"]
         ids = set()
         if dep.status == "HEALTHY":
-            try:
+            with contextlib.suppress(AssertionError):
                 ids = set(replica_stats(tries=50))
-            except AssertionError:
-                pass
         if len(ids) == 2 and victim not in ids:
             break
         assert time.monotonic() < deadline, f"replica not replaced: {dep}"
@@ -208,10 +217,14 @@ def test_replica_killed_under_load(app):
 
     async def after():
         async with httpx.AsyncClient(base_url=app, timeout=120) as http:
-            rs = await asyncio.gather(*[
-                http.post("/v1/completions", json={"model": MODEL, "prompt": f"after {i}", "max_tokens": 4}, headers=AUTH)
-                for i in range(6)
-            ])
+            rs = await asyncio.gather(
+                *[
+                    http.post(
+                        "/v1/completions", json={"model": MODEL, "prompt": f"after {i}", "max_tokens": 4}, headers=AUTH
+                    )
+                    for i in range(6)
+                ]
+            )
         return [r.status_code for r in rs]
 
     assert asyncio.run(after()) == [200] * 6

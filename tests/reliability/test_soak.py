@@ -32,7 +32,9 @@ pytestmark = [pytest.mark.soak, pytest.mark.timeout(int(DURATION_S) + 300)]
 def pick(rng: random.Random, n: int) -> tuple[str, dict, int | None]:
     """(path, body, drop_after): a request from the steady mix."""
     r = rng.random()
-    prompt = f"request {n}: " + " ".join(rng.choice(["alpha", "beta", "gamma", "delta"]) for _ in range(rng.randint(1, 40)))
+    prompt = f"request {n}: " + " ".join(
+        rng.choice(["alpha", "beta", "gamma", "delta"]) for _ in range(rng.randint(1, 40))
+    )
     if r < 0.35:
         return "/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": rng.randint(1, 24)}, None
     if r < 0.6:
@@ -60,7 +62,10 @@ def quiet_logs():
 async def test_soak_rss_flat_and_no_leaks(quiet_logs):
     rng = random.Random(7)
     stack = await build_stack(
-        limits=RequestLimits(max_tokens=64), num_blocks=64, max_num_seqs=4, max_waiting=16,
+        limits=RequestLimits(max_tokens=64),
+        num_blocks=64,
+        max_num_seqs=4,
+        max_waiting=16,
         metrics_backend=NullMetricsBackend(),
     )
     proc = psutil.Process()
@@ -78,7 +83,8 @@ async def test_soak_rss_flat_and_no_leaks(quiet_logs):
             path, body, drop_after = pick(rng, n)
             mode = rng.choice(["disconnect", "cancel", "oserror"])
             reply = await asyncio.wait_for(
-                asgi_call(stack.app, "POST", path, json.dumps(body).encode(), drop_after=drop_after, drop_mode=mode), 120
+                asgi_call(stack.app, "POST", path, json.dumps(body).encode(), drop_after=drop_after, drop_mode=mode),
+                120,
             )
             dropped += reply.dropped
             statuses[reply.status] = statuses.get(reply.status, 0) + 1

@@ -19,9 +19,7 @@ def make_req(rid: str, n_prompt: int, max_tokens: int = 4, arrival: float = 0.0)
 
 
 def controller(num_blocks=10, block_size=4, max_model_len=32, watermark=0.2) -> AdmissionController:
-    return AdmissionController(
-        KVCacheManager(num_blocks, block_size), max_model_len=max_model_len, watermark=watermark
-    )
+    return AdmissionController(KVCacheManager(num_blocks, block_size), max_model_len=max_model_len, watermark=watermark)
 
 
 def test_fits_exactly_at_the_limits():

@@ -95,7 +95,9 @@ def test_steady_decode_runs_on_batches_and_stays_exact():
     assert batches > 20
     for i, n in enumerate(lens):
         prompt = [i + 2, 5, 1, 8, 9][: 2 + i % 3]
-        assert emitted[f"r{i}"] == reference_tokens(prompt, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
+        assert emitted[f"r{i}"] == reference_tokens(
+            prompt, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+        )
     assert sched.kv.num_free_blocks == sched.kv.num_total_blocks
 
 
@@ -103,19 +105,35 @@ def test_batch_update_stops_on_eos_stop_ids_min_tokens_and_a_full_context():
     sched, runner = make_scheduler(num_blocks=96, block_size=4, budget=64, max_seqs=8, max_model_len=45)
     eos = frozenset(range(0, 1000, 7))  # about one token in seven is an EOS
     sched.add(Request("eos", [1, 2], SamplingParams(max_tokens=40, temperature=0.0), eos_token_ids=eos))
-    sched.add(Request("min", [1, 2], SamplingParams(max_tokens=40, min_tokens=12, temperature=0.0),
-                      arrival_time=1.0, eos_token_ids=eos))
-    sched.add(Request("ids", [3, 4], SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True,
-                                                    stop_token_ids=tuple(range(0, 1000, 5))), arrival_time=2.0))
-    sched.add(Request("ctx", [5, 6, 7], SamplingParams(max_tokens=42, temperature=0.0, ignore_eos=True),
-                      arrival_time=3.0))
+    sched.add(
+        Request(
+            "min",
+            [1, 2],
+            SamplingParams(max_tokens=40, min_tokens=12, temperature=0.0),
+            arrival_time=1.0,
+            eos_token_ids=eos,
+        )
+    )
+    sched.add(
+        Request(
+            "ids",
+            [3, 4],
+            SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True, stop_token_ids=tuple(range(0, 1000, 5))),
+            arrival_time=2.0,
+        )
+    )
+    sched.add(
+        Request("ctx", [5, 6, 7], SamplingParams(max_tokens=42, temperature=0.0, ignore_eos=True), arrival_time=3.0)
+    )
     emitted, batches = _drive(sched, runner)
     assert batches > 0
     ref = {
         "eos": reference_tokens([1, 2], SamplingParams(max_tokens=40, temperature=0.0), eos=eos),
         "min": reference_tokens([1, 2], SamplingParams(max_tokens=40, min_tokens=12, temperature=0.0), eos=eos),
-        "ids": reference_tokens([3, 4], SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True,
-                                                      stop_token_ids=tuple(range(0, 1000, 5)))),
+        "ids": reference_tokens(
+            [3, 4],
+            SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True, stop_token_ids=tuple(range(0, 1000, 5))),
+        ),
         "ctx": reference_tokens([5, 6, 7], SamplingParams(max_tokens=42, temperature=0.0, ignore_eos=True)),
     }
     assert dict(emitted) == ref
@@ -169,8 +187,11 @@ def _drive_from(sched, runner, inflight):
 
 def test_a_waiting_request_ends_the_batch_and_a_full_pool_falls_back():
     sched, runner = make_scheduler(num_blocks=6, block_size=4, budget=64, max_seqs=8)
-    reqs = {"a": make_req("a", [1, 2, 3], max_tokens=20), "b": make_req("b", [4, 5, 6], arrival=1.0, max_tokens=20),
-            "c": make_req("c", [7], arrival=2.0, max_tokens=2)}
+    reqs = {
+        "a": make_req("a", [1, 2, 3], max_tokens=20),
+        "b": make_req("b", [4, 5, 6], arrival=1.0, max_tokens=20),
+        "c": make_req("c", [7], arrival=2.0, max_tokens=2),
+    }
     sched.add(reqs["a"])
     sched.add(reqs["b"])
     inflight, _ = step_async(sched, runner, None)
@@ -182,7 +203,9 @@ def test_a_waiting_request_ends_the_batch_and_a_full_pool_falls_back():
     # 6 blocks of 4 cannot hold a and b at 23 tokens each: someone was preempted on the way.
     assert sched.num_preemptions > 0
     for rid, prompt, n in (("a", [1, 2, 3], 20), ("b", [4, 5, 6], 20), ("c", [7], 2)):
-        assert reqs[rid].output_token_ids == reference_tokens(prompt, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
+        assert reqs[rid].output_token_ids == reference_tokens(
+            prompt, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+        )
     assert sched.kv.num_free_blocks == sched.kv.num_total_blocks
 
 

@@ -14,8 +14,8 @@ from replica.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConf
 from replica.engine import AsyncEngine, LLMEngine, kv_cache_num_blocks
 from replica.errors import EngineUnavailableError, InvalidRequestError, QueueFullError, RequestTooLongError
 from replica.outputs import PLACEHOLDER_TOKEN, RunnerOutput, SchedulerOutput
-from replica.request import FinishReason, SamplingParams
 from replica.pending_step import DeferredStep
+from replica.request import FinishReason, SamplingParams
 from tests.replica.test_scheduler import PagedFakeRunner, reference_tokens
 
 EOS = 3
@@ -56,9 +56,7 @@ class ScriptedRunner:
 
     def launch(self, out: SchedulerOutput, prev) -> DeferredStep:
         # The script is indexed by output position, so a placeholder needs no resolving.
-        self.blind_steps += any(
-            c.token_ids[-1] == PLACEHOLDER_TOKEN for c in out.chunks
-        )
+        self.blind_steps += any(c.token_ids[-1] == PLACEHOLDER_TOKEN for c in out.chunks)
         return DeferredStep(tuple(c.request_id for c in out.chunks if c.sample), lambda: self.run(out))
 
 
@@ -532,7 +530,9 @@ async def test_a_request_finished_by_a_step_that_then_fails_still_ends_its_strea
     # max_tokens=2: the second token finishes the request (its blocks are freed) and then
     # turning that token into text raises; the stream must end with ERROR, not wait forever.
     inner = LLMEngine(
-        config(), runner=PagedFakeRunner(BS, VOCAB), tokenizer=CharTokenizer(),
+        config(),
+        runner=PagedFakeRunner(BS, VOCAB),
+        tokenizer=CharTokenizer(),
         detokenizer_factory=lambda tok, prompt, stop: DetokenizerFailingAt(2),
     )
     eng = AsyncEngine(config(), engine=inner)
@@ -546,7 +546,9 @@ async def test_a_request_finished_by_a_step_that_then_fails_still_ends_its_strea
 
 def test_a_detokenizer_failure_ends_only_its_own_request():
     eng = LLMEngine(
-        config(), runner=PagedFakeRunner(BS, VOCAB), tokenizer=CharTokenizer(),
+        config(),
+        runner=PagedFakeRunner(BS, VOCAB),
+        tokenizer=CharTokenizer(),
         detokenizer_factory=lambda tok, prompt, params: DetokenizerFailingAt(3 if prompt[0] == ord("b") else 0),
     )
     eng.add_request("a", "abc", SamplingParams(max_tokens=6, **GREEDY))

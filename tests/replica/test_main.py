@@ -10,14 +10,34 @@ from replica.models import tiny_model
 
 def _greedy(prompt_ids, n):
     model = tiny_model("llama", seed=0).model
-    out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                         eos_token_id=None, pad_token_id=0)
-    return out[0, len(prompt_ids):].tolist()
+    out = model.generate(
+        torch.tensor([prompt_ids]),
+        max_new_tokens=n,
+        min_new_tokens=n,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
+    return out[0, len(prompt_ids) :].tolist()
 
 
 def test_streams_one_prompt_and_reports_tokens(capsys):
-    rc = main(["--model", "tiny:llama", "--no-chat", "--temperature", "0", "--max-tokens", "6",
-               "--kv-cache-gib", "0.01", "--max-model-len", "256", "Hello there"])
+    rc = main(
+        [
+            "--model",
+            "tiny:llama",
+            "--no-chat",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "6",
+            "--kv-cache-gib",
+            "0.01",
+            "--max-model-len",
+            "256",
+            "Hello there",
+        ]
+    )
     out, err = capsys.readouterr()
     assert rc == 0
     tok = tiny_model("llama", seed=0).tokenizer
@@ -29,8 +49,22 @@ def test_streams_one_prompt_and_reports_tokens(capsys):
 
 
 def test_several_prompts_run_as_a_batch_with_chat_template(capsys):
-    rc = main(["--model", "tiny:qwen2", "--temperature", "0", "--max-tokens", "3", "--kv-cache-gib", "0.01",
-               "--max-model-len", "256", "first", "second"])
+    rc = main(
+        [
+            "--model",
+            "tiny:qwen2",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "3",
+            "--kv-cache-gib",
+            "0.01",
+            "--max-model-len",
+            "256",
+            "first",
+            "second",
+        ]
+    )
     out, err = capsys.readouterr()
     assert rc == 0
     assert "--- [0] 'first'" in out and "--- [1] 'second'" in out

@@ -33,8 +33,9 @@ def _fresh_inv_freq(module) -> torch.Tensor:
 # ----------------------------------------------------------------------------- tiny
 
 
-@pytest.mark.parametrize("arch,cls", [("llama", "LlamaForCausalLM"), ("qwen2", "Qwen2ForCausalLM"),
-                                      ("mistral", "MistralForCausalLM")])
+@pytest.mark.parametrize(
+    "arch,cls", [("llama", "LlamaForCausalLM"), ("qwen2", "Qwen2ForCausalLM"), ("mistral", "MistralForCausalLM")]
+)
 def test_tiny_models_are_seeded_and_usable(arch, cls):
     a = tiny_model(arch, seed=3)
     m = a.model
@@ -81,7 +82,7 @@ def test_max_model_len_beyond_the_models_positions_is_refused():
 
 @pytest.mark.parametrize("name", ["tiny:gpt5", "dummy:llama-70b", "tiny:"])
 def test_unknown_builtin_names_raise_clear_errors(name):
-    with pytest.raises(ModelLoadError, match="unknown|does not exist"):
+    with pytest.raises(ModelLoadError, match=r"unknown|does not exist"):
         load_model(ModelConfig(model=name))
 
 
@@ -95,8 +96,10 @@ def test_tiny_model_rejects_unknown_arch():
 
 @pytest.mark.parametrize(
     "shape,cls,n_params,vocab",
-    [("qwen2.5-0.5b", "Qwen2ForCausalLM", 494_032_768, 151936),
-     ("llama-3.2-1b", "LlamaForCausalLM", 1_235_814_400, 128256)],
+    [
+        ("qwen2.5-0.5b", "Qwen2ForCausalLM", 494_032_768, 151936),
+        ("llama-3.2-1b", "LlamaForCausalLM", 1_235_814_400, 128256),
+    ],
 )
 def test_dummy_shapes_match_the_real_models(shape, cls, n_params, vocab):
     # Built on the meta device: shapes without memory (the real build is the same code path).
@@ -113,9 +116,16 @@ def test_dummy_shapes_match_the_real_models(shape, cls, n_params, vocab):
 
 def test_random_build_with_scaled_rope_recomputes_inv_freq_and_ties_embeddings():
     # The llama-3.2-1b recipe (llama3 rope scaling, tied embeddings) at a size a test can afford.
-    cfg = {**DUMMY_CONFIGS["llama-3.2-1b"], "hidden_size": 128, "intermediate_size": 256,
-           "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
-           "vocab_size": 1000}
+    cfg = {
+        **DUMMY_CONFIGS["llama-3.2-1b"],
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 32,
+        "vocab_size": 1000,
+    }
     m = build_random_model(cfg, seed=0, dtype=torch.float32, device=torch.device("cpu"))
     assert m.lm_head.weight is m.model.embed_tokens.weight
     rotary = m.model.rotary_emb
@@ -146,7 +156,7 @@ def test_default_model_is_smollm2_and_answers_sensibly(default_model):
     ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
     with torch.no_grad():
         out = m.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)
-    answer = tok.decode(out[0, len(ids):].tolist(), skip_special_tokens=True)
+    answer = tok.decode(out[0, len(ids) :].tolist(), skip_special_tokens=True)
     assert "Paris" in answer
 
 
@@ -214,8 +224,7 @@ def test_concurrent_conversions_run_once_and_appear_atomically(tmp_path):
         (out / "b.txt").write_text("b")
 
     results: list[Path] = []
-    threads = [threading.Thread(target=lambda: results.append(ensure_converted(target, convert)))
-               for _ in range(3)]
+    threads = [threading.Thread(target=lambda: results.append(ensure_converted(target, convert))) for _ in range(3)]
     for t in threads:
         t.start()
     for t in threads:

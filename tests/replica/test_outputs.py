@@ -10,11 +10,13 @@ from replica.request import FinishReason
 
 def test_merge_concatenates_in_order_and_keeps_the_last_finish():
     usage = Usage(prompt_tokens=5, completion_tokens=3, cached_tokens=2)
-    merged = merge_deltas([
-        Delta("r", "Hel", (1,)),
-        Delta("r", "", (2,)),  # a token whose text is still held back by the detokenizer
-        Delta("r", "lo!", (3,), FinishReason.LENGTH, usage),
-    ])
+    merged = merge_deltas(
+        [
+            Delta("r", "Hel", (1,)),
+            Delta("r", "", (2,)),  # a token whose text is still held back by the detokenizer
+            Delta("r", "lo!", (3,), FinishReason.LENGTH, usage),
+        ]
+    )
     assert merged == Delta("r", "Hello!", (1, 2, 3), FinishReason.LENGTH, usage)
     assert merged.finished
 
@@ -27,7 +29,12 @@ def test_merge_of_unfinished_deltas_stays_unfinished():
 
 def test_merge_carries_the_error_of_the_last_delta():
     merged = merge_deltas([Delta("r", "a", (1,)), Delta("r", "", (), FinishReason.ERROR, Usage(1, 1), "boom")])
-    assert (merged.text, merged.token_ids, merged.finish_reason, merged.error) == ("a", (1,), FinishReason.ERROR, "boom")
+    assert (merged.text, merged.token_ids, merged.finish_reason, merged.error) == (
+        "a",
+        (1,),
+        FinishReason.ERROR,
+        "boom",
+    )
 
 
 def test_merge_of_one_delta_is_that_delta():

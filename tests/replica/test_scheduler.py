@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict
+from dataclasses import replace
 
 import pytest
 
 from replica import kv_cache as kv_mod
 from replica.config import CacheConfig, SchedulerConfig
-from dataclasses import replace
-
 from replica.outputs import PLACEHOLDER_TOKEN, RunnerOutput, SchedulerOutput
 from replica.pending_step import DeferredStep
 from replica.request import FinishReason, Request, RequestStatus, SamplingParams
@@ -66,9 +65,15 @@ class PagedFakeRunner:
         if any(c.token_ids[-1] == PLACEHOLDER_TOKEN for c in out.chunks):
             self.launched_placeholders += 1
             got = prev.result().sampled
-            out = replace(out, chunks=tuple(
-                c._replace(token_ids=c.token_ids[:-1] + (got[c.request_id],)) if c.token_ids[-1] == PLACEHOLDER_TOKEN
-                else c for c in out.chunks))
+            out = replace(
+                out,
+                chunks=tuple(
+                    c._replace(token_ids=c.token_ids[:-1] + (got[c.request_id],))
+                    if c.token_ids[-1] == PLACEHOLDER_TOKEN
+                    else c
+                    for c in out.chunks
+                ),
+            )
         return DeferredStep(tuple(c.request_id for c in out.chunks if c.sample), lambda: self.run(out))
 
 
@@ -146,7 +151,11 @@ def run_to_end(sched, runner, max_steps=10_000):
 
 def test_finished_slot_is_refilled_on_the_very_next_step():
     sched, runner = make_scheduler(max_seqs=2)
-    reqs = [make_req("a", [1, 2, 3], max_tokens=1), make_req("b", [4, 5], max_tokens=5), make_req("c", [6], max_tokens=2)]
+    reqs = [
+        make_req("a", [1, 2, 3], max_tokens=1),
+        make_req("b", [4, 5], max_tokens=5),
+        make_req("c", [6], max_tokens=2),
+    ]
     for r in reqs:
         sched.add(r)
     out, _ = step(sched, runner)
@@ -314,11 +323,18 @@ def _stress(seed: int, *, prefix_caching=True, num_steps_cap=5000, overlap=False
         prompt = prompt[: max(1, capacity // 2)] or [1]
         max_tokens = rng.randint(1, max(1, min(20, capacity - len(prompt))))
         seeded = rng.random() < 0.3
-        params = dict(max_tokens=max_tokens, temperature=0.8 if seeded else 0.0, seed=rng.randrange(100) if seeded else None)
+        params = dict(
+            max_tokens=max_tokens, temperature=0.8 if seeded else 0.0, seed=rng.randrange(100) if seeded else None
+        )
         req = make_req(f"r{i}", prompt, arrival=float(i), **params)
         if overlap and rng.random() < 0.5:  # EOS stops: async steps compute a wasted row for them
-            req = Request(req.request_id, req.prompt_token_ids, replace(req.params, ignore_eos=False),
-                          arrival_time=req.arrival_time, eos_token_ids=EOS)
+            req = Request(
+                req.request_id,
+                req.prompt_token_ids,
+                replace(req.params, ignore_eos=False),
+                arrival_time=req.arrival_time,
+                eos_token_ids=EOS,
+            )
         pending.append((rng.randint(0, 60), req))
     pending.sort(key=lambda x: x[0])
     aborted, emitted = set(), defaultdict(list)
@@ -377,8 +393,15 @@ def test_randomized_stress_with_async_scheduling():
     blind = stops = 0
     sched, runner = make_scheduler(num_blocks=64, block_size=4, budget=64, max_seqs=8)
     for i in range(6):
-        sched.add(Request(f"e{i}", [i + 1, 7, 9], SamplingParams(max_tokens=40, temperature=0.0),
-                          arrival_time=float(i), eos_token_ids=EOS))
+        sched.add(
+            Request(
+                f"e{i}",
+                [i + 1, 7, 9],
+                SamplingParams(max_tokens=40, temperature=0.0),
+                arrival_time=float(i),
+                eos_token_ids=EOS,
+            )
+        )
     inflight, emitted = None, defaultdict(list)
     while sched.has_unfinished() or inflight is not None:
         inflight, got = step_async(sched, runner, inflight)

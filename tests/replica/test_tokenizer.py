@@ -379,7 +379,9 @@ def _check_byte_level_stream(tok, ids, stop, step, skip, min_tokens=0) -> None:
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     data=st.data(),
-    stop=st.lists(st.sampled_from(["é€", " the", "b\n", "😀a", "lo wor", "STOP", "<|im", REPLACEMENT, "a"]), max_size=3),
+    stop=st.lists(
+        st.sampled_from(["é€", " the", "b\n", "😀a", "lo wor", "STOP", "<|im", REPLACEMENT, "a"]), max_size=3
+    ),
     step=st.integers(1, 3),
     skip=st.booleans(),
 )

@@ -9,12 +9,12 @@ import pytest
 
 pytest.importorskip("ray.serve")
 
-from ray.serve._private.common import DeploymentHandleSource, DeploymentID, RequestMetadata  # noqa: E402
-from ray.serve.request_router import PendingRequest, ReplicaID  # noqa: E402
+from ray.serve._private.common import DeploymentHandleSource, DeploymentID, RequestMetadata
+from ray.serve.request_router import PendingRequest, ReplicaID
 
-from replica.prefix_hash import block_hashes  # noqa: E402
-from router.kv_router import KVCacheAwareRouter, parse_router_kwargs  # noqa: E402
-from router.stats import build_routing_stats  # noqa: E402
+from replica.prefix_hash import block_hashes
+from router.kv_router import KVCacheAwareRouter, parse_router_kwargs
+from router.stats import build_routing_stats
 
 DEP = DeploymentID(name="LLMReplica", app_name="cbserve")
 BS = 4
@@ -31,7 +31,9 @@ def fake_replica(name: str, *, held: list[int] = (), running: int = 0, ts: float
         prefix_hashes=held,
         timestamp=time.time() if ts is None else ts,
     )
-    return SimpleNamespace(replica_id=ReplicaID(unique_id=name, deployment_id=DEP), routing_stats=stats, max_ongoing_requests=100)
+    return SimpleNamespace(
+        replica_id=ReplicaID(unique_id=name, deployment_id=DEP), routing_stats=stats, max_ongoing_requests=100
+    )
 
 
 def pending(req_id: str, tokens: list[int]) -> PendingRequest:
@@ -109,7 +111,9 @@ async def test_missing_or_malformed_stats_use_power_of_two():
 async def test_request_without_token_ids_routes_by_load():
     router = make_router()
     a, b = fake_replica("a", running=3), fake_replica("b", running=0)
-    pr = PendingRequest(args=["plain text"], kwargs={}, metadata=RequestMetadata(request_id="x", internal_request_id="x"))
+    pr = PendingRequest(
+        args=["plain text"], kwargs={}, metadata=RequestMetadata(request_id="x", internal_request_id="x")
+    )
     ranks = await router.choose_replicas([a, b], pr)
     assert ranks[0][0] is b and router.decision_counts == {"load": 1}
 

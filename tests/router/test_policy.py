@@ -45,7 +45,9 @@ def stats(
     )
 
 
-def view(rid: str, s: RoutingStats | None, *, load: int | None = None, recent: frozenset[int] = frozenset()) -> ReplicaView:
+def view(
+    rid: str, s: RoutingStats | None, *, load: int | None = None, recent: frozenset[int] = frozenset()
+) -> ReplicaView:
     est = load if load is not None else (s.load if s else 0)
     return ReplicaView(rid, s, est_load=est, recent_prefixes=recent)
 
@@ -65,7 +67,7 @@ def test_affinity_wins_when_load_is_balanced():
         assert d.reason is Reason.AFFINITY
         assert d.first == "b"
         assert d.matched_blocks == 8
-    assert [g[0] for g in d.groups][0] == "b" and len(d.groups) == 3
+    assert next(g[0] for g in d.groups) == "b" and len(d.groups) == 3
 
 
 def test_affinity_tolerates_load_within_threshold():

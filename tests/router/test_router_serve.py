@@ -103,7 +103,7 @@ def _shared_prefix_workload(client, url: str) -> tuple[list[int], list[int]]:
     prefixes = [[rng.randrange(100, 40_000) for _ in range(PREFIX_BLOCKS * BLOCK)] for _ in range(CONVERSATIONS)]
     cached, prompt_tokens = [], []
     for turn in range(FOLLOWUPS + 1):
-        for c, prefix in enumerate(prefixes):
+        for _c, prefix in enumerate(prefixes):
             suffix = [rng.randrange(100, 40_000) for _ in range(5)]
             usage = _complete(client, url, prefix + suffix)
             if turn > 0:
@@ -124,8 +124,10 @@ def test_shared_prefixes_land_on_the_replica_holding_them(base_url):
     def_full_hits = sum(c >= prefix_len for c in def_cached)
     kv_rate = sum(kv_cached) / sum(kv_prompt)
     def_rate = sum(def_cached) / sum(def_prompt)
-    print(f"follow-up prefix hits: kv {kv_full_hits}/{len(kv_cached)} ({kv_rate:.1%} of prompt tokens), "
-          f"default {def_full_hits}/{len(def_cached)} ({def_rate:.1%})")
+    print(
+        f"follow-up prefix hits: kv {kv_full_hits}/{len(kv_cached)} ({kv_rate:.1%} of prompt tokens), "
+        f"default {def_full_hits}/{len(def_cached)} ({def_rate:.1%})"
+    )
     # Every follow-up finds its whole prefix on the replica it was sent to...
     assert kv_full_hits == len(kv_cached), kv_cached
     # ...while Serve's default router, blind to caches, misses whenever it picks the other
@@ -143,6 +145,7 @@ def test_burst_scales_up_then_idle_scales_down(base_url):
     async def burst() -> int:
         """Keep 12 long requests in flight until a third replica runs (bounded in time)."""
         async with httpx.AsyncClient(timeout=300) as client:
+
             async def one(i: int) -> None:
                 prompt = [1000 + i] * 40
                 r = await client.post(

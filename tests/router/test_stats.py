@@ -35,7 +35,15 @@ def test_large_unsigned_hashes_survive():
     assert s is not None and h in s.prefix_hashes
 
 
-GOOD = {"v": 1, "ts": 1.0, "block_size": 1, "num_free_blocks": 1, "num_total_blocks": 1, "num_waiting": 0, "num_running": 0}
+GOOD = {
+    "v": 1,
+    "ts": 1.0,
+    "block_size": 1,
+    "num_free_blocks": 1,
+    "num_total_blocks": 1,
+    "num_waiting": 0,
+    "num_running": 0,
+}
 
 
 def test_minimal_dict_parses():
@@ -63,6 +71,11 @@ def test_malformed_stats_read_as_missing(raw):
 def test_negative_bound_rejected():
     with pytest.raises(ValueError):
         build_routing_stats(
-            block_size=1, num_free_blocks=0, num_total_blocks=1, num_waiting=0, num_running=0, prefix_hashes=[],
+            block_size=1,
+            num_free_blocks=0,
+            num_total_blocks=1,
+            num_waiting=0,
+            num_running=0,
+            prefix_hashes=[],
             max_prefix_hashes=-1,
         )

@@ -74,7 +74,12 @@ def test_matches_dense_causal_attention(seed, heads, kv_heads, window):
     torch.manual_seed(seed)
     block_size, num_blocks, head_dim = 4, 96, 8
     starts, q_lens, seq_lens, tables, full_k, full_v, qs = make_case(
-        rng, num_seqs=5, heads=heads, kv_heads=kv_heads, head_dim=head_dim, block_size=block_size,
+        rng,
+        num_seqs=5,
+        heads=heads,
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        block_size=block_size,
         num_blocks=num_blocks,
     )
     k_cache = torch.full((num_blocks, block_size, kv_heads, head_dim), float("nan"), dtype=torch.float64)
@@ -91,9 +96,7 @@ def test_matches_dense_causal_attention(seed, heads, kv_heads, window):
     out = TorchAttentionBackend().forward(
         torch.cat(qs), new_k, new_v, k_cache, v_cache, meta, scale=scale, sliding_window=window, softcap=None
     )
-    expected = torch.cat(
-        [dense_causal(qs[i], full_k[i], full_v[i], int(starts[i]), scale, window) for i in range(5)]
-    )
+    expected = torch.cat([dense_causal(qs[i], full_k[i], full_v[i], int(starts[i]), scale, window) for i in range(5)])
     assert out.shape == expected.shape
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
     # Every position of every sequence now sits in its block at its offset.

@@ -46,7 +46,9 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out - ref).norm() / ref.norm()).item()
 
 
-def random_block_tables(num_seqs: int, blocks_per_seq: list[int], num_blocks: int, gen: torch.Generator) -> torch.Tensor:
+def random_block_tables(
+    num_seqs: int, blocks_per_seq: list[int], num_blocks: int, gen: torch.Generator
+) -> torch.Tensor:
     """Distinct, shuffled block ids per sequence; unused entries are 0 (never read)."""
     need = sum(blocks_per_seq)
     assert need <= num_blocks

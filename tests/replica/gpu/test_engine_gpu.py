@@ -51,10 +51,18 @@ def _engine(model, *, block_size: int, graphs: bool, max_num_seqs: int = 8) -> L
 
 def _reference(model, prompt: list[int], n: int) -> tuple[list[int], list[float]]:
     ids = torch.tensor([prompt], device="cuda")
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                         do_sample=False, output_logits=True, return_dict_in_generate=True, eos_token_id=None,
-                         pad_token_id=0)
-    toks = out.sequences[0, len(prompt):].tolist()
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=n,
+        min_new_tokens=n,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
+    toks = out.sequences[0, len(prompt) :].tolist()
     margins = []
     for lg in out.logits:
         top2 = torch.topk(lg[0].float(), 2).values
@@ -78,8 +86,9 @@ def test_engine_greedy_matches_transformers_generate(device, graphs, block_size)
     model.set_attn_implementation("eager")  # the runner installs its own below
 
     engine = _engine(model, block_size=block_size, graphs=graphs)
-    outs = engine.generate(prompts, [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in n_new],
-                           use_tqdm=False)
+    outs = engine.generate(
+        prompts, [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in n_new], use_tqdm=False
+    )
     compared = 0
     for out, (ref, margins), n in zip(outs, refs, n_new):
         got = list(out.token_ids)

@@ -9,7 +9,7 @@ import torch
 from replica.models import TINY_CONFIGS, build_random_model
 
 pytest.importorskip("triton")  # CPU-only installs may lack it; the patch is CUDA-only anyway
-from replica import fused_ops  # noqa: E402
+from replica import fused_ops
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -23,7 +23,7 @@ def test_rms_norm_matches_hf(device, dtype, rows, n):
     got = fused_ops.rms_norm(x, w, 1e-6)
     assert got.shape == ref.shape and got.dtype == ref.dtype
     # Same rounding steps; only the fp32 sum order differs: at most one ulp of the output dtype.
-    tol = 2 ** -7 if dtype is torch.bfloat16 else 1e-5
+    tol = 2**-7 if dtype is torch.bfloat16 else 1e-5
     torch.testing.assert_close(got, ref, rtol=tol, atol=tol)
     if dtype is torch.bfloat16:  # the fp32 rounding is almost always absorbed by the bf16 one
         assert (got == ref).float().mean() > 0.95
@@ -36,7 +36,7 @@ def test_silu_mul_matches_hf(device, dtype):
     up = torch.randn(3, 5, 4864, device=device, dtype=dtype, generator=g)
     ref = torch.nn.functional.silu(gate) * up
     got = fused_ops.silu_mul(gate, up)
-    tol = 2 ** -7 if dtype is torch.bfloat16 else 1e-5
+    tol = 2**-7 if dtype is torch.bfloat16 else 1e-5
     torch.testing.assert_close(got, ref, rtol=tol, atol=tol)
 
 
@@ -101,8 +101,9 @@ def test_rope_is_not_used_where_it_would_not_be_exact():
     assert not fused_ops.rope_supported(q.float(), cos.float())  # fp32 / fp16 keep HF's kernels
     assert not fused_ops.rope_supported(q.half(), cos.half())
     assert not fused_ops.rope_supported(q, cos[..., :8])  # partial rotary
-    assert not fused_ops.rope_supported(torch.zeros(1, 2, 3, 12, dtype=torch.bfloat16),
-                                        torch.zeros(1, 3, 12, dtype=torch.bfloat16))  # half of 12 is 6
+    assert not fused_ops.rope_supported(
+        torch.zeros(1, 2, 3, 12, dtype=torch.bfloat16), torch.zeros(1, 3, 12, dtype=torch.bfloat16)
+    )  # half of 12 is 6
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])

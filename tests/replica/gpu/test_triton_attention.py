@@ -12,10 +12,10 @@ import pytest
 import torch
 
 pytest.importorskip("triton")  # CPU-only installs may lack it (these tests need CUDA or its interpreter)
-from replica.attention.triton_decode import paged_decode_attention  # noqa: E402
-from replica.attention.triton_kv_write import store_kv  # noqa: E402
-from replica.attention.triton_prefill import paged_prefill_attention  # noqa: E402
-from tests.replica.gpu._reference import attend, gather_kv, random_block_tables, rel_err  # noqa: E402
+from replica.attention.triton_decode import paged_decode_attention
+from replica.attention.triton_kv_write import store_kv
+from replica.attention.triton_prefill import paged_prefill_attention
+from tests.replica.gpu._reference import attend, gather_kv, random_block_tables, rel_err
 
 TOL = 1e-2
 
@@ -52,8 +52,13 @@ def test_store_kv_writes_exactly_the_mapped_slots(kernel_device, kernel_dtype, h
 def test_store_kv_rejects_bad_shapes(kernel_device):
     kc = torch.zeros(2, 16, 2, 8, device=kernel_device)
     with pytest.raises(ValueError):
-        store_kv(torch.zeros(3, 2, 4, device=kernel_device), torch.zeros(3, 2, 4, device=kernel_device), kc, kc,
-                 torch.zeros(3, dtype=torch.int64, device=kernel_device))
+        store_kv(
+            torch.zeros(3, 2, 4, device=kernel_device),
+            torch.zeros(3, 2, 4, device=kernel_device),
+            kc,
+            kc,
+            torch.zeros(3, dtype=torch.int64, device=kernel_device),
+        )
 
 
 DECODE_CASES = [
@@ -77,8 +82,9 @@ def test_paged_decode_matches_reference(kernel_device, kernel_dtype, hq, hkv, di
     scale = dim**-0.5
     for window, softcap in [(None, None), (37, None), (None, 1.5)]:
         out = torch.full_like(q, float("nan"))
-        paged_decode_attention(q, kc, vc, bt, ctx, scale, out=out, num_splits=splits,
-                               sliding_window=window, softcap=softcap)
+        paged_decode_attention(
+            q, kc, vc, bt, ctx, scale, out=out, num_splits=splits, sliding_window=window, softcap=softcap
+        )
         refs, outs = [], []
         for b, n in enumerate(lens):
             if n == 0:
@@ -98,10 +104,12 @@ def test_paged_decode_default_splits(kernel_device, kernel_dtype):
     bt = random_block_tables(2, nblk, sum(nblk), gen).to(kernel_device)
     q = torch.randn(2, hq, dim, generator=gen).to(kernel_dtype).to(kernel_device)
     out = paged_decode_attention(q, kc, vc, bt, torch.tensor(lens, dtype=torch.int32, device=kernel_device), 0.125)
-    ref = torch.cat([
-        attend(q[b : b + 1], gather_kv(kc, bt[b], n), gather_kv(vc, bt[b], n), torch.tensor([n - 1]), 0.125)
-        for b, n in enumerate(lens)
-    ])
+    ref = torch.cat(
+        [
+            attend(q[b : b + 1], gather_kv(kc, bt[b], n), gather_kv(vc, bt[b], n), torch.tensor([n - 1]), 0.125)
+            for b, n in enumerate(lens)
+        ]
+    )
     assert rel_err(out, ref) <= TOL
 
 
@@ -129,8 +137,9 @@ def test_paged_prefill_matches_reference(kernel_device, kernel_dtype, hq, hkv, d
     scale = dim**-0.5
     for window, softcap in [(None, None), (50, None), (None, 2.0)]:
         out = torch.full_like(q, float("nan"))
-        paged_prefill_attention(q, kc, vc, bt, cu, seq_lens, max(q_lens), scale, out=out,
-                                sliding_window=window, softcap=softcap)
+        paged_prefill_attention(
+            q, kc, vc, bt, cu, seq_lens, max(q_lens), scale, out=out, sliding_window=window, softcap=softcap
+        )
         refs = []
         for i, (s, n) in enumerate(chunks):
             k, v = gather_kv(kc, bt[i], s + n), gather_kv(vc, bt[i], s + n)
@@ -155,7 +164,9 @@ def test_write_then_prefill_then_decode_agree(kernel_device, kernel_dtype):
     q = torch.randn(n + 1, hq, dim, generator=gen).to(kernel_dtype).to(kernel_device)
     store_kv(key, val, kc, vc, slots)
     i32 = dict(dtype=torch.int32, device=kernel_device)
-    pre = paged_prefill_attention(q, kc, vc, bt, torch.tensor([0, n + 1], **i32), torch.tensor([n + 1], **i32), n + 1, 0.125)
+    pre = paged_prefill_attention(
+        q, kc, vc, bt, torch.tensor([0, n + 1], **i32), torch.tensor([n + 1], **i32), n + 1, 0.125
+    )
     dec = paged_decode_attention(q[n:], kc, vc, bt, torch.tensor([n + 1], **i32), 0.125, num_splits=2)
     ref = attend(q, key, val, pos, 0.125)
     assert rel_err(pre, ref) <= TOL
