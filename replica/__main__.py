@@ -13,11 +13,16 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from replica.config import CacheConfig, EngineConfig, ModelConfig, RunnerConfig, SchedulerConfig
 from replica.errors import EngineError
 from replica.models import ModelLoadError
 from replica.request import SamplingParams
+
+if TYPE_CHECKING:
+    from replica.engine import LLMEngine
+    from replica.tokenizer import Tokenizer
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -86,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _prompt(tokenizer, text: str, args) -> str | list[int]:
+def _prompt(tokenizer: Tokenizer, text: str, args: argparse.Namespace) -> str | list[int]:
     if args.no_chat:
         return text
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
@@ -95,7 +100,7 @@ def _prompt(tokenizer, text: str, args) -> str | list[int]:
     return tokenizer.apply_chat_template(messages)
 
 
-def _stream(engine, prompt, params: SamplingParams) -> tuple[int, str]:
+def _stream(engine: LLMEngine, prompt: str | list[int], params: SamplingParams) -> tuple[int, str]:
     engine.add_request("cli-0", prompt, params)
     n_tokens, reason = 0, "?"
     while engine.has_unfinished():
@@ -103,7 +108,7 @@ def _stream(engine, prompt, params: SamplingParams) -> tuple[int, str]:
             print(delta.text, end="", flush=True)
             n_tokens += len(delta.token_ids)
             if delta.finished:
-                reason = delta.finish_reason.value
+                reason = delta.finish_reason.value if delta.finish_reason else "?"
                 if delta.error:
                     print(f"\nerror: {delta.error}", file=sys.stderr)
     print()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -100,8 +101,8 @@ class DecodeGraphs:
         self.max_blocks_per_seq = max_blocks_per_seq
         self.sizes = graph_batch_sizes(max_batch_size)
         n, m = max_batch_size, max_blocks_per_seq
-        i64 = dict(dtype=torch.int64, device=device)
-        i32 = dict(dtype=torch.int32, device=device)
+        i64: dict[str, Any] = dict(dtype=torch.int64, device=device)
+        i32: dict[str, Any] = dict(dtype=torch.int32, device=device)
         # Persistent device inputs (graphs read these addresses).
         self.input_ids = torch.zeros(n, **i64)
         self.positions = torch.zeros(n, **i64)
@@ -131,7 +132,7 @@ class DecodeGraphs:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
         self.tokens: dict[int, torch.Tensor] = {}
-        self.pool = None
+        self.pool: Any = None
 
     # -- capture ---------------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ without building anything per row. ``chunks`` still gives the per-request view o
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -50,7 +50,7 @@ def static_row(req: Request, max_model_len: int) -> tuple[int, int, int, int, in
 
 
 @dataclass(frozen=True, eq=False)
-class DecodeBatch:
+class DecodeBatch(Sequence[ScheduledChunk]):
     """One decode step, one row per request. Row ``i`` computes the token at
     ``positions[i]``, which is the token the previous step sampled in its row
     ``prev_rows[i]`` (not known on the host when this step is built), and samples
@@ -71,10 +71,10 @@ class DecodeBatch:
     def __len__(self) -> int:
         return len(self.request_ids)
 
-    def __getitem__(self, i):
+    def __getitem__(self, i: int) -> ScheduledChunk:  # type: ignore[override]  # no slices
         return self.chunks[i]
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[ScheduledChunk]:
         return iter(self.chunks)
 
     @cached_property

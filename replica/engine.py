@@ -17,7 +17,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from replica.config import EngineConfig
 from replica.errors import EngineError, EngineUnavailableError, InvalidRequestError, QueueFullError, RequestTooLongError
@@ -41,6 +41,12 @@ _RATE_WINDOW_S = 10.0  # output tokens/s is measured over this recent window
 
 class Runner(Protocol):
     def run(self, out: SchedulerOutput) -> RunnerOutput: ...
+
+
+class PipelinedRunner(Runner, Protocol):
+    """A runner that can start a step before the previous one's tokens reached the host."""
+
+    def launch(self, out: SchedulerOutput, prev: PendingStep | None) -> PendingStep: ...
 
 
 class Detokenizer(Protocol):
@@ -134,7 +140,7 @@ class LLMEngine:
             )
         else:
             runner_blocks = getattr(runner, "num_blocks", None)
-            num_blocks = config.cache.num_blocks or runner_blocks
+            num_blocks = int(config.cache.num_blocks or runner_blocks or 0)
             if not num_blocks:
                 raise ValueError("set CacheConfig.num_blocks (or runner.num_blocks) with an injected runner")
             # The scheduler hands out block ids and slots for the runner's pool: they must agree.
@@ -171,12 +177,7 @@ class LLMEngine:
         self._generation_tokens_total = 0
         self._cached_prompt_tokens_total = 0
         self._rate: deque[tuple[float, int]] = deque()  # (step start, output tokens)
-        if (
-            built_runner
-            and config.runner.warmup
-            and getattr(runner, "device", None) is not None
-            and runner.device.type == "cuda"
-        ):
+        if built_runner and config.runner.warmup and getattr(getattr(runner, "device", None), "type", None) == "cuda":
             logger.info("engine warm-up took %.2f s", self.warmup())
 
     # ----- requests ---------------------------------------------------------------------
@@ -281,7 +282,7 @@ class LLMEngine:
             if not out.is_empty:
                 self._last_scheduled = out.request_ids
                 if self._async:
-                    self._inflight = (out, self.runner.launch(out, None), started)
+                    self._inflight = (out, cast(PipelinedRunner, self.runner).launch(out, None), started)
                     self._last_scheduled = ()
                 else:
                     new = self._apply(out, self.runner.run(out), started)
@@ -290,7 +291,7 @@ class LLMEngine:
             self._last_scheduled = out.request_ids
             nxt = self.scheduler.schedule_next(out)
             if nxt is not None:
-                self._inflight = (nxt, self.runner.launch(nxt, handle), started)
+                self._inflight = (nxt, cast(PipelinedRunner, self.runner).launch(nxt, handle), started)
                 self._last_scheduled += nxt.request_ids
             new = self._apply(out, handle.result(), t0)
         self._last_scheduled = ()
@@ -412,9 +413,12 @@ class LLMEngine:
         """Run a batch to completion; outputs in the order of ``prompts``. Every prompt is
         validated before any work (a refusal raises and runs nothing); the bounded waiting
         queue is fed as it drains."""
+        plist_prompts: list[Prompt]
         if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]  # type: ignore[list-item]
-        prompts = list(prompts)  # type: ignore[arg-type]
+            plist_prompts = [cast(Prompt, prompts)]
+        else:
+            plist_prompts = list(cast(Sequence[Prompt], prompts))
+        prompts = plist_prompts
         if params is None or isinstance(params, SamplingParams):
             plist = [params or SamplingParams()] * len(prompts)
         else:

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import os
 import types
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import triton
@@ -30,7 +32,7 @@ MAX_FUSED_ROWS = 1024
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, stride_x, stride_out, n_cols, eps, BLOCK: tl.constexpr):
+def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, stride_x, stride_out, n_cols, eps, BLOCK: tl.constexpr):  # type: ignore[no-untyped-def]  # Triton DSL
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -43,7 +45,7 @@ def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, stride_x, stride_out, n_cols, eps, B
 
 
 @triton.jit
-def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, n, BLOCK: tl.constexpr):
+def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, n, BLOCK: tl.constexpr):  # type: ignore[no-untyped-def]  # Triton DSL
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     g = tl.load(g_ptr + offs, mask=mask, other=0.0)
@@ -54,7 +56,7 @@ def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, n, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _round_bf16(x):
+def _round_bf16(x):  # type: ignore[no-untyped-def]  # Triton DSL
     # Round-to-nearest-even of fp32 to bf16 (kept in fp32), by integer arithmetic: the compiler
     # turned x.to(bf16).to(fp32) plus a sum into a fused operation that rounds differently
     # (~18 % of outputs one ulp off HF), which bit operations prevent.
@@ -64,7 +66,7 @@ def _round_bf16(x):
 
 
 @triton.jit
-def _rope_half(x_ptr, out_ptr, c1, c2, s1, s2, offs, HALF: tl.constexpr):
+def _rope_half(x_ptr, out_ptr, c1, c2, s1, s2, offs, HALF: tl.constexpr):  # type: ignore[no-untyped-def]  # Triton DSL
     # HF: (x * cos) + (rotate_half(x) * sin), rotate_half(x) = cat(-x2, x1); every product and
     # the sum rounded to bf16, as PyTorch's bf16 elementwise ops do (fp32 math, rounded result).
     x1 = tl.load(x_ptr + offs).to(tl.float32)
@@ -76,7 +78,7 @@ def _rope_half(x_ptr, out_ptr, c1, c2, s1, s2, offs, HALF: tl.constexpr):
 
 
 @triton.jit
-def _rope_kernel(
+def _rope_kernel(  # type: ignore[no-untyped-def]  # Triton DSL
     q_ptr,
     k_ptr,
     cos_ptr,
@@ -193,24 +195,31 @@ def _rows(x: torch.Tensor) -> int:
     return x.numel() // x.shape[-1] if x.dim() else 0
 
 
-def _norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+def _norm_forward(self: Any, hidden_states: torch.Tensor) -> torch.Tensor:
     if _rows(hidden_states) > MAX_FUSED_ROWS:
         return self._hf_forward(hidden_states)
     return rms_norm(hidden_states, self.weight, self.variance_epsilon)
 
 
-def _mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
+def _mlp_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
     if _rows(x) > MAX_FUSED_ROWS:
         return self._hf_forward(x)
     return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
 
 
-def _attention_forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None, **kwargs):
+def _attention_forward(
+    self: Any,
+    hidden_states: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    attention_mask: torch.Tensor | None = None,
+    past_key_values: Any = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, Any]:
     """HF's Qwen2 / Llama attention forward (transformers 5.x) with the rotary embedding fused;
     HF's own forward where the fused kernel doesn't apply (prefill chunks, not bf16, partial rotary)."""
     input_shape = hidden_states.shape[:-1]
     cos, sin = position_embeddings
-    attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, None)
+    attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, None)  # type: ignore[arg-type]
     if (
         _rows(hidden_states) > MAX_FUSED_ROWS
         or past_key_values is not None
@@ -276,12 +285,14 @@ def patch_model(model: torch.nn.Module) -> int:
         return 0
     n = 0
     for m in model.modules():
-        fused = _norm_forward if _is_rms_norm(m) else _mlp_forward if _is_silu_mlp(m) else None
+        fused: Callable[..., Any] | None = (
+            _norm_forward if _is_rms_norm(m) else _mlp_forward if _is_silu_mlp(m) else None
+        )
         if fused is None and _is_known_attention(m):
             fused = _attention_forward
-            m._sliding_kwarg = _ATTENTION_CLASSES[type(m).__name__]
+            m._sliding_kwarg = _ATTENTION_CLASSES[type(m).__name__]  # type: ignore[assignment]
         if fused is not None and "_hf_forward" not in m.__dict__:  # patch once
-            m._hf_forward = m.forward
+            m._hf_forward = m.forward  # type: ignore[assignment]
             m.forward = types.MethodType(fused, m)
             n += 1
     return n

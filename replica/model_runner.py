@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import chain
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,14 +25,15 @@ from replica.decode_batch import DecodeBatch, pack_block_tables
 from replica.models import DTYPES
 from replica.outputs import PLACEHOLDER_TOKEN, RunnerOutput, SchedulerOutput
 from replica.pending_step import DeferredStep, PendingStep
+from replica.request import SamplingParams
 from replica.sampler import Sampler, SamplingRow
 
 
-def _text_config(hf_config):
+def _text_config(hf_config: Any) -> Any:
     return hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
 
 
-def kv_shape(hf_config) -> tuple[int, int, int]:
+def kv_shape(hf_config: Any) -> tuple[int, int, int]:
     """(num_layers, num_kv_heads, head_dim) of a decoder config."""
     cfg = _text_config(hf_config)
     num_heads = cfg.num_attention_heads
@@ -106,7 +108,9 @@ class ModelRunner:
         graphs.capture()
         return graphs
 
-    def _graph_forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, meta: AttentionMetadata):
+    def _graph_forward(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
         # Every row of a decode step samples: keep all logits (logits_to_keep=0 means all).
         result = self.model(
             input_ids=input_ids,
@@ -119,7 +123,7 @@ class ModelRunner:
         return result.logits[0]
 
     @staticmethod
-    def block_bytes(hf_config, block_size: int, dtype: torch.dtype | str) -> int:
+    def block_bytes(hf_config: Any, block_size: int, dtype: torch.dtype | str) -> int:
         """Bytes of one KV block across all layers (K and V)."""
         if isinstance(dtype, str):
             if dtype not in DTYPES:
@@ -188,19 +192,26 @@ class ModelRunner:
         done.synchronize()
         return host.tolist()
 
+    @property
+    def _graphs(self) -> DecodeGraphs:
+        if self.graphs is None:
+            raise RuntimeError("no CUDA graphs were captured on this runner")
+        return self.graphs
+
     @torch.inference_mode()
     def _launch_decode_graph(self, out: SchedulerOutput, prev: PendingStep | None) -> PendingStep | None:
         """A decode-only step (one new token per request, all sampling) replayed from a CUDA
         graph; None when the step doesn't qualify (then the eager path runs)."""
+        graphs = self._graphs
         d = out.decode
         inp = self._batch_inputs(d, prev) if d is not None else self._chunk_inputs(out, prev)
         if inp is None:
             return None
-        logits, _greedy = self.graphs.replay(inp)
+        logits, _greedy = graphs.replay(inp)
         if d is not None:
             rids = d.request_ids
             if d.plain_greedy:
-                return self.graphs.emit(rids)  # the graph's argmax
+                return graphs.emit(rids)  # the graph's argmax
             params, n_out = [r.params for r in d.requests], d.num_output_tokens.tolist()
         else:
             rids = tuple(c.request_id for c in out.chunks)
@@ -208,14 +219,15 @@ class ModelRunner:
         # Plain greedy rows (no min_tokens ban left) take the graph's argmax: no rows to build.
         rows = [SamplingRow(p, n, self._banned(p, n)) for p, n in zip(params, n_out)]
         if all(r.params.greedy and not r.banned_token_ids for r in rows):
-            return self.graphs.emit(rids)  # the graph's argmax
-        return self.graphs.emit(rids, self.sampler(logits, rows))
+            return graphs.emit(rids)  # the graph's argmax
+        return graphs.emit(rids, self.sampler(logits, rows))
 
     def _batch_inputs(self, d: DecodeBatch, prev: PendingStep | None) -> DecodeInputs | None:
         """Graph inputs of a ``DecodeBatch``: its arrays as they are; every row's token is
         ``prev``'s, taken on the device when ``prev`` is the last replay."""
+        graphs = self._graphs
         b = len(d)
-        if not self.graphs.fits(b, d.block_tables.shape[1]):
+        if not graphs.fits(b, d.block_tables.shape[1]):
             return None
         if (d.num_blocks * self.block_size <= d.positions).any():
             return None  # let prepare() raise its precise error
@@ -238,14 +250,15 @@ class ModelRunner:
     def _chunk_inputs(self, out: SchedulerOutput, prev: PendingStep | None) -> DecodeInputs | None:
         """Graph inputs of a decode step given as chunks; None unless every chunk is one
         sampling token and the batch fits a graph."""
+        graphs = self._graphs
         chunks = out.chunks
         b = len(chunks)
-        if b > self.graphs.max_batch_size or any(len(c.token_ids) != 1 or not c.sample for c in chunks):
+        if b > graphs.max_batch_size or any(len(c.token_ids) != 1 or not c.sample for c in chunks):
             return None
         bs = self.block_size
         pos = np.fromiter((c.start_pos for c in chunks), np.int64, b)
         nbt = np.fromiter((len(c.block_table) for c in chunks), np.int64, b)
-        if not self.graphs.fits(b, int(nbt.max())):
+        if not graphs.fits(b, int(nbt.max())):
             return None
         if (pos < 0).any() or (nbt * bs <= pos).any():
             return None  # let prepare() raise its precise error
@@ -359,7 +372,7 @@ class ModelRunner:
             sample_request_ids=tuple(c.request_id for c in sampled),
         )
 
-    def _banned(self, params, num_output_tokens: int) -> tuple[int, ...]:
+    def _banned(self, params: SamplingParams, num_output_tokens: int) -> tuple[int, ...]:
         # min_tokens: no EOS / stop token may be sampled before that many outputs exist.
         if num_output_tokens >= params.min_tokens:
             return ()

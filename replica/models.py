@@ -29,9 +29,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 from replica.config import ModelConfig
 from replica.tokenizer import Tokenizer
@@ -235,7 +238,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 @torch.no_grad()
 def build_random_model(
     config: dict[str, Any], *, seed: int, dtype: torch.dtype, device: torch.device, std: float = DUMMY_INIT_STD
-):
+) -> PreTrainedModel:
     """A model of the given architecture with seeded random weights.
 
     Built on the meta device (no memory, no slow default init), materialized empty on
@@ -262,7 +265,7 @@ def build_random_model(
     return _finish(model)
 
 
-def _reset_rotary_buffers(model, device: torch.device) -> None:
+def _reset_rotary_buffers(model: torch.nn.Module, device: torch.device) -> None:
     for module in model.modules():
         if hasattr(module, "inv_freq") and hasattr(module, "config"):
             with warnings.catch_warnings():
@@ -285,7 +288,7 @@ def _check_hf_source(model: str) -> None:
         raise ModelLoadError(f"model path {model!r} does not exist")
 
 
-def _load_hf_model(source: str, dtype: torch.dtype, device: torch.device):
+def _load_hf_model(source: str, dtype: torch.dtype, device: torch.device) -> PreTrainedModel:
     from transformers import AutoModelForCausalLM
 
     try:
@@ -300,16 +303,16 @@ def _load_hf_model(source: str, dtype: torch.dtype, device: torch.device):
             else " (not a local folder, and the Hugging Face hub could not provide it)"
         )
         raise ModelLoadError(f"cannot load model {source!r}{hint}: {e}") from e
-    return _finish(model.to(device))
+    return _finish(model.to(device))  # type: ignore[arg-type]  # nn.Module.to, not the decorated one
 
 
-def _finish(model):
+def _finish(model: PreTrainedModel) -> PreTrainedModel:
     model.eval()
     model.requires_grad_(False)
     return model
 
 
-def _max_model_len(hf_config, requested: int | None) -> int:
+def _max_model_len(hf_config: Any, requested: int | None) -> int:
     native = getattr(hf_config, "max_position_embeddings", None)
     if requested is not None:
         if native and requested > int(native):
@@ -444,7 +447,7 @@ def _convert_model(out: Path) -> None:
     # The weights are dequantized now: the saved checkpoint is a plain float32 one.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]
     model.config._name_or_path = DEFAULT_MODEL_ID
     if hasattr(model.config, "_model_name_or_path"):  # GGUF's general.name, a training-run label
         model.config._model_name_or_path = DEFAULT_MODEL_ID

@@ -80,7 +80,9 @@ class Sampler:
         out[ridx] = torch.argmax(logp - noise.log(), dim=-1)
         return out
 
-    def _exponential(self, rows: Sequence[SamplingRow], vocab: int, dtype: torch.dtype, device) -> torch.Tensor:
+    def _exponential(
+        self, rows: Sequence[SamplingRow], vocab: int, dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor:
         e = torch.empty(len(rows), vocab, dtype=dtype, device=device)
         unseeded = [i for i, r in enumerate(rows) if r.params.seed is None]
         if unseeded:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import bisect
 import itertools
 from collections import deque
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -325,6 +326,7 @@ class Scheduler:
         start = req.num_computed_tokens
         prompt, outs = req.prompt_token_ids, req.output_token_ids
         p = len(prompt)
+        toks: Sequence[int]
         if n == 1 and start >= p:  # a decode step
             toks = (outs[start - p],)
         elif start >= p:

@@ -22,7 +22,6 @@ ingress need, with clear errors (``InvalidRequestError``) for malformed chat mes
 from __future__ import annotations
 
 import functools
-import json
 from codecs import utf_8_decode
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -187,9 +186,15 @@ def _byte_level_bytes(token: str) -> bytes | None:
 
 def _byte_level_tables(hf: Any, vocab: int) -> tuple[TokenBytes, TokenBytes] | None:
     """(keeping, skipping special tokens) when the fast tokenizer ``hf`` decodes byte-level,
-    else None. Per id, as Rust's ByteLevel decoder does per token: the bytes its chars stand
-    for, or its own UTF-8 if a char is outside the alphabet (an added token with a space);
-    nothing for a skipped special token (Rust skips by content) or an id with no token."""
+    else None. Per id, as a byte-level decoder does per token: the bytes its chars stand for,
+    or its own UTF-8 if a char is outside the alphabet (an added token with a space); nothing
+    for a skipped special token or an id with no token.
+
+    The decision is behavioural, not by the decoder's spelling (which differs between
+    tokenizers versions): the tables are used only if ``hf.decode`` agrees with them on the
+    whole vocabulary, joined in two orders and one id at a time, keeping and skipping special
+    tokens. Any decoder step that changes text (Strip, Replace, Metaspace, Fuse over a token
+    outside the alphabet, WordPiece's spaces) shows up there and turns the fast path off."""
     rust = getattr(hf, "_tokenizer", None)
     try:
         from tokenizers import Tokenizer as RustTokenizer
@@ -200,49 +205,33 @@ def _byte_level_tables(hf: Any, vocab: int) -> tuple[TokenBytes, TokenBytes] | N
     if getattr(hf, "clean_up_tokenization_spaces", False):  # changes text already emitted
         return None
     tokens = [rust.id_to_token(i) for i in range(vocab)]
-    mapped = [None if t is None else _byte_level_bytes(t) for t in tokens]
-    if not _decodes_byte_level(json.loads(rust.decoder.__getstate__()), tokens, mapped):
-        return None
-    raw = [b"" if t is None else t.encode() if m is None else m for t, m in zip(tokens, mapped)]
+    raw = [b"" if t is None else (_byte_level_bytes(t) or t.encode()) for t in tokens]
     keep = TokenBytes.of(raw)
     special = {t.content for t in rust.get_added_tokens_decoder().values() if t.special}
-    skipped = [i for i, t in enumerate(tokens) if t in special]
     skip = TokenBytes(list(keep.raw), list(keep.text))
-    for i in skipped:
-        skip.raw[i], skip.text[i] = b"", ""
+    for i, t in enumerate(tokens):
+        if t in special:
+            skip.raw[i], skip.text[i] = b"", ""
+    ids = [i for i, t in enumerate(tokens) if t is not None]
+    shuffled = ids[1::2] + ids[::2]  # other neighbours than in id order
+    for table, skipping in ((keep, False), (skip, True)):
+        if not _agrees_with_decode(hf, table, (ids, shuffled), skip_special_tokens=skipping):
+            return None
     return keep, skip
 
 
-def _decodes_byte_level(decoder: dict[str, Any], tokens: list[str | None], mapped: list[bytes | None]) -> bool:
-    """Whether the decoder's text is the lossy UTF-8 decode of the tokens' bytes joined, the
-    bytes of each as in ``_byte_level_tables``. True for a ByteLevel decoder; also for a
-    Sequence ending in ByteLevel whose other steps change nothing for this vocabulary, as
-    transformers builds for GGUF byte-level models (SmolLM2: ByteFallback, Fuse, Replace
-    "▁"). Fuse hands ByteLevel the whole text as one token, which it maps byte by byte only
-    if every char is in the alphabet: so every token must be."""
-    kind = decoder.get("type")
-    if kind == "ByteLevel":
-        return True
-    steps = (decoder.get("decoders") or []) if kind == "Sequence" else []
-    if not steps or steps[-1].get("type") != "ByteLevel":
-        return False
-    if any(m is None and t is not None for t, m in zip(tokens, mapped)):
-        return False
-    fused = False
-    for step in steps[:-1]:
-        kind = step.get("type")
-        if kind == "Fuse":
-            fused = True
-        elif kind == "ByteFallback":  # turns "<0xHH>" tokens into bytes; after Fuse, the whole text
-            if fused or any(t is not None and len(t) == 6 and t.startswith("<0x") and t.endswith(">") for t in tokens):
-                return False
-        elif kind == "Replace":  # a char outside the alphabet occurs in no text made of tokens
-            pattern = (step.get("pattern") or {}).get("String")
-            if not pattern or _byte_level_bytes(pattern) is not None:
-                return False
-        else:
+def _agrees_with_decode(
+    hf: Any, table: TokenBytes, orders: tuple[list[int], ...], *, skip_special_tokens: bool
+) -> bool:
+    """Whether ``hf.decode`` of each id sequence, and the decoder on every id alone, is the lossy UTF-8
+    decode of the table's bytes joined (what the incremental fast path emits)."""
+    for seq in orders:
+        want = b"".join(table.raw[i] for i in seq).decode("utf-8", "replace")
+        if hf.decode(seq, skip_special_tokens=skip_special_tokens) != want:
             return False
-    return True
+    # One id at a time through Rust's batch decode (parallel; hf.batch_decode loops in Python).
+    singles = hf._tokenizer.decode_batch([[i] for i in orders[0]], skip_special_tokens=skip_special_tokens)
+    return all(got == table.raw[i].decode("utf-8", "replace") for i, got in zip(orders[0], singles, strict=True))
 
 
 # ----------------------------------------------------------------------------- detokenizer

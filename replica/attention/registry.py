@@ -17,7 +17,8 @@ Contract of the HF attention call (transformers 5.x, Llama/Qwen2/Mistral and fri
 from __future__ import annotations
 
 import importlib
-from typing import Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import torch
 from transformers import AttentionInterface, PreTrainedModel
@@ -59,7 +60,7 @@ _OPTIONAL: dict[str, tuple[str, str]] = {
 }
 
 
-def _make_hf_function(backend: AttentionBackend):
+def _make_hf_function(backend: AttentionBackend) -> Callable[..., tuple[torch.Tensor, None]]:
     def paged_attention_forward(
         module: torch.nn.Module,
         query: torch.Tensor,
@@ -68,7 +69,7 @@ def _make_hf_function(backend: AttentionBackend):
         attention_mask: torch.Tensor | None,
         scaling: float | None = None,
         dropout: float = 0.0,
-        **kwargs,
+        **kwargs: Any,
     ) -> tuple[torch.Tensor, None]:
         meta = kwargs.get("attn_metadata")
         kv_cache = kwargs.get("kv_cache")

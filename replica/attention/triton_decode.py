@@ -18,7 +18,7 @@ LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
-def page_tile_offsets(bt_row, n, nmask, kvh, c_stride_block, c_stride_slot, c_stride_h, PAGE: tl.constexpr):
+def page_tile_offsets(bt_row, n, nmask, kvh, c_stride_block, c_stride_slot, c_stride_h, PAGE: tl.constexpr):  # type: ignore[no-untyped-def]  # Triton DSL
     """Cache offsets of key positions ``n`` of one sequence (block table row ``bt_row``),
     for KV head ``kvh``; shared by the decode and prefill kernels (inlined by Triton)."""
     blk = tl.load(bt_row + n // PAGE, mask=nmask, other=0).to(tl.int64)
@@ -26,12 +26,12 @@ def page_tile_offsets(bt_row, n, nmask, kvh, c_stride_block, c_stride_slot, c_st
 
 
 @triton.jit
-def apply_softcap(s, softcap):
+def apply_softcap(s, softcap):  # type: ignore[no-untyped-def]  # Triton DSL
     return softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))  # softcap * tanh(s / softcap)
 
 
 @triton.jit
-def _decode_split_kernel(
+def _decode_split_kernel(  # type: ignore[no-untyped-def]  # Triton DSL
     q_ptr,
     kc_ptr,
     vc_ptr,
@@ -129,7 +129,7 @@ def _decode_split_kernel(
 
 
 @triton.jit
-def _decode_merge_kernel(
+def _decode_merge_kernel(  # type: ignore[no-untyped-def]  # Triton DSL
     part_ptr,  # [B, Hq, S, BLOCK_D] fp32
     lse_ptr,  # [B, Hq, S] fp32
     o_ptr,
@@ -230,7 +230,11 @@ def paged_decode_attention(
         block_n = max(16, min(128 if num_splits <= 4 else 64, page))
     use_window = sliding_window is not None and sliding_window > 0
     use_softcap = softcap is not None and softcap > 0
-    scalars = (float(scale), float(softcap) if use_softcap else 1.0, int(sliding_window) if use_window else 0)
+    scalars = (
+        float(scale),
+        float(softcap or 0.0) if use_softcap else 1.0,
+        int(sliding_window or 0) if use_window else 0,
+    )
     common = dict(
         GROUP=group,
         HEAD_DIM=dim,

@@ -14,7 +14,7 @@ import triton.language as tl
 
 
 @triton.jit
-def _store_kv_kernel(
+def _store_kv_kernel(  # type: ignore[no-untyped-def]  # Triton DSL
     k_ptr,
     v_ptr,
     kc_ptr,

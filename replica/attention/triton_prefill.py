@@ -19,7 +19,7 @@ from replica.attention.triton_decode import LOG2E, apply_softcap, check_paged_la
 
 
 @triton.jit
-def _prefill_kernel(
+def _prefill_kernel(  # type: ignore[no-untyped-def]  # Triton DSL
     q_ptr,
     kc_ptr,
     vc_ptr,
@@ -163,8 +163,8 @@ def paged_prefill_attention(
         seq_lens,
         out,
         float(scale),
-        float(softcap) if use_softcap else 1.0,
-        int(sliding_window) if use_window else 0,
+        float(softcap or 0.0) if use_softcap else 1.0,
+        int(sliding_window or 0) if use_window else 0,
         query.stride(0),
         query.stride(1),
         out.stride(0),
