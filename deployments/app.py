@@ -10,6 +10,7 @@ EngineConfig and Serve deployment options.
 
 from __future__ import annotations
 
+import importlib
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -194,6 +195,19 @@ def _cluster_has_gpus() -> bool:
     return False
 
 
+def _routes_by_target(router_class: str) -> bool:
+    """Whether the router sends a call that names ``target_replica_id`` to that replica only,
+    which the multiplexed streams need (deployments/mux.py)."""
+    from router.kv_router import KVCacheAwareRouter
+
+    module, _, name = router_class.replace(":", ".").rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return False
+    return isinstance(cls, type) and issubclass(cls, KVCacheAwareRouter)
+
+
 def build_app(args: dict[str, Any] | None = None) -> Application:
     a = AppArgs.model_validate(args or {})
     num_gpus = a.resolved_num_gpus()
@@ -223,6 +237,10 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         default_max_tokens=a.default_max_tokens,
         limits=a.limits,
         auth=a.auth,
+        stream_mode="mux"
+        if a.router is not None and _routes_by_target(a.router.request_router_class)
+        else "per_request",
+        stream_interval=a.replica.stream_interval,
     )
     ingress = OpenAIIngress.options(
         num_replicas=a.ingress_replicas, ray_actor_options={"num_cpus": a.ingress_num_cpus}

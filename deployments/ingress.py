@@ -18,7 +18,7 @@ import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -35,6 +35,7 @@ from deployments.failover import FailoverClient
 from deployments.limits import BodySizeLimitMiddleware, DeadlineClient, RequestLimits
 from deployments.llm import GenerateRequest, ModelInfo
 from deployments.metrics import IngressMetrics
+from deployments.mux import MuxLLMClient
 from deployments.protocol import (
     ChatChoice,
     ChatChunkChoice,
@@ -127,6 +128,14 @@ class IngressSettings(BaseModel):
     max_attempts: int = Field(
         default=3, ge=1, description="Tries of a request whose replica is unavailable before any output (then 503)."
     )
+    stream_mode: Literal["mux", "per_request"] = Field(
+        default="per_request",
+        description="mux: one stream per LLM replica carries all of this ingress's requests (deployments/mux.py; "
+        "needs a router that honours target_replica_id); per_request: one Ray stream per request.",
+    )
+    stream_interval: int = Field(
+        default=1, ge=1, le=1024, description="mux: least tokens per SSE event after the first (1: adaptive)."
+    )
 
     @property
     def served_name(self) -> str:
@@ -156,6 +165,27 @@ def _usage(usage: Usage | None, prompt_tokens: int, completion_tokens: int) -> U
 
 def _sse(model: BaseModel) -> bytes:
     return b"data: " + model.model_dump_json().encode() + b"\n\n"
+
+
+_TEXT_MARK = "\x00cbserve-text\x00"
+
+
+class _TextChunk:
+    """SSE bytes of a request's text chunks from one template: the chunk model is rendered
+    once with a marker for the text, and each chunk splices the JSON-encoded text in (a
+    pydantic model and its serialisation per token were a large part of the ingress's work)."""
+
+    __slots__ = ("_head", "_tail")
+
+    def __init__(self, render: Callable[[str], BaseModel]) -> None:
+        mark = json.dumps(_TEXT_MARK).encode()
+        head, sep, tail = _sse(render(_TEXT_MARK)).partition(mark)
+        if not sep:
+            raise ValueError("the chunk template lost its text marker")
+        self._head, self._tail = head, tail
+
+    def __call__(self, text: str) -> bytes:
+        return self._head + json.dumps(text, ensure_ascii=False).encode() + self._tail
 
 
 def _generation_failed(delta: Delta) -> APIError:
@@ -391,6 +421,9 @@ class OpenAIService:
                 model=name,
                 choices=[CompletionChoice(text=d.text, finish_reason=_finish_reason(d.finish_reason))],
             ),
+            text=_TextChunk(
+                lambda t: CompletionResponse(id=rid, created=created, model=name, choices=[CompletionChoice(text=t)])
+            ),
             usage=lambda u: CompletionResponse(id=rid, created=created, model=name, choices=[], usage=u),
         )
 
@@ -414,6 +447,11 @@ class OpenAIService:
                     )
                 ],
             ),
+            text=_TextChunk(
+                lambda t: ChatCompletionChunk(
+                    id=rid, created=created, model=name, choices=[ChatChunkChoice(delta=ChatDelta(content=t))]
+                )
+            ),
             usage=lambda u: ChatCompletionChunk(id=rid, created=created, model=name, choices=[], usage=u),
         )
 
@@ -422,6 +460,7 @@ class OpenAIService:
         greq: GenerateRequest,
         *,
         content: Callable[[Delta], BaseModel],
+        text: Callable[[str], bytes],
         usage: Callable[[UsageInfo], BaseModel],
         head: BaseModel | None = None,
     ):
@@ -441,8 +480,10 @@ class OpenAIService:
                         yield _error_event(_generation_failed(d), greq.request_id)
                         break
                     n_out += len(d.token_ids)
-                    if d.text or d.finished:
+                    if d.finished:
                         yield _sse(content(d))
+                    elif d.text:
+                        yield text(d.text)
                     if d.finished and include_usage:
                         yield _sse(usage(_usage(d.usage, len(greq.prompt_token_ids), n_out)))
                 yield SSE_DONE
@@ -542,7 +583,12 @@ class OpenAIIngress:
         from replica.models import load_tokenizer  # no weights: just the tokenizer
 
         cfg = IngressSettings.model_validate(settings)
-        self.service = OpenAIService(HandleLLMClient(llm), load_tokenizer(cfg.model), cfg)
+        client: LLMClient
+        if cfg.stream_mode == "mux":
+            client = MuxLLMClient(llm, stream_interval=cfg.stream_interval)
+        else:
+            client = HandleLLMClient(llm)
+        self.service = OpenAIService(client, load_tokenizer(cfg.model), cfg)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return build_api(self.service)

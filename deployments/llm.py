@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -24,6 +25,7 @@ from ray import serve
 
 from deployments.errors import ReplicaError
 from deployments.metrics import ReplicaMetrics
+from deployments.mux import AbortRequest, Outboxes, PumpRequest, Submitted
 from replica.config import EngineConfig
 from replica.errors import EngineError, EngineUnavailableError
 from replica.outputs import Delta, EngineStats
@@ -123,6 +125,8 @@ class LLMServer:
         self._draining = False
         self._inflight = 0
         self._replica_id = _replica_id()
+        self._live: set[str] = set()  # submitted (multiplexed) requests not finished yet
+        self._outboxes = Outboxes(self._abort_live)
         self._metrics_task = asyncio.get_running_loop().create_task(self._metrics_loop())
         logger.info("LLM replica %s ready: %s", self._replica_id, self._info)
 
@@ -170,6 +174,59 @@ class LLMServer:
                 logger.info("request %s: aborted by the caller", req.request_id)
                 await self._abort(req.request_id)
 
+    # ---------------------------------------------------------------- multiplexed serving (deployments/mux.py)
+
+    async def submit(self, req: GenerateRequest, channel: str) -> Submitted | ReplicaError:
+        """Admit a request whose deltas go out on ``channel``'s pump; a refusal is returned."""
+        if self._draining:
+            self._metrics.refused(EngineUnavailableError.code)
+            return ReplicaError(EngineUnavailableError.code, "replica is draining; retry on another replica")
+        sink = self._outboxes.sink(channel, req.request_id)
+        start = time.perf_counter()
+        first_at: float | None = None
+
+        def on_delta(delta: Delta) -> None:
+            nonlocal first_at
+            if first_at is None and delta.token_ids:
+                first_at = time.perf_counter()
+                self._metrics.observe_ttft(first_at - start)
+            if delta.finish_reason is not None:
+                self._live.discard(req.request_id)
+                self._on_finish(req, delta, first_at)
+            sink(delta)
+
+        try:
+            self._engine.submit(req.request_id, list(req.prompt_token_ids), req.params, on_delta)
+        except EngineError as exc:
+            self._outboxes.forget(channel, req.request_id)
+            return ReplicaError.from_exception(exc)
+        self._live.add(req.request_id)
+        if self._settings.log_requests:
+            logger.info("request %s: %d prompt tokens, %s", req.request_id, len(req.prompt_token_ids), req.params)
+        return Submitted(self._replica_id)
+
+    async def pump(self, target: PumpRequest) -> AsyncIterator[list[Delta] | ReplicaError]:
+        """The stream of every delta for ``target.channel``, batched per wake-up."""
+        if target.target_replica_id != self._replica_id:  # a router that ignored the target
+            yield ReplicaError(
+                EngineUnavailableError.code,
+                f"pump for replica {target.target_replica_id} reached {self._replica_id}: the router must "
+                "honour target_replica_id (router.kv_router.KVCacheAwareRouter does)",
+            )
+            return
+        async for batch in self._outboxes.pump(target.channel):
+            yield batch
+
+    async def abort_request(self, target: AbortRequest) -> None:
+        """The ingress's client went away: free the request's blocks now."""
+        if target.request_id in self._live:
+            logger.info("request %s: aborted by the caller", target.request_id)
+        self._abort_live(target.request_id)
+
+    def _abort_live(self, request_id: str) -> None:
+        self._live.discard(request_id)
+        self._engine.abort_nowait(request_id)
+
     def _on_finish(self, req: GenerateRequest, delta: Delta, first_at: float | None) -> None:
         assert delta.finish_reason is not None
         self._metrics.request_finished(delta.finish_reason.value)
@@ -199,7 +256,7 @@ class LLMServer:
         return ReplicaStats(
             replica_id=self._replica_id,
             engine=self._engine.stats(),
-            num_inflight=self._inflight,
+            num_inflight=self._inflight + len(self._live),
             draining=self._draining,
         )
 
@@ -247,12 +304,13 @@ class LLMServer:
             return
         self._draining = True
         self._metrics_task.cancel()
-        logger.info("replica %s draining (%d in flight)", self._replica_id, self._inflight)
+        logger.info("replica %s draining (%d in flight)", self._replica_id, self._inflight + len(self._live))
         await self._engine.shutdown(drain_timeout_s=self._settings.drain_timeout_s)
 
     async def _metrics_loop(self) -> None:
         while True:
             try:
+                self._outboxes.reap()
                 self._metrics.update(self._engine.stats())
             except Exception:
                 logger.exception("metrics update failed")
@@ -278,7 +336,7 @@ def _replica_id() -> str:
     try:
         return serve.get_replica_context().replica_id.unique_id
     except Exception:  # outside Serve (tests)
-        return f"local-{id(object()):x}"
+        return f"local-{uuid.uuid4().hex[:12]}"
 
 
 class _ServeLLMServer(LLMServer):

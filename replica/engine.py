@@ -533,7 +533,7 @@ class AsyncEngine:
         self._inbox: list[tuple[str, Any]] = []  # ("add", Request) | ("abort", request_id)
         self._num_inbox_adds = 0
         self._wake = threading.Event()
-        self._streams: dict[str, asyncio.Queue[Delta]] = {}  # event-loop thread only
+        self._streams: dict[str, Callable[[Delta], None]] = {}  # request -> its sink; event-loop thread only
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._closed = False  # draining or stopped: refuse new requests
@@ -589,6 +589,16 @@ class AsyncEngine:
         for every hop behind this one (Ray streaming, SSE), at the cost of coarser chunks."""
         if isinstance(stream_interval, bool) or not isinstance(stream_interval, int) or stream_interval < 1:
             raise InvalidRequestError(f"stream_interval must be an integer >= 1, got {stream_interval!r}")
+        queue: asyncio.Queue[Delta] = asyncio.Queue()
+        self.submit(request_id, prompt, params, queue.put_nowait)
+        return self._stream(request_id, queue, stream_interval)
+
+    def submit(
+        self, request_id: str, prompt: Prompt, params: SamplingParams | None, on_delta: Callable[[Delta], None]
+    ) -> None:
+        """Queue a request whose deltas go to ``on_delta``, called on the event loop in order
+        (the last has finish_reason). Refusals raise here, synchronously. The caller owns
+        the request's life: ``abort`` it when its consumer goes away."""
         if self._dead is not None:
             raise EngineUnavailableError(f"the engine failed and no longer accepts requests: {self._dead}")
         if self._closed:
@@ -605,12 +615,10 @@ class AsyncEngine:
             if queued >= max_waiting:
                 self.engine._num_refused += 1
                 raise QueueFullError(f"the waiting queue is full ({queued} of {max_waiting} requests); retry later")
-            queue: asyncio.Queue[Delta] = asyncio.Queue()
-            self._streams[request_id] = queue
+            self._streams[request_id] = on_delta
             self._inbox.append(("add", req))
             self._num_inbox_adds += 1
         self._wake.set()
-        return self._stream(request_id, queue, stream_interval)
 
     async def _stream(self, request_id: str, queue: asyncio.Queue[Delta], interval: int = 1) -> AsyncIterator[Delta]:
         finished = False
@@ -645,6 +653,11 @@ class AsyncEngine:
 
     async def abort(self, request_id: str) -> None:
         """Abort a request; its stream (if still read) ends with an ABORT delta."""
+        self._post_abort(request_id)
+
+    def abort_nowait(self, request_id: str) -> None:
+        """``abort`` for callers outside a coroutine; no ABORT delta is delivered."""
+        self._streams.pop(request_id, None)
         self._post_abort(request_id)
 
     def _post_abort(self, request_id: str) -> None:
@@ -686,18 +699,18 @@ class AsyncEngine:
 
     def _deliver(self, deltas: list[Delta]) -> None:
         for d in deltas:
-            queue = self._streams.get(d.request_id)
-            if queue is None:
+            sink = self._streams.get(d.request_id)
+            if sink is None:
                 continue  # its consumer went away
-            queue.put_nowait(d)
             if d.finished:
                 del self._streams[d.request_id]
+            sink(d)
 
     def _end_streams(self, reason: FinishReason, error: str | None) -> None:
         """Give every open stream a final delta: nobody waits forever."""
-        for rid, queue in list(self._streams.items()):
-            queue.put_nowait(Delta(rid, "", (), reason, Usage(0, 0), error))
-        self._streams.clear()
+        streams, self._streams = self._streams, {}
+        for rid, sink in streams.items():
+            sink(Delta(rid, "", (), reason, Usage(0, 0), error))
 
     # ----- step thread ------------------------------------------------------------------
 

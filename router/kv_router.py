@@ -113,6 +113,9 @@ class KVCacheAwareRouter(RequestRouter):
         candidate_replicas: list[RunningReplica],
         pending_request: PendingRequest | None = None,
     ) -> list[list[RunningReplica]]:
+        target = _target_replica_id(pending_request)
+        if target is not None:  # a call for one replica (deployments.mux: its stream, an abort)
+            return [[r for r in candidate_replicas if r.replica_id.unique_id == target]]
         decision = self.decide(candidate_replicas, pending_request)
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         if logger.isEnabledFor(logging.DEBUG):
@@ -160,3 +163,11 @@ class KVCacheAwareRouter(RequestRouter):
         live = {r.replica_id for r in replicas}
         for dead in [k for k in self._parsed if k not in live]:
             del self._parsed[dead]
+
+
+def _target_replica_id(pending_request: PendingRequest | None) -> str | None:
+    """``target_replica_id`` of the call's first argument, when it names one."""
+    if pending_request is None or not pending_request.args:
+        return None
+    target = getattr(pending_request.args[0], "target_replica_id", None)
+    return target if isinstance(target, str) else None

@@ -115,6 +115,21 @@ class FakeEngine:
         self.aborted.append(request_id)
         self.blocks.pop(request_id, None)
 
+    def submit(self, request_id: str, prompt: list[int], params: SamplingParams, on_delta) -> None:
+        """AsyncEngine.submit: the same refusals, deltas pushed to ``on_delta`` by a task."""
+        stream = self.add_request(request_id, prompt, params)
+
+        async def run() -> None:
+            async for d in stream:
+                on_delta(d)
+
+        self.tasks = getattr(self, "tasks", [])
+        self.tasks.append(asyncio.get_running_loop().create_task(run()))
+
+    def abort_nowait(self, request_id: str) -> None:
+        self.aborted.append(request_id)
+        self.blocks.pop(request_id, None)
+
     def stats(self) -> EngineStats:
         used = sum(self.blocks.values())
         running = min(len(self.blocks), self.max_running)

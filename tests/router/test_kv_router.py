@@ -143,3 +143,19 @@ def test_unknown_router_kwargs_are_rejected():
         parse_router_kwargs({"imbalance_treshold": 3})
     cfg, field, seed = parse_router_kwargs({"imbalance_threshold": 3, "prompt_field": "ids", "seed": 7})
     assert (cfg.imbalance_threshold, field, seed) == (3, "ids", 7)
+
+
+async def test_a_call_that_names_its_replica_goes_there_only():
+    from deployments.mux import AbortRequest, PumpRequest
+
+    router = make_router()
+    a = fake_replica("a")
+    b = fake_replica("b", held=block_hashes(SHARED, BS))  # prefix affinity would pick b
+    meta = RequestMetadata(request_id="p", internal_request_id="p", is_streaming=True)
+    for target in ("a", "b"):
+        for arg in (PumpRequest(target, "ingress-1"), AbortRequest(target, "req-1")):
+            ranks = await router.choose_replicas([a, b], PendingRequest(args=[arg], kwargs={}, metadata=meta))
+            assert [[r.replica_id.unique_id for r in g] for g in ranks] == [[target]]
+    # A replica that is gone is never replaced by another one.
+    gone = PendingRequest(args=[PumpRequest("c", "ingress-1")], kwargs={}, metadata=meta)
+    assert await router.choose_replicas([a, b], gone) == [[]]
