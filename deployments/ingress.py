@@ -257,7 +257,7 @@ class OpenAIService:
             token_ids = self._check_token_ids(prompt)
         greq = await self._request(rid, token_ids, body, body.max_tokens, "prompt")
         if body.stream:
-            return await self._stream(greq, body.include_usage, self._completion_chunks(greq))
+            return await self._stream(greq, body.include_usage, self._completion_chunks(greq, body.continuous_usage))
         text, final = await self._collect(greq)
         resp = CompletionResponse(
             id=rid,
@@ -280,7 +280,7 @@ class OpenAIService:
             ) from exc
         greq = await self._request(rid, list(token_ids), body, body.requested_max_tokens, "messages")
         if body.stream:
-            return await self._stream(greq, body.include_usage, self._chat_chunks(greq))
+            return await self._stream(greq, body.include_usage, self._chat_chunks(greq, body.continuous_usage))
         text, final = await self._collect(greq)
         resp = ChatCompletionResponse(
             id=rid,
@@ -388,7 +388,7 @@ class OpenAIService:
             if isinstance(item, ReplicaError) or item.finished:
                 return
 
-    def _completion_chunks(self, greq: GenerateRequest):
+    def _completion_chunks(self, greq: GenerateRequest, continuous_usage: bool = False):
         rid, name, created = greq.request_id, self.served_name, int(time.time())
         return self._chunk_stream(
             greq,
@@ -399,9 +399,10 @@ class OpenAIService:
                 choices=[CompletionChoice(text=d.text, finish_reason=_finish_reason(d.finish_reason))],
             ),
             usage=lambda u: CompletionResponse(id=rid, created=created, model=name, choices=[], usage=u),
+            continuous_usage=continuous_usage,
         )
 
-    def _chat_chunks(self, greq: GenerateRequest):
+    def _chat_chunks(self, greq: GenerateRequest, continuous_usage: bool = False):
         rid, name, created = greq.request_id, self.served_name, int(time.time())
         return self._chunk_stream(
             greq,
@@ -422,6 +423,7 @@ class OpenAIService:
                 ],
             ),
             usage=lambda u: ChatCompletionChunk(id=rid, created=created, model=name, choices=[], usage=u),
+            continuous_usage=continuous_usage,
         )
 
     def _chunk_stream(
@@ -431,15 +433,19 @@ class OpenAIService:
         content: Callable[[Delta], BaseModel],
         usage: Callable[[UsageInfo], BaseModel],
         head: BaseModel | None = None,
+        continuous_usage: bool = False,
     ):
         """SSE bytes for one request: an optional head chunk, a chunk per delta with text (or
-        the finish), the usage chunk when asked, then [DONE]; an error ends it with an error event."""
+        the finish), the usage chunk when asked, then [DONE]; an error ends it with an error event.
+        ``continuous_usage`` (vLLM's stream_options.continuous_usage_stats): usage so far in every chunk."""
 
         async def gen(first: Delta, agen: Any, include_usage: bool) -> AsyncIterator[bytes]:
             try:
+                n_prompt, n_out = len(greq.prompt_token_ids), 0
                 if head is not None:
+                    if continuous_usage:
+                        head.usage = _usage(None, n_prompt, 0)
                     yield _sse(head)
-                n_out = 0
                 async for d in self._deltas(first, agen):
                     if isinstance(d, ReplicaError):
                         yield _error_event(APIError.from_replica(d), greq.request_id)
@@ -449,7 +455,10 @@ class OpenAIService:
                         break
                     n_out += len(d.token_ids)
                     if d.text or d.finished:
-                        yield _sse(content(d))
+                        chunk = content(d)
+                        if continuous_usage:
+                            chunk.usage = _usage(d.usage, n_prompt, n_out)
+                        yield _sse(chunk)
                     if d.finished and include_usage:
                         yield _sse(usage(_usage(d.usage, len(greq.prompt_token_ids), n_out)))
                 yield SSE_DONE
