@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray.serve import Application
 
 from deployments.auth import AuthSettings
-from deployments.ingress import IngressSettings, OpenAIIngress
+from deployments.ingress import INGRESS_HEADROOM, IngressSettings, OpenAIIngress
 from deployments.limits import RequestLimits
 from deployments.llm import LLMReplica, ReplicaUserConfig
 from replica.config import CacheConfig, EngineConfig, ModelConfig, RunnerConfig, SchedulerConfig
@@ -242,7 +242,11 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         else "per_request",
         stream_interval=a.replica.stream_interval,
     )
-    ingress = OpenAIIngress.options(
+    ingress_options: dict[str, Any] = dict(
         num_replicas=a.ingress_replicas, ray_actor_options={"num_cpus": a.ingress_num_cpus}
-    ).bind(llm, settings.model_dump())
+    )
+    if a.limits.max_concurrent_requests is not None:
+        # Serve must let the excess reach the ingress, which answers 503 at once (the proxy would queue it).
+        ingress_options["max_ongoing_requests"] = a.limits.max_concurrent_requests + INGRESS_HEADROOM
+    ingress = OpenAIIngress.options(**ingress_options).bind(llm, settings.model_dump())
     return ingress

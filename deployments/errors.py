@@ -24,6 +24,10 @@ _STATUS: dict[str, tuple[int, str]] = {
     "invalid_api_key": (401, "invalid_request_error"),
     "request_timeout": (400, "invalid_request_error"),
     "request_too_large": (413, "invalid_request_error"),
+    # the HTTP edge (deployments/edge.py)
+    "body_timeout": (408, "invalid_request_error"),
+    "too_many_uploads": (429, "rate_limit_error"),
+    "server_busy": (503, "service_unavailable"),
     "internal_error": (500, "internal_error"),
 }
 
@@ -73,7 +77,7 @@ class APIError(Exception):
         cls, code: str, message: str, *, param: str | None = None, retry_after_s: int | None = None
     ) -> APIError:
         status, type_ = _STATUS.get(code, (500, "internal_error"))
-        if status == 429 and retry_after_s is None:
+        if (status == 429 or code == "server_busy") and retry_after_s is None:
             retry_after_s = DEFAULT_RETRY_AFTER_S
         return cls(status, message, type=type_, code=code, param=param, retry_after_s=retry_after_s)
 

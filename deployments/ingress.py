@@ -30,6 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from deployments.auth import APIKeyMiddleware, AuthSettings, install_log_redaction
+from deployments.edge import EdgeLimits, EdgeMiddleware, usable_request_id
 from deployments.errors import APIError, ReplicaError
 from deployments.failover import FailoverClient
 from deployments.limits import BodySizeLimitMiddleware, DeadlineClient, RequestLimits
@@ -255,6 +256,11 @@ class OpenAIService:
         info = await self.model_info()
         return ModelList(data=[ModelCard(id=self.served_name, max_model_len=info.max_model_len)])
 
+    async def model(self, model_id: str) -> ModelCard:
+        """GET /v1/models/{id} (the SDK's ``models.retrieve``): the served name or the model source."""
+        self._check_model(model_id)
+        return (await self.models()).data[0]
+
     async def health(self) -> dict[str, str]:
         """200 only if a model replica answered within the last ``HEALTH_TTL_S`` (a live round
         trip, not the cached model info): a load balancer polling it sees replicas go away."""
@@ -270,9 +276,10 @@ class OpenAIService:
 
     # ---------------------------------------------------------------- endpoints
 
-    async def completions(self, body: CompletionRequest) -> Response:
+    async def completions(self, body: CompletionRequest, request_id: str | None = None) -> Response:
+        """``request_id``: the request's x-request-id, reused as the response id (deployments/edge.py)."""
         self._check_model(body.model)
-        rid = f"cmpl-{uuid.uuid4().hex}"
+        rid = usable_request_id(request_id) or f"cmpl-{uuid.uuid4().hex}"
         prompt = body.prompt
         if isinstance(prompt, str):
             token_ids = self._tokenizer.encode(prompt, add_special_tokens=True)
@@ -280,7 +287,7 @@ class OpenAIService:
             token_ids = self._check_token_ids(prompt)
         greq = await self._request(rid, token_ids, body, body.max_tokens, "prompt")
         if body.stream:
-            return await self._stream(greq, body.include_usage, self._completion_chunks(greq))
+            return await self._stream(greq, body.include_usage, self._completion_chunks(greq, body.continuous_usage))
         text, final = await self._collect(greq)
         resp = CompletionResponse(
             id=rid,
@@ -290,9 +297,9 @@ class OpenAIService:
         )
         return JSONResponse(resp.model_dump(), headers={"x-request-id": rid})
 
-    async def chat(self, body: ChatCompletionRequest) -> Response:
+    async def chat(self, body: ChatCompletionRequest, request_id: str | None = None) -> Response:
         self._check_model(body.model)
-        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        rid = usable_request_id(request_id) or f"chatcmpl-{uuid.uuid4().hex}"
         try:
             token_ids = self._tokenizer.apply_chat_template(body.template_messages(), add_generation_prompt=True)
         except EngineError:
@@ -303,7 +310,7 @@ class OpenAIService:
             ) from exc
         greq = await self._request(rid, list(token_ids), body, body.requested_max_tokens, "messages")
         if body.stream:
-            return await self._stream(greq, body.include_usage, self._chat_chunks(greq))
+            return await self._stream(greq, body.include_usage, self._chat_chunks(greq, body.continuous_usage))
         text, final = await self._collect(greq)
         resp = ChatCompletionResponse(
             id=rid,
@@ -411,7 +418,7 @@ class OpenAIService:
             if isinstance(item, ReplicaError) or item.finished:
                 return
 
-    def _completion_chunks(self, greq: GenerateRequest):
+    def _completion_chunks(self, greq: GenerateRequest, continuous_usage: bool = False):
         rid, name, created = greq.request_id, self.served_name, int(time.time())
         return self._chunk_stream(
             greq,
@@ -425,9 +432,10 @@ class OpenAIService:
                 lambda t: CompletionResponse(id=rid, created=created, model=name, choices=[CompletionChoice(text=t)])
             ),
             usage=lambda u: CompletionResponse(id=rid, created=created, model=name, choices=[], usage=u),
+            continuous_usage=continuous_usage,
         )
 
-    def _chat_chunks(self, greq: GenerateRequest):
+    def _chat_chunks(self, greq: GenerateRequest, continuous_usage: bool = False):
         rid, name, created = greq.request_id, self.served_name, int(time.time())
         return self._chunk_stream(
             greq,
@@ -453,6 +461,7 @@ class OpenAIService:
                 )
             ),
             usage=lambda u: ChatCompletionChunk(id=rid, created=created, model=name, choices=[], usage=u),
+            continuous_usage=continuous_usage,
         )
 
     def _chunk_stream(
@@ -463,15 +472,19 @@ class OpenAIService:
         text: Callable[[str], bytes],
         usage: Callable[[UsageInfo], BaseModel],
         head: BaseModel | None = None,
+        continuous_usage: bool = False,
     ):
         """SSE bytes for one request: an optional head chunk, a chunk per delta with text (or
-        the finish), the usage chunk when asked, then [DONE]; an error ends it with an error event."""
+        the finish), the usage chunk when asked, then [DONE]; an error ends it with an error event.
+        ``continuous_usage`` (vLLM's stream_options.continuous_usage_stats): usage so far in every chunk."""
 
         async def gen(first: Delta, agen: Any, include_usage: bool) -> AsyncIterator[bytes]:
             try:
+                n_prompt, n_out = len(greq.prompt_token_ids), 0
                 if head is not None:
+                    if continuous_usage:
+                        head.usage = _usage(None, n_prompt, 0)
                     yield _sse(head)
-                n_out = 0
                 async for d in self._deltas(first, agen):
                     if isinstance(d, ReplicaError):
                         yield _error_event(APIError.from_replica(d), greq.request_id)
@@ -480,8 +493,11 @@ class OpenAIService:
                         yield _error_event(_generation_failed(d), greq.request_id)
                         break
                     n_out += len(d.token_ids)
-                    if d.finished:
-                        yield _sse(content(d))
+                    if d.finished or (d.text and continuous_usage):
+                        chunk = content(d)
+                        if continuous_usage:
+                            chunk.usage = _usage(d.usage, n_prompt, n_out)
+                        yield _sse(chunk)
                     elif d.text:
                         yield text(d.text)
                     if d.finished and include_usage:
@@ -506,8 +522,18 @@ def _error_response(err: APIError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers())
 
 
-def build_api(service: OpenAIService) -> FastAPI:
-    """The FastAPI app around ``service``: routes plus OpenAI-shaped error handlers."""
+def _not_json(request: Request) -> str | None:
+    """The request's Content-Type when a POST body is not declared as JSON, else None."""
+    ctype = request.headers.get("content-type", "")
+    if request.method != "POST" or ctype.split(";")[0].strip().lower() == "application/json":
+        return None
+    return ctype or "none"
+
+
+def build_api(service: OpenAIService, *, behind_serve_proxy: bool = False) -> FastAPI:
+    """The FastAPI app around ``service``: routes plus OpenAI-shaped error handlers.
+
+    ``behind_serve_proxy``: Serve's proxy adds x-request-id to every response itself."""
     api = FastAPI(title="cbserve", description="OpenAI-compatible LLM service")
     # Outermost last: the key check runs first, so a request without a key is never read.
     settings = service._settings
@@ -516,6 +542,13 @@ def build_api(service: OpenAIService) -> FastAPI:
         api.add_middleware(
             APIKeyMiddleware, keys=service.api_keys, open_paths=settings.auth.open_paths, on_reject=service.record
         )
+    lim = settings.limits
+    api.add_middleware(
+        EdgeMiddleware,  # outermost: bounds every request, including those refused by a key
+        limits=EdgeLimits(lim.body_timeout_s, lim.max_concurrent_requests, lim.max_uploads_per_client),
+        on_outcome=service.record,
+        proxy_adds_request_id=behind_serve_proxy,
+    )
 
     @api.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -528,6 +561,11 @@ def build_api(service: OpenAIService) -> FastAPI:
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         # FastAPI answers 422; OpenAI (and its clients) expect 400 for a bad body.
         message, param = validation_message(list(exc.errors()))
+        if (ctype := _not_json(request)) is not None:
+            message, param = (
+                f"The request body must be JSON sent with Content-Type: application/json (got {ctype}).",
+                None,
+            )
         service.record(request.url.path, 400)
         return _error_response(APIError.invalid(message, param=param))
 
@@ -551,20 +589,24 @@ def build_api(service: OpenAIService) -> FastAPI:
         return _error_response(APIError.from_code("internal_error", f"internal error: {type(exc).__name__}"))
 
     @api.post("/v1/completions")
-    async def completions(body: CompletionRequest) -> Response:
-        resp = await service.completions(body)
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        resp = await service.completions(body, request.headers.get("x-request-id"))
         service.record("/v1/completions", resp.status_code)
         return resp
 
     @api.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest) -> Response:
-        resp = await service.chat(body)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        resp = await service.chat(body, request.headers.get("x-request-id"))
         service.record("/v1/chat/completions", resp.status_code)
         return resp
 
     @api.get("/v1/models")
     async def models() -> ModelList:
         return await service.models()
+
+    @api.get("/v1/models/{model_id:path}")  # :path: model sources like org/name contain a slash
+    async def model(model_id: str) -> ModelCard:
+        return await service.model(model_id)
 
     @api.get("/health")
     async def health() -> dict[str, str]:
@@ -574,6 +616,11 @@ def build_api(service: OpenAIService) -> FastAPI:
 
 
 # ------------------------------------------------------------- Serve deployment
+
+
+# Above limits.max_concurrent_requests (2000 by default; build_app sets it from the limits):
+# the ingress answers the excess 503 itself, and /health still finds a slot.
+INGRESS_HEADROOM = 48
 
 
 @serve.deployment(name="OpenAIIngress", max_ongoing_requests=2048)
@@ -591,4 +638,4 @@ class OpenAIIngress:
         self.service = OpenAIService(client, load_tokenizer(cfg.model), cfg)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return build_api(self.service)
+        return build_api(self.service, behind_serve_proxy=True)

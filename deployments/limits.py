@@ -8,6 +8,7 @@ of the app); exceeding one is answered in the OpenAI error shape before a replic
   too many / too long stop strings              400  code ``invalid_request``
   no finish within ``request_timeout_s``        400  code ``request_timeout`` (the engine
                                                      request is aborted; mid-stream: an error event)
+  body, connections and uploads per client      408 / 503 / 429, enforced by deployments/edge.py
 
 The body limit is a pure ASGI middleware (it reads at most ``max_body_bytes + 1`` bytes and
 never trusts Content-Length alone); the deadline wraps the ingress's ``LLMClient`` so the
@@ -61,6 +62,25 @@ class RequestLimits(BaseModel):
         gt=0,
         description="Deadline of one request from its arrival at the ingress; on expiry the engine request "
         "is aborted and the client gets 400 (or an error event mid-stream). None: no deadline.",
+    )
+    # The HTTP edge (deployments/edge.py): stalled or abusive clients must not hold ingress slots.
+    body_timeout_s: float | None = Field(
+        default=10.0,
+        gt=0,
+        description="Time from a request's arrival at the ingress to the last byte of its body; beyond it: 408 "
+        "and the connection is closed. None: no bound.",
+    )
+    max_concurrent_requests: int | None = Field(
+        default=2000,
+        gt=0,
+        description="Requests one ingress replica serves at once (/health and /v1/models not counted); beyond "
+        "it: 503 server_busy at once, without reading the body. None: only Serve's max_ongoing_requests.",
+    )
+    max_uploads_per_client: int | None = Field(
+        default=256,
+        gt=0,
+        description="Request bodies still arriving from one client address at once; beyond it: 429 "
+        "too_many_uploads. None: no bound (e.g. when every client comes through one load balancer).",
     )
 
     # ------------------------------------------------------------- checks before a replica is used

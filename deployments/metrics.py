@@ -136,7 +136,8 @@ class IngressMetrics:
             tag_keys=("endpoint", "status"),
         )
 
-    def response(self, endpoint: str, status: int) -> None:
+    def response(self, endpoint: str, status: int | str) -> None:
+        """``status``: the HTTP status sent, or "client_disconnected" when the client left before one."""
         # The path comes from the client (401 and 413 are counted for any path): unknown ones
         # share one tag, so random paths cannot add Prometheus series without bound. Suffix
         # match: behind a Serve route prefix the path still starts with it.

@@ -4,18 +4,45 @@ Unknown request fields are rejected (OpenAI answers 400 "Unrecognized request ar
 and parameters this server does not implement are rejected with a clear message rather
 than silently ignored (n != 1, logprobs, penalties, tools...). Engine extras used by
 benchmarks are accepted: ignore_eos, min_tokens, top_k, stop_token_ids.
+
+What vLLM-compatible load generators send by default is accepted unchanged (guidellm 0.8,
+aiperf 0.13, ``vllm bench serve``; see tests/deployments/test_protocol.py for their bodies):
+``stream_options.continuous_usage_stats`` (honoured: usage in every chunk), ``stop: null``,
+``logprobs: null``, ``repetition_penalty: 1.0`` (only 1.0, which is no penalty), and
+``max_completion_tokens`` / ``ignore_eos``.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    ValidationInfo,
+    field_validator,
+)
 
 from replica.request import SamplingParams
 
 # ---------------------------------------------------------------- requests
+
+
+def _valid_unicode(s: str) -> str:
+    # JSON may carry lone surrogates ("\ud800"); they cannot be encoded, so the tokenizer would fail.
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"contains {s[exc.start]!r}, a lone surrogate, which is not valid Unicode") from None
+    return s
+
+
+Text = Annotated[str, AfterValidator(_valid_unicode)]
+TokenIds = list[StrictInt]  # strict: JSON true/false or 1.0 are not token ids
 
 
 class _Strict(BaseModel):
@@ -24,6 +51,7 @@ class _Strict(BaseModel):
 
 class StreamOptions(_Strict):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: usage in every chunk (guidellm, aiperf send it)
     include_obfuscation: bool | None = None  # newer clients send it; nothing to obfuscate here
 
 
@@ -36,19 +64,20 @@ class _SamplingFields(_Strict):
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     n: int | None = 1
     seed: int | None = None
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = None  # vLLM's; `vllm bench serve` sends 1.0
     logit_bias: dict[str, float] | None = None
     # engine extras (not OpenAI; vLLM-compatible names) for benchmarking
     ignore_eos: bool = False
     min_tokens: int = Field(default=0, ge=0)
     # Bounded: the sampler packs top_k into an int64 array; a larger value failed the whole engine step.
     top_k: int = Field(default=0, ge=-1, le=2**63 - 1)
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: TokenIds | None = None
 
     @field_validator("n")
     @classmethod
@@ -57,21 +86,43 @@ class _SamplingFields(_Strict):
             raise ValueError(f"n must be 1: this server returns one choice per request (got n={v})")
         return 1
 
-    @model_validator(mode="after")
-    def _unsupported(self) -> _SamplingFields:
-        for name in ("presence_penalty", "frequency_penalty"):
-            value = getattr(self, name)
-            if value not in (None, 0, 0.0):
-                raise ValueError(f"{name} is not supported by this server; send 0 or omit it")
-        if self.logit_bias:
+    # Field validators, not a model validator: the 400 then names the parameter (``param``).
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _no_penalty(cls, v: float | None, info: ValidationInfo) -> float | None:
+        if v not in (None, 0, 0.0):
+            raise ValueError(f"{info.field_name} is not supported by this server; send 0 or omit it")
+        return v
+
+    @field_validator("repetition_penalty")
+    @classmethod
+    def _no_repetition_penalty(cls, v: float | None) -> float | None:
+        if v not in (None, 1, 1.0):
+            raise ValueError("repetition_penalty is not supported by this server; send 1 or omit it")
+        return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_logit_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        if v:
             raise ValueError("logit_bias is not supported by this server")
-        if self.stream_options is not None and not self.stream:
+        return v
+
+    @field_validator("stream_options")
+    @classmethod
+    def _only_when_streaming(cls, v: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if v is not None and not info.data.get("stream"):
             raise ValueError("stream_options is only allowed when stream is true")
-        return self
+        return v
 
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def continuous_usage(self) -> bool:
+        """Usage in every chunk; as in vLLM, only together with include_usage."""
+        return self.include_usage and bool(self.stream_options and self.stream_options.continuous_usage_stats)
 
     def sampling_params(self, max_tokens: int) -> SamplingParams:
         """Engine sampling parameters; raises InvalidRequestError on a bad combination."""
@@ -92,24 +143,26 @@ class _SamplingFields(_Strict):
 class CompletionRequest(_SamplingFields):
     """POST /v1/completions."""
 
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Text | list[Text] | TokenIds | list[TokenIds]
     max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for completions
     echo: bool | None = False
     logprobs: int | None = None
     best_of: int | None = None
     suffix: str | None = None
 
-    @model_validator(mode="after")
-    def _completion_only(self) -> CompletionRequest:
-        if self.echo:
-            raise ValueError("echo is not supported by this server")
-        if self.logprobs:
-            raise ValueError("logprobs is not supported by this server")
-        if self.best_of not in (None, 1):
+    @field_validator("echo", "logprobs", "suffix")
+    @classmethod
+    def _completion_unsupported(cls, v: Any, info: ValidationInfo) -> Any:
+        if v:  # null, false, 0 and "" mean "not asked for"
+            raise ValueError(f"{info.field_name} is not supported by this server")
+        return v
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of_one(cls, v: int | None) -> int | None:
+        if v not in (None, 1):
             raise ValueError("best_of must be 1")
-        if self.suffix:
-            raise ValueError("suffix is not supported by this server")
-        return self
+        return v
 
     @field_validator("prompt")
     @classmethod
@@ -126,12 +179,12 @@ class CompletionRequest(_SamplingFields):
 
 class TextPart(_Strict):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: Text | list[TextPart] | None = None
     name: str | None = None
     # Fields a client echoes back when it appends a previous assistant message.
     refusal: str | None = None
@@ -166,11 +219,12 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: int | None = None
     response_format: ResponseFormat | None = None
 
-    @model_validator(mode="after")
-    def _chat_only(self) -> ChatCompletionRequest:
-        if self.logprobs or self.top_logprobs:
-            raise ValueError("logprobs is not supported by this server")
-        return self
+    @field_validator("logprobs", "top_logprobs")
+    @classmethod
+    def _no_logprobs(cls, v: Any, info: ValidationInfo) -> Any:
+        if v:
+            raise ValueError(f"{info.field_name} is not supported by this server")
+        return v
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -275,7 +329,9 @@ def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
     err = errors[0]
     loc = [str(p) for p in err.get("loc", ()) if p != "body"]
     # Drop pydantic's union-branch tags (e.g. "str", "list[int]") from the location.
-    loc = [p for p in loc if not (p.startswith(("list[", "dict[")) or p in {"str", "int", "float", "bool"})]
+    loc = [
+        p for p in loc if not (p.startswith(("list[", "dict[", "function-")) or p in {"str", "int", "float", "bool"})
+    ]
     param = ".".join(loc) or None
     if err.get("type") == "extra_forbidden":
         return f"Unrecognized request argument supplied: {param}", param

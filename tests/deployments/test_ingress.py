@@ -217,13 +217,17 @@ def assert_openai_error(r: httpx.Response, status: int, code: str | None = None,
         ({**CHAT, "top_p": 0}, "top_p", "greater than"),
         ({**CHAT, "max_tokens": 0}, "max_tokens", "greater than or equal"),
         ({**CHAT, "tools": [{"type": "function"}]}, "tools", "Unrecognized request argument supplied: tools"),
-        ({**CHAT, "logprobs": True}, None, "logprobs is not supported"),
-        ({**CHAT, "stream_options": {"include_usage": True}}, None, "only allowed when stream"),
+        ({**CHAT, "logprobs": True}, "logprobs", "logprobs is not supported"),
+        ({**CHAT, "top_logprobs": 2}, "top_logprobs", "top_logprobs is not supported"),
+        ({**CHAT, "stream_options": {"include_usage": True}}, "stream_options", "only allowed when stream"),
         ({**CHAT, "messages": []}, "messages", "at least 1"),
         ({**CHAT, "messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role", "Input should be"),
         ({"model": MODEL}, "messages", "Missing required parameter"),
         ({**CHAT, "min_tokens": 9}, "min_tokens", "must not exceed max_tokens"),  # SamplingParams check
-        ({**CHAT, "presence_penalty": 0.5}, None, "presence_penalty is not supported"),
+        ({**CHAT, "presence_penalty": 0.5}, "presence_penalty", "presence_penalty is not supported"),
+        ({**CHAT, "frequency_penalty": 1}, "frequency_penalty", "frequency_penalty is not supported"),
+        ({**CHAT, "repetition_penalty": 1.2}, "repetition_penalty", "repetition_penalty is not supported"),
+        ({**CHAT, "logit_bias": {"5": 1}}, "logit_bias", "logit_bias is not supported"),
     ],
 )
 async def test_invalid_chat_bodies_answer_400(env, body, param, words):
@@ -240,6 +244,8 @@ async def test_invalid_chat_bodies_answer_400(env, body, param, words):
         (["a", "b"], "batches of prompts are not supported"),
         ([], "must not be empty"),
         ([1, 5000], "prompt token ids must be in"),
+        ([True, 5], "Input should be"),  # JSON booleans are not token ids
+        ([[1.0, 5]], "Input should be"),
         ({"x": 1}, "Input should be"),
     ],
 )
@@ -439,3 +445,151 @@ async def test_handle_client_dead_replica_is_engine_unavailable():
     items = [x async for x in HandleLLMClient(FakeHandle(gen)).generate(GREQ)]
     assert items[0] == TOKEN and isinstance(items[1], ReplicaError) and items[1].code == "engine_unavailable"
     assert not gen.cancelled
+
+
+# ------------------------------------------------------------- what other clients send
+
+
+async def test_a_body_not_sent_as_json_says_so(env):
+    http, _, _, _ = env
+    r = await http.post("/v1/chat/completions", content=json.dumps(CHAT), headers={"content-type": "text/plain"})
+    assert "Content-Type: application/json (got text/plain)" in assert_openai_error(r, 400)["message"]
+    r = await http.post("/v1/chat/completions", content=json.dumps(CHAT).encode())  # no Content-Type at all
+    assert "Content-Type: application/json (got none)" in assert_openai_error(r, 400)["message"]
+
+
+async def test_a_lone_surrogate_is_refused_without_tokenizer_internals(env):
+    http, _, _, client = env
+    r = await http.post(
+        "/v1/completions",
+        content=b'{"model": "tiny", "prompt": "x\\ud800"}',
+        headers={"content-type": "application/json"},
+    )
+    err = assert_openai_error(r, 400, param="prompt")
+    assert "lone surrogate" in err["message"] and "codec" not in err["message"]
+    chat = json.dumps({**CHAT, "messages": [{"role": "user", "content": "PLACEHOLDER"}]})
+    r = await http.post(
+        "/v1/chat/completions",
+        content=chat.replace("PLACEHOLDER", "a\\ud800").encode(),
+        headers={"content-type": "application/json"},
+    )
+    assert "lone surrogate" in assert_openai_error(r, 400, param="messages.0.content")["message"]
+    assert client.requests == []
+
+
+async def test_models_retrieve_with_the_openai_sdk(env):
+    from openai import AsyncOpenAI, NotFoundError
+
+    http, _, _, _ = env
+    sdk = AsyncOpenAI(base_url="http://t/v1", api_key="x", http_client=http)
+    for name in ("tiny", MODEL):  # the served name, or the model source as chat accepts it
+        card = await sdk.models.retrieve(name)
+        assert card.id == "tiny" and card.object == "model"
+    with pytest.raises(NotFoundError):
+        await sdk.models.retrieve("gpt-9")
+
+
+async def test_request_id_is_the_response_id_and_echoed_once(env):
+    http, _, _, client = env
+    r = await http.post("/v1/chat/completions", json=CHAT, headers={"x-request-id": "bench-7"})
+    assert r.headers.get_list("x-request-id") == ["bench-7"] and r.json()["id"] == "bench-7"
+    assert client.requests[-1].request_id == "bench-7"
+    r = await http.post("/v1/chat/completions", json=CHAT)
+    assert r.headers.get_list("x-request-id") == [r.json()["id"]]
+    # An id unfit to be a response id is still echoed, but not used as the id.
+    r = await http.post("/v1/completions", json={"model": MODEL, "prompt": "a"}, headers={"x-request-id": "a b"})
+    assert r.headers.get_list("x-request-id") == ["a b"] and r.json()["id"].startswith("cmpl-")
+
+
+async def test_continuous_usage_stats_puts_usage_in_every_chunk(env):
+    http, _, _, client = env
+    opts = {"include_usage": True, "continuous_usage_stats": True}
+    r = await http.post("/v1/chat/completions", json={**CHAT, "stream": True, "stream_options": opts})
+    events = sse_events(r.text)
+    n_prompt = len(client.requests[-1].prompt_token_ids)
+    assert all(e["usage"] is not None and e["usage"]["prompt_tokens"] == n_prompt for e in events)
+    counts = [e["usage"]["completion_tokens"] for e in events if e["choices"]]
+    assert counts == [0, 1, 2, 3, 4, 5, 6]  # the role chunk, then one per token
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 6
+    # continuous_usage_stats without include_usage: as in vLLM, no usage at all.
+    r = await http.post(
+        "/v1/chat/completions",
+        json={**CHAT, "stream": True, "stream_options": {"continuous_usage_stats": True}},
+    )
+    assert all(e["usage"] is None for e in sse_events(r.text))
+
+
+# The bodies these load generators send by default (their source: guidellm 0.8.1
+# backends/openai/request_handlers.py, aiperf 0.13.0 endpoints/openai_chat.py,
+# vllm benchmarks/lib/endpoint_request_func.py), with their fixed output length.
+LOAD_GENERATOR_BODIES = {
+    "guidellm chat": (
+        "/v1/chat/completions",
+        {
+            "model": "tiny",
+            "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+            "max_completion_tokens": 5,
+            "stop": None,
+            "ignore_eos": True,
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "hello there"}]}],
+        },
+    ),
+    "guidellm completions": (
+        "/v1/completions",
+        {
+            "model": "tiny",
+            "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+            "max_tokens": 5,
+            "stop": None,
+            "ignore_eos": True,
+            "prompt": "hello there",
+        },
+    ),
+    "aiperf chat": (
+        "/v1/chat/completions",
+        {
+            "messages": [{"role": "user", "content": "hello there"}],
+            "model": "tiny",
+            "stream": True,
+            "max_completion_tokens": 5,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True},  # --per-chunk-usage
+        },
+    ),
+    "vllm bench serve completions": (
+        "/v1/completions",
+        {
+            "model": "tiny",
+            "prompt": "hello there",
+            "repetition_penalty": 1.0,
+            "max_tokens": 5,
+            "logprobs": None,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "ignore_eos": True,
+        },
+    ),
+    "vllm bench serve chat": (
+        "/v1/chat/completions",
+        {
+            "model": "tiny",
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "hello there"}]}],
+            "max_completion_tokens": 5,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "ignore_eos": True,
+        },
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(LOAD_GENERATOR_BODIES))
+async def test_load_generator_bodies_are_served_unchanged(env, name):
+    http, _, _, client = env
+    path, body = LOAD_GENERATOR_BODIES[name]
+    r = await http.post(path, json=body, headers={"x-request-id": f"{name.split()[0]}-1"})
+    assert r.status_code == 200, r.text
+    events = sse_events(r.text)
+    assert events[-1]["usage"]["completion_tokens"] == 5
+    assert client.requests[-1].params.ignore_eos == body.get("ignore_eos", False)

@@ -237,3 +237,20 @@ def test_errors_in_openai_shape(app):
             if code:
                 assert err["code"] == code
         assert http.get("/health").json()["status"] == "ok"
+
+
+def test_one_request_id_through_serves_proxy_and_models_retrieve(app):
+    """Serve's proxy appends its own x-request-id; the app's response id is that same id."""
+    import httpx
+    from openai import OpenAI
+
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    r = httpx.post(f"{app}/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.headers.get_list("x-request-id") == [r.json()["id"]]
+    r = httpx.post(f"{app}/v1/chat/completions", json=body, headers={"x-request-id": "mine-42"}, timeout=60)
+    assert r.headers.get_list("x-request-id") == ["mine-42"] and r.json()["id"] == "mine-42"
+    r = httpx.post(f"{app}/v1/chat/completions", json={"model": MODEL}, timeout=60)  # an error from the app
+    assert r.status_code == 400 and len(r.headers.get_list("x-request-id")) == 1
+    client = OpenAI(base_url=f"{app}/v1", api_key="unused", max_retries=0)
+    assert client.models.retrieve(MODEL).id == MODEL
