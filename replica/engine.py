@@ -120,8 +120,11 @@ class LLMEngine:
         self.block_size = config.cache.block_size
         built_runner = runner is None
         if runner is None:
+            from replica.model_check import dry_run, inspect_model
             from replica.model_runner import ModelRunner
 
+            # Refuse, before any request, what the paged path cannot serve exactly (model_check).
+            self.max_model_len = inspect_model(loaded.model).cap(self.max_model_len)  # type: ignore[union-attr]
             num_blocks = kv_cache_num_blocks(config, loaded.model, self.max_model_len)  # type: ignore[union-attr]
             runner = ModelRunner(
                 loaded.model,  # type: ignore[union-attr]
@@ -132,6 +135,7 @@ class LLMEngine:
                 eos_token_ids=self.tokenizer.eos_token_ids,
                 max_model_len=self.max_model_len,
             )
+            dry_run(runner)
         else:
             runner_blocks = getattr(runner, "num_blocks", None)
             num_blocks = config.cache.num_blocks or runner_blocks
