@@ -61,6 +61,8 @@ REFUSED: dict[str, str] = {
     "arange(q_len) + cache length, which are batch indices on the engine's flat cache-less batch",
     "ALiBi": "position biases passed as a dense attention mask",
     "cross-attention": "layers attending to another modality's states",
+    "per-layer attention shapes": "head sizes or KV head counts that vary across layers; the paged cache "
+    "has one shape for all layers",
     "dual chunk attention": "a second attention pattern the paged kernels do not implement",
     "recurrent or convolution layers": "their state (SSM, linear attention, short conv) is not kept in "
     "the paged KV cache and would mix requests of one flat batch",
@@ -136,8 +138,11 @@ def inspect_model(model: Any) -> ModelVerdict:
     arch = type(model).__name__
     if getattr(config, "is_encoder_decoder", False):
         raise _refuse("encoder-decoder")
-    if not getattr(model, "_supports_attention_backend", True):
-        raise _refuse("AttentionInterface", f"{arch}: " + REFUSED["AttentionInterface"])
+    try:  # one cache shape for every layer (replica.model_runner.kv_shape)
+        for a in ("head_dim", "num_key_value_heads", "num_attention_heads"):
+            getattr(cfg, a, None)
+    except Exception as e:  # transformers' AmbiguousGlobalPerLayerAttributeError and the like
+        raise _refuse("per-layer attention shapes", f"{e}") from e
     # MLA: a latent KV rank, or value heads of another width than key heads.
     qk_dim = getattr(cfg, "qk_head_dim", None) or getattr(cfg, "head_dim", None)
     v_dim = getattr(cfg, "v_head_dim", None)
@@ -164,6 +169,8 @@ def inspect_model(model: Any) -> ModelVerdict:
         raise _refuse("recurrent or convolution layers", f"{stateful}: " + REFUSED["recurrent or convolution layers"])
     if any(name.rsplit(".", 1)[-1] == "sinks" for name, _ in model.named_parameters()):
         raise _refuse("attention sinks")
+    if not getattr(model, "_supports_attention_backend", True):
+        raise _refuse("AttentionInterface", f"{arch}: " + REFUSED["AttentionInterface"])
 
     features = ["causal self-attention"]
     heads = getattr(cfg, "num_attention_heads", None)
