@@ -124,7 +124,8 @@ class LLMEngine:
             from replica.model_runner import ModelRunner
 
             # Refuse, before any request, what the paged path cannot serve exactly (model_check).
-            self.max_model_len = inspect_model(loaded.model).cap(self.max_model_len)  # type: ignore[union-attr]
+            verdict = inspect_model(loaded.model)  # type: ignore[union-attr]
+            self.max_model_len = verdict.cap(self.max_model_len, config.scheduler.max_num_batched_tokens)
             num_blocks = kv_cache_num_blocks(config, loaded.model, self.max_model_len)  # type: ignore[union-attr]
             runner = ModelRunner(
                 loaded.model,  # type: ignore[union-attr]

@@ -48,6 +48,10 @@ SUPPORTED: dict[str, str] = {
     "no positional encoding": "NoPE layers or models without rotary",
     "learned absolute positions": "position embeddings indexed by the explicit position_ids",
     "mixture of experts": "token-wise routing is independent of the batch",
+    "chunked local attention": "Llama 4's attention_chunk_size: max_model_len capped at the chunk size, where "
+    "chunked attention equals causal attention (the paged kernels have no chunk mask)",
+    "attention temperature tuning": "Llama 4 NoPE layers: max_model_len and the step budget capped at "
+    "floor_scale - 1, where the query scale is exactly 1",
 }
 
 # Features the engine refuses at load, and why.
@@ -56,9 +60,11 @@ REFUSED: dict[str, str] = {
     "multi-head latent attention (MLA)": "keys and values of different head sizes / a compressed latent KV "
     "(DeepSeek V2/V3 style); the paged cache holds K and V of one head size",
     "attention sinks": "learned per-head sink logits (gpt-oss); the paged kernels have no sink term",
-    "chunked local attention": "attention_chunk_size (Llama 4): a mask the paged kernels do not implement",
+    "chunked local attention": "chunked layers without attention_chunk_size: a mask the paged kernels do not "
+    "implement (with a chunk size, served within the first chunk: see SUPPORTED)",
     "attention temperature tuning": "Llama 4 NoPE layers scale queries by positions taken from "
-    "arange(q_len) + cache length, which are batch indices on the engine's flat cache-less batch",
+    "arange(q_len) + cache length, which are batch indices on the engine's flat cache-less batch; exact only "
+    "while every step holds fewer than floor_scale - 1 tokens",
     "ALiBi": "position biases passed as a dense attention mask",
     "cross-attention": "layers attending to another modality's states",
     "per-layer attention shapes": "head sizes or KV head counts that vary across layers; the paged cache "
@@ -73,7 +79,7 @@ REFUSED: dict[str, str] = {
 }
 
 # Layer kinds the paged path serves (config.layer_types); anything else has state of its own.
-_ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention", "attention", "global", "local"}
+_ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention", "chunked_attention", "attention", "global", "local"}
 # Module class names of layers whose state lives outside the KV cache.
 _STATEFUL_MODULE = re.compile(r"Mamba|SSM|Mixer2|LinearAttention|GatedDeltaNet|ShortConv|RWKV|xLSTM|Recurrent")
 
@@ -97,9 +103,18 @@ class ModelVerdict:
     features: tuple[str, ...]
     max_model_len: int | None = None  # a cap below max_position_embeddings, if any
     cap_reason: str = ""
+    max_step_tokens: int | None = None  # most tokens one step (one flat batch) may hold, if limited
 
-    def cap(self, max_model_len: int) -> int:
-        """``max_model_len`` within this model's cap, logged when it shrinks."""
+    def cap(self, max_model_len: int, max_num_batched_tokens: int | None = None) -> int:
+        """``max_model_len`` within this model's cap (logged when it shrinks); refuses a step
+        budget above ``max_step_tokens``."""
+        if self.max_step_tokens is not None and (max_num_batched_tokens or 0) > self.max_step_tokens:
+            raise _refuse(
+                "attention temperature tuning",
+                f"max_num_batched_tokens {max_num_batched_tokens} > {self.max_step_tokens}: Llama 4 NoPE layers "
+                "take the query scale's positions from the flat batch index; set max_num_batched_tokens "
+                f"<= {self.max_step_tokens} (floor_scale - 1), where that scale is 1 for every token",
+            )
         if self.max_model_len is None or max_model_len <= self.max_model_len:
             return max_model_len
         logger.warning("max_model_len %d capped at %d: %s", max_model_len, self.max_model_len, self.cap_reason)
@@ -109,6 +124,8 @@ class ModelVerdict:
         lines = [f"supported: {self.architecture} ({self.model_type})", "features: " + ", ".join(self.features)]
         if self.max_model_len is not None:
             lines.append(f"max_model_len capped at {self.max_model_len}: {self.cap_reason}")
+        if self.max_step_tokens is not None:
+            lines.append(f"max_num_batched_tokens at most {self.max_step_tokens}")
         return "\n".join(lines)
 
 
@@ -148,10 +165,9 @@ def inspect_model(model: Any) -> ModelVerdict:
     v_dim = getattr(cfg, "v_head_dim", None)
     if getattr(cfg, "kv_lora_rank", None) or (v_dim is not None and qk_dim is not None and v_dim != qk_dim):
         raise _refuse("multi-head latent attention (MLA)")
-    if getattr(cfg, "attention_chunk_size", None) or "chunked_attention" in (getattr(cfg, "layer_types", None) or ()):
+    chunk = getattr(cfg, "attention_chunk_size", None)
+    if not chunk and "chunked_attention" in (getattr(cfg, "layer_types", None) or ()):
         raise _refuse("chunked local attention")
-    if getattr(cfg, "attn_temperature_tuning", False):
-        raise _refuse("attention temperature tuning")
     if getattr(cfg, "alibi", False) or model_type in ("bloom", "mpt"):
         raise _refuse("ALiBi")
     if getattr(cfg, "cross_attention_layers", None):
@@ -198,7 +214,15 @@ def inspect_model(model: Any) -> ModelVerdict:
     if any(getattr(cfg, a, None) for a in ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")):
         features.append("mixture of experts")
 
-    cap, reason = None, ""
+    caps: list[tuple[int, str]] = []
+    step_cap = None
+    if chunk:
+        features.append("chunked local attention")
+        caps.append((int(chunk), "chunked local attention equals causal attention within the first chunk"))
+    if getattr(cfg, "attn_temperature_tuning", False):
+        features.append("attention temperature tuning")
+        step_cap = int(getattr(cfg, "floor_scale", 8192)) - 1
+        caps.append((step_cap, "Llama 4's NoPE query scale is 1 for positions below floor_scale - 1"))
     if "longrope" in rope_types:
         # HF switches all positions to the long factors once max(position_ids) crosses the original
         # length, and the engine's step is one batch of all requests: below it, only the short ones.
@@ -206,13 +230,16 @@ def inspect_model(model: Any) -> ModelVerdict:
         omax = min([int(x) for x in given if x] or [int(getattr(cfg, "original_max_position_embeddings", 0) or 0)])
         native = int(getattr(cfg, "max_position_embeddings", 0) or 0)
         if omax and (not native or omax < native):
-            cap = omax
-            reason = (
-                "LongRoPE picks its long factors from the longest position of the whole batch; "
-                "the engine serves it exactly with the short factors only (original_max_position_embeddings)"
+            caps.append(
+                (
+                    omax,
+                    "LongRoPE picks its long factors from the longest position of the whole batch; "
+                    "the engine serves it exactly with the short factors only (original_max_position_embeddings)",
+                )
             )
         features.append("LongRoPE")
-    return ModelVerdict(arch, model_type, tuple(features), cap, reason)
+    cap, reason = min(caps) if caps else (None, "")
+    return ModelVerdict(arch, model_type, tuple(features), cap, reason, step_cap)
 
 
 # Logits of the paged path vs the eager forward: max |diff| <= tol * max(1, max |ref|).

@@ -32,7 +32,6 @@ def test_verdict_lists_the_supported_features_in_use():
     [
         ("deepseek_v3", "multi-head latent attention (MLA)"),
         ("gpt_oss", "attention sinks"),
-        ("llama4_text", "chunked local attention"),
         ("bloom", "ALiBi"),
         ("minimax", "recurrent or convolution layers"),
     ],
@@ -44,11 +43,17 @@ def test_config_inspection_names_the_refused_feature(name, feature):
     assert str(info.value).startswith(f"unsupported model: {feature}: ")
 
 
-def test_llama4_temperature_tuning_alone_is_refused_too():
-    model = table_model("llama4_text")
-    model.config.attention_chunk_size = None
-    model.config.layer_types = ["full_attention"] * model.config.num_hidden_layers
-    with pytest.raises(UnsupportedModelError, match="attention temperature tuning"):
+def test_llama4_is_served_below_its_chunk_size_and_floor_scale():
+    model = table_model("llama4_text")  # attention_chunk_size 64, floor_scale 64
+    v = inspect_model(model)
+    assert {"chunked local attention", "attention temperature tuning"} <= set(v.features)
+    assert (v.max_model_len, v.max_step_tokens) == (63, 63)
+    engine = LLMEngine(table_engine_config(), loaded=loaded_of(model))
+    assert engine.max_model_len == 63
+    with pytest.raises(UnsupportedModelError, match="max_num_batched_tokens 64 > 63"):
+        v.cap(256, 64)  # a step of 64 flat tokens would give the last one a query scale != 1
+    model.config.attention_chunk_size = None  # chunked layers without a chunk size: nothing to serve within
+    with pytest.raises(UnsupportedModelError, match="chunked local attention"):
         inspect_model(model)
 
 
