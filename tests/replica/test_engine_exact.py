@@ -301,6 +301,9 @@ ARCH_TABLE: dict[str, tuple[dict[str, Any], str | None]] = {
     "bloom": ({}, "ALiBi"),
     "mamba": ({}, "recurrent or convolution layers"),
     "minimax": ({}, "recurrent or convolution layers"),
+    "lfm2-conv": (dict(layer_types=["conv", "full_attention"]), "recurrent or convolution layers"),
+    "jamba": ({}, "recurrent or convolution layers"),
+    "qwen3_next": ({}, "recurrent or convolution layers"),
     "diffllama": ({}, "paged path differs from HF"),
 }
 
