@@ -207,9 +207,10 @@ def inspect_model(model: Any) -> ModelVerdict:
     rope_types = {str(p.get("rope_type", p.get("type", "default"))) for p in _rope_parameters(cfg)}
     if rope_types - {"default"}:
         features.append("rotary scaling")
-    if names & {"wpe", "embed_positions", "position_embeddings"}:
+    learned = bool(names & {"wpe", "embed_positions", "position_embeddings"})
+    if learned:
         features.append("learned absolute positions")
-    if not rope_types or getattr(cfg, "no_rope_layers", None):
+    if getattr(cfg, "no_rope_layers", None) or not (rope_types or learned):
         features.append("no positional encoding")
     if any(getattr(cfg, a, None) for a in ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")):
         features.append("mixture of experts")
