@@ -48,10 +48,9 @@ SUPPORTED: dict[str, str] = {
     "no positional encoding": "NoPE layers or models without rotary",
     "learned absolute positions": "position embeddings indexed by the explicit position_ids",
     "mixture of experts": "token-wise routing is independent of the batch",
-    "chunked local attention": "Llama 4's attention_chunk_size: max_model_len capped at the chunk size, where "
-    "chunked attention equals causal attention (the paged kernels have no chunk mask)",
-    "attention temperature tuning": "Llama 4 NoPE layers: max_model_len and the step budget capped at "
-    "floor_scale - 1, where the query scale is exactly 1",
+    "chunked local attention": "Llama 4's attention_chunk_size, in the paged kernels (layer_types says which layers)",
+    "attention temperature tuning": "Llama 4 NoPE layers: each token's query scale from its own position; the "
+    "step budget below floor_scale - 1, where transformers' scale of the flat batch index is exactly 1",
 }
 
 # Features the engine refuses at load, and why.
@@ -60,11 +59,10 @@ REFUSED: dict[str, str] = {
     "multi-head latent attention (MLA)": "keys and values of different head sizes / a compressed latent KV "
     "(DeepSeek V2/V3 style); the paged cache holds K and V of one head size",
     "attention sinks": "learned per-head sink logits (gpt-oss); the paged kernels have no sink term",
-    "chunked local attention": "chunked layers without attention_chunk_size: a mask the paged kernels do not "
-    "implement (with a chunk size, served within the first chunk: see SUPPORTED)",
+    "chunked local attention": "chunked layers without attention_chunk_size",
     "attention temperature tuning": "Llama 4 NoPE layers scale queries by positions taken from "
-    "arange(q_len) + cache length, which are batch indices on the engine's flat cache-less batch; exact only "
-    "while every step holds fewer than floor_scale - 1 tokens",
+    "arange(q_len) + cache length, which are batch indices on the engine's flat cache-less batch; the engine "
+    "corrects them only while every step holds fewer than floor_scale - 1 tokens",
     "ALiBi": "position biases passed as a dense attention mask",
     "cross-attention": "layers attending to another modality's states",
     "per-layer attention shapes": "head sizes or KV head counts that vary across layers; the paged cache "
@@ -113,7 +111,7 @@ class ModelVerdict:
                 "attention temperature tuning",
                 f"max_num_batched_tokens {max_num_batched_tokens} > {self.max_step_tokens}: Llama 4 NoPE layers "
                 "take the query scale's positions from the flat batch index; set max_num_batched_tokens "
-                f"<= {self.max_step_tokens} (floor_scale - 1), where that scale is 1 for every token",
+                f"<= {self.max_step_tokens} (floor_scale - 1), where that scale is 1 and the engine's own applies",
             )
         if self.max_model_len is None or max_model_len <= self.max_model_len:
             return max_model_len
@@ -219,11 +217,10 @@ def inspect_model(model: Any) -> ModelVerdict:
     step_cap = None
     if chunk:
         features.append("chunked local attention")
-        caps.append((int(chunk), "chunked local attention equals causal attention within the first chunk"))
     if getattr(cfg, "attn_temperature_tuning", False):
+        # replica.attention.registry.temperature_tuned_query rescales by the real positions.
         features.append("attention temperature tuning")
         step_cap = int(getattr(cfg, "floor_scale", 8192)) - 1
-        caps.append((step_cap, "Llama 4's NoPE query scale is 1 for positions below floor_scale - 1"))
     if "longrope" in rope_types:
         # HF switches all positions to the long factors once max(position_ids) crosses the original
         # length, and the engine's step is one batch of all requests: below it, only the short ones.

@@ -294,8 +294,8 @@ ARCH_TABLE: dict[str, tuple[dict[str, Any], str | None]] = {
     "deepseek_v3": ({}, "multi-head latent attention (MLA)"),
     "deepseek_v2": ({}, "multi-head latent attention (MLA)"),
     "gpt_oss": ({}, "attention sinks"),
-    # Layer 1 is NoPE (temperature-tuned); served below the chunk size and floor_scale - 1.
-    "llama4_text": (dict(attention_chunk_size=64, floor_scale=64, attn_scale=0.5, no_rope_layers=[1, 0]), None),
+    # Layer 0 chunked (chunks of 8 tokens), layer 1 NoPE with temperature tuning (scale > 1 from position 15).
+    "llama4_text": (dict(attention_chunk_size=8, floor_scale=16, attn_scale=0.5, no_rope_layers=[1, 0]), None),
     "stablelm": ({}, "AttentionInterface"),
     "nemotron": ({}, "per-step attention kwargs"),
     "bloom": ({}, "ALiBi"),

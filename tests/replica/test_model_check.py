@@ -43,16 +43,15 @@ def test_config_inspection_names_the_refused_feature(name, feature):
     assert str(info.value).startswith(f"unsupported model: {feature}: ")
 
 
-def test_llama4_is_served_below_its_chunk_size_and_floor_scale():
-    model = table_model("llama4_text")  # attention_chunk_size 64, floor_scale 64
+def test_llama4_chunked_attention_and_temperature_tuning_are_served():
+    model = table_model("llama4_text")  # attention_chunk_size 8, floor_scale 16
     v = inspect_model(model)
     assert {"chunked local attention", "attention temperature tuning"} <= set(v.features)
-    assert (v.max_model_len, v.max_step_tokens) == (63, 63)
-    engine = LLMEngine(table_engine_config(), loaded=loaded_of(model))
-    assert engine.max_model_len == 63
-    with pytest.raises(UnsupportedModelError, match="max_num_batched_tokens 64 > 63"):
-        v.cap(256, 64)  # a step of 64 flat tokens would give the last one a query scale != 1
-    model.config.attention_chunk_size = None  # chunked layers without a chunk size: nothing to serve within
+    assert (v.max_model_len, v.max_step_tokens) == (None, 15)
+    assert LLMEngine(table_engine_config(), loaded=loaded_of(model)).max_model_len == 256  # no cap
+    with pytest.raises(UnsupportedModelError, match="max_num_batched_tokens 16 > 15"):
+        v.cap(256, 16)  # a step of 16 flat tokens: transformers scales the last query by its index
+    model.config.attention_chunk_size = None  # chunked layers without a chunk size
     with pytest.raises(UnsupportedModelError, match="chunked local attention"):
         inspect_model(model)
 
