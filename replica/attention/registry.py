@@ -19,7 +19,6 @@ from __future__ import annotations
 import importlib
 from typing import Protocol
 
-import numpy as np
 import torch
 from transformers import AttentionInterface, PreTrainedModel
 
@@ -131,10 +130,11 @@ def temperature_tuned_query(module: torch.nn.Module, query: torch.Tensor, meta: 
     own position, as transformers computes it for a request alone."""
     if not getattr(module, "attn_temperature_tuning", False) or getattr(module, "use_rope", True):
         return query
-    qsl, lens = meta.query_start_loc_host, meta.seq_lens_host
-    q_lens = np.diff(qsl)
-    positions = np.arange(int(qsl[-1])) - np.repeat(qsl[:-1] - (lens - q_lens), q_lens)
-    pos = torch.from_numpy(positions).to(query.device)
+    # Each token's position from the device metadata (no host arrays: CUDA graphs replay this).
+    qsl, lens = meta.query_start_loc.long(), meta.seq_lens.long()
+    tok = torch.arange(query.shape[2], device=query.device)
+    seq = torch.searchsorted(qsl[1:], tok, right=True).clamp_(max=lens.shape[0] - 1)
+    pos = tok - qsl[seq] + (lens - (qsl[1:] - qsl[:-1]))[seq]
     floor_scale, attn_scale = float(getattr(module, "floor_scale")), float(getattr(module, "attn_scale"))  # noqa: B009
     scales = torch.log1p(torch.floor((pos.float() + 1.0) / floor_scale)) * attn_scale + 1.0
     return (query * scales.view(1, 1, -1, 1)).to(query.dtype)
