@@ -74,12 +74,19 @@ def test_dry_run_catches_a_paged_path_that_drops_a_feature(monkeypatch):
     assert model.config._attn_implementation == "cbserve_paged_torch"
 
 
-def test_decoder_layers_dropping_the_step_kwargs_are_refused_by_the_dry_run():
+def test_decoder_layers_dropping_the_step_kwargs_are_refused_by_the_dry_run(monkeypatch):
     model = table_model("nemotron")
     inspect_model(model)  # nothing in the config says so
     with pytest.raises(UnsupportedModelError) as info:
         check_model(loaded_of(model), RunnerConfig(attention_backend="torch"))
     assert info.value.feature == "per-step attention kwargs"
+    # In the engine: refused while it is built, so no step (and no replica loop) ever runs it.
+    steps = []
+    monkeypatch.setattr(ModelRunner, "run", lambda *a: steps.append(a))
+    monkeypatch.setattr(ModelRunner, "launch", lambda *a: steps.append(a))
+    with pytest.raises(UnsupportedModelError, match="per-step attention kwargs"):
+        LLMEngine(table_engine_config(), loaded=loaded_of(model))
+    assert steps == []
 
 
 # ----------------------------------------------------------------------------- LongRoPE
