@@ -3,6 +3,7 @@
     python -m replica "Write a haiku about GPUs"
     python -m replica --no-chat --max-tokens 32 "The capital of France is"
     python -m replica --model tiny:llama --temperature 0 "anything"
+    python -m replica --check-model Qwen/Qwen2.5-0.5B   # served exactly, or refused and why
 
 The default model is the embedded SmolLM2-135M-Instruct, on CPU unless CUDA is present.
 One prompt streams its text as it is generated; several prompts run as one batch.
@@ -27,7 +28,13 @@ if TYPE_CHECKING:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m replica", description="Generate text with the cbserve engine.")
-    p.add_argument("prompts", nargs="+", metavar="PROMPT", help="prompt text (several: one batch)")
+    p.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompt text (several: one batch)")
+    p.add_argument(
+        "--check-model",
+        metavar="MODEL",
+        default=None,
+        help="load MODEL, print whether the engine serves it exactly (and its features) or why it refuses it",
+    )
     p.add_argument(
         "--model",
         default="default",
@@ -49,7 +56,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.check_model is not None:
+        return _check_model(args)
+    if not args.prompts:
+        parser.error("give at least one PROMPT (or --check-model MODEL)")
     from replica.engine import LLMEngine
 
     config = EngineConfig(
@@ -88,6 +100,24 @@ def main(argv: list[str] | None = None) -> int:
         f"[{n_tokens} tokens in {elapsed:.2f} s, {n_tokens / max(elapsed, 1e-9):.1f} tok/s, finish: {reason}]",
         file=sys.stderr,
     )
+    return 0
+
+
+def _check_model(args: argparse.Namespace) -> int:
+    """0: served (verdict on stdout); 1: refused (the feature on stdout); 2: cannot load."""
+    from replica.model_check import UnsupportedModelError, check_model
+    from replica.models import load_model
+
+    try:
+        loaded = load_model(ModelConfig(model=args.check_model, dtype=args.dtype, device=args.device))
+        verdict = check_model(loaded)
+    except UnsupportedModelError as e:
+        print(f"refused: {args.check_model}: {e.feature}: {e.detail}")
+        return 1
+    except (ModelLoadError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{args.check_model}: {verdict.report()}")
     return 0
 
 

@@ -126,8 +126,12 @@ class LLMEngine:
         self.block_size = config.cache.block_size
         built_runner = runner is None
         if runner is None:
+            from replica.model_check import dry_run, inspect_model
             from replica.model_runner import ModelRunner
 
+            # Refuse, before any request, what the paged path cannot serve exactly (model_check).
+            verdict = inspect_model(loaded.model)  # type: ignore[union-attr]
+            self.max_model_len = verdict.cap(self.max_model_len, config.scheduler.max_num_batched_tokens)
             num_blocks = kv_cache_num_blocks(config, loaded.model, self.max_model_len)  # type: ignore[union-attr]
             runner = ModelRunner(
                 loaded.model,  # type: ignore[union-attr]
@@ -138,6 +142,7 @@ class LLMEngine:
                 eos_token_ids=self.tokenizer.eos_token_ids,
                 max_model_len=self.max_model_len,
             )
+            dry_run(runner)
         else:
             runner_blocks = getattr(runner, "num_blocks", None)
             num_blocks = int(config.cache.num_blocks or runner_blocks or 0)

@@ -252,17 +252,30 @@ def build_random_model(
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
     model.to_empty(device=device)
+    _init_buffers(model)
     gen = torch.Generator(device=device).manual_seed(seed)
+    # Norm scales are 1 (GPT-2's ln_1 / ln_f too: a zero scale would zero every logit).
+    norm_params = {
+        id(p) for m in model.modules() if "norm" in type(m).__name__.lower() for p in m.parameters(recurse=False)
+    }
     for pname, p in model.named_parameters():  # tied weights appear once
         if p.ndim >= 2:
             p.normal_(0.0, std, generator=gen)
-        elif "norm" in pname:
+        elif "norm" in pname or (id(p) in norm_params and pname.endswith("weight")):
             p.fill_(1.0)
         else:
             p.zero_()
     _reset_rotary_buffers(model, device)
     model.tie_weights()
     return _finish(model)
+
+
+def _init_buffers(model: Any) -> None:
+    """Buffers are garbage after ``to_empty`` (Gemma's ``embed_scale`` would be 0 and every logit
+    with it): the model's own init sets them; the parameters it also touches are refilled after."""
+    for module in model.modules():
+        if next(module.buffers(recurse=False), None) is not None:
+            model._init_weights(module)
 
 
 def _reset_rotary_buffers(model: torch.nn.Module, device: torch.device) -> None:

@@ -46,6 +46,7 @@ class AttentionBackend(Protocol):
         scale: float,
         sliding_window: int | None,
         softcap: float | None,
+        chunk_size: int | None = None,  # chunked local attention: keys of the query's chunk only
     ) -> torch.Tensor:  # [T, H, D]
         """Write the new K/V into the cache by ``meta.slot_mapping``, then attend."""
         ...
@@ -92,6 +93,7 @@ def _make_hf_function(backend: AttentionBackend) -> Callable[..., tuple[torch.Te
         sliding_window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
         scale = scaling if scaling is not None else getattr(module, "scaling", query.shape[-1] ** -0.5)
         k_cache, v_cache = kv_cache.layer(layer_idx)
+        chunk_size, query = layer_chunk_size(module), temperature_tuned_query(module, query, meta)
         out = backend.forward(
             query[0].transpose(0, 1),
             key[0].transpose(0, 1),
@@ -102,11 +104,41 @@ def _make_hf_function(backend: AttentionBackend) -> Callable[..., tuple[torch.Te
             scale=scale,
             sliding_window=sliding_window or None,
             softcap=kwargs.get("softcap"),
+            chunk_size=chunk_size,
         )
         return out.unsqueeze(0), None
 
     paged_attention_forward.__name__ = f"{_PREFIX}{backend.name}"
     return paged_attention_forward
+
+
+def layer_chunk_size(module: torch.nn.Module) -> int | None:
+    """The chunk of a chunked-local-attention layer (Llama 4), else None. transformers applies it
+    as a mask, which the paged path never builds, so the layer's type says it here."""
+    config = getattr(module, "config", None)
+    types = getattr(config, "layer_types", None) or ()
+    layer_idx = getattr(module, "layer_idx", None)
+    if layer_idx is None or layer_idx >= len(types) or types[layer_idx] != "chunked_attention":
+        return None
+    return int(config.attention_chunk_size)  # type: ignore[union-attr]
+
+
+def temperature_tuned_query(module: torch.nn.Module, query: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    """Llama 4's NoPE layers scale queries by ``log1p(floor((pos + 1) / floor_scale)) * attn_scale + 1``
+    with ``pos = arange(q_len) + cache length``: on the flat cache-less batch that is the token's
+    index in the step, whose scale is exactly 1 while the step holds fewer than ``floor_scale - 1``
+    tokens (``replica.model_check`` caps the step budget there). Apply the scale of each token's
+    own position, as transformers computes it for a request alone."""
+    if not getattr(module, "attn_temperature_tuning", False) or getattr(module, "use_rope", True):
+        return query
+    # Each token's position from the device metadata (no host arrays: CUDA graphs replay this).
+    qsl, lens = meta.query_start_loc.long(), meta.seq_lens.long()
+    tok = torch.arange(query.shape[2], device=query.device)
+    seq = torch.searchsorted(qsl[1:], tok, right=True).clamp_(max=lens.shape[0] - 1)
+    pos = tok - qsl[seq] + (lens - (qsl[1:] - qsl[:-1]))[seq]
+    floor_scale, attn_scale = float(getattr(module, "floor_scale")), float(getattr(module, "attn_scale"))  # noqa: B009
+    scales = torch.log1p(torch.floor((pos.float() + 1.0) / floor_scale)) * attn_scale + 1.0
+    return (query * scales.view(1, 1, -1, 1)).to(query.dtype)
 
 
 def register_backend(backend: AttentionBackend) -> None:

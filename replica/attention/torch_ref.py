@@ -56,6 +56,7 @@ def paged_attention(
     scale: float,
     sliding_window: int | None = None,
     softcap: float | None = None,
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
     """Attention of the new queries ``[T, H, D]`` over the cached context (which must already hold
     the new tokens' K/V). Returns ``[T, H, D]`` in ``query.dtype``."""
@@ -88,6 +89,8 @@ def paged_attention(
         valid = kpos[None, :] < lens_t[:, None]
         if sliding_window is not None:
             valid &= kpos[None, :] > (lens_t[:, None] - 1 - sliding_window)
+        if chunk_size is not None:  # chunked local attention: only keys of the query's own chunk
+            valid &= kpos[None, :] >= (lens_t[:, None] - 1) // chunk_size * chunk_size
         scores = scores.masked_fill(~valid[:, None, None, :], -math.inf)
         probs = torch.softmax(scores, dim=-1)
         # Slots past the context may hold anything (even NaN); 0 * NaN would leak into the output.
@@ -111,6 +114,8 @@ def paged_attention(
         allowed = kpos[None, :] <= qpos[:, None]
         if sliding_window is not None:
             allowed &= kpos[None, :] > (qpos[:, None] - sliding_window)
+        if chunk_size is not None:
+            allowed &= kpos[None, :] >= qpos[:, None] // chunk_size * chunk_size
         scores = scores.masked_fill(~allowed, -math.inf)
         probs = torch.softmax(scores, dim=-1)
         o = torch.matmul(probs, v[:, None])  # [KVH, G, q, D]
@@ -138,8 +143,16 @@ class TorchAttentionBackend:
         scale: float,
         sliding_window: int | None,
         softcap: float | None,
+        chunk_size: int | None = None,
     ) -> torch.Tensor:
         write_kv(k_cache, v_cache, key, value, meta.slot_mapping)
         return paged_attention(
-            query, k_cache, v_cache, meta, scale=scale, sliding_window=sliding_window, softcap=softcap
+            query,
+            k_cache,
+            v_cache,
+            meta,
+            scale=scale,
+            sliding_window=sliding_window,
+            softcap=softcap,
+            chunk_size=chunk_size,
         )

@@ -51,6 +51,7 @@ class TritonAttentionBackend:
         scale: float,
         sliding_window: int | None,
         softcap: float | None,
+        chunk_size: int | None = None,
     ) -> torch.Tensor:
         # Imported here so that importing the registry never needs Triton (CPU-only installs).
         from replica.attention.triton_decode import default_num_splits, paged_decode_attention
@@ -71,6 +72,7 @@ class TritonAttentionBackend:
                 num_splits=splits,
                 sliding_window=sliding_window,
                 softcap=softcap,
+                chunk_size=chunk_size,
             )
         return paged_prefill_attention(
             query,
@@ -83,4 +85,5 @@ class TritonAttentionBackend:
             scale,
             sliding_window=sliding_window,
             softcap=softcap,
+            chunk_size=chunk_size,
         )

@@ -42,6 +42,7 @@ def _decode_split_kernel(  # type: ignore[no-untyped-def]  # Triton DSL
     scale,
     softcap,
     window,
+    chunk,
     q_stride_b,
     q_stride_h,
     o_stride_b,
@@ -59,6 +60,7 @@ def _decode_split_kernel(  # type: ignore[no-untyped-def]  # Triton DSL
     NUM_SPLITS: tl.constexpr,
     USE_SOFTCAP: tl.constexpr,
     USE_WINDOW: tl.constexpr,
+    USE_CHUNK: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     b = tl.program_id(0)
@@ -80,6 +82,8 @@ def _decode_split_kernel(  # type: ignore[no-untyped-def]  # Triton DSL
     lo = 0
     if USE_WINDOW:
         lo = tl.maximum(ctx - window, 0)  # key j is visible iff j > (ctx - 1) - window
+    if USE_CHUNK:
+        lo = tl.maximum(lo, (ctx - 1) // chunk * chunk)  # chunked local attention: the query's chunk
     num_tiles = tl.cdiv(ctx - lo, BLOCK_N)
     tiles_per_split = tl.cdiv(num_tiles, NUM_SPLITS)
     start = lo + split * tiles_per_split * BLOCK_N
@@ -205,6 +209,7 @@ def paged_decode_attention(
     softcap: float | None = None,
     num_warps: int = 4,
     num_stages: int = 3,
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
     """Attention of one query per sequence over its paged context.
 
@@ -230,10 +235,12 @@ def paged_decode_attention(
         block_n = max(16, min(128 if num_splits <= 4 else 64, page))
     use_window = sliding_window is not None and sliding_window > 0
     use_softcap = softcap is not None and softcap > 0
+    use_chunk = chunk_size is not None and chunk_size > 0
     scalars = (
         float(scale),
         float(softcap or 0.0) if use_softcap else 1.0,
         int(sliding_window or 0) if use_window else 0,
+        int(chunk_size or 1),  # unused unless USE_CHUNK
     )
     common = dict(
         GROUP=group,
@@ -244,6 +251,7 @@ def paged_decode_attention(
         BLOCK_N=block_n,
         USE_SOFTCAP=use_softcap,
         USE_WINDOW=use_window,
+        USE_CHUNK=use_chunk,
         # float32 caches (exactness tests) get full-precision dots, not tf32.
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
     )

@@ -30,6 +30,7 @@ def _prefill_kernel(  # type: ignore[no-untyped-def]  # Triton DSL
     scale,
     softcap,
     window,
+    chunk,
     q_stride_t,
     q_stride_h,
     o_stride_t,
@@ -46,6 +47,7 @@ def _prefill_kernel(  # type: ignore[no-untyped-def]  # Triton DSL
     BLOCK_D: tl.constexpr,
     USE_SOFTCAP: tl.constexpr,
     USE_WINDOW: tl.constexpr,
+    USE_CHUNK: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     mt = tl.program_id(0)
@@ -80,6 +82,8 @@ def _prefill_kernel(  # type: ignore[no-untyped-def]  # Triton DSL
     if USE_WINDOW:
         # Oldest key any query of this tile can see, rounded down to a tile.
         lo = tl.maximum(pos0 + mt * BLOCK_M - window + 1, 0) // BLOCK_N * BLOCK_N
+    if USE_CHUNK:  # chunked local attention: the first key of the tile's first query's chunk
+        lo = tl.maximum(lo, (pos0 + mt * BLOCK_M) // chunk * chunk // BLOCK_N * BLOCK_N)
     for n0 in range(lo, kv_end, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         nmask = n < kv_end
@@ -93,6 +97,8 @@ def _prefill_kernel(  # type: ignore[no-untyped-def]  # Triton DSL
         visible = (n[None, :] <= qpos[:, None]) & nmask[None, :]
         if USE_WINDOW:
             visible = visible & (n[None, :] > qpos[:, None] - window)
+        if USE_CHUNK:
+            visible = visible & (n[None, :] >= qpos[:, None] // chunk * chunk)
         s = tl.where(visible, s * LOG2E, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row may see nothing in a tile (window, or rows past the chunk): keep exp2 finite.
@@ -128,6 +134,7 @@ def paged_prefill_attention(
     softcap: float | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
     """Causal attention for a ragged batch of query chunks over their paged contexts.
 
@@ -153,6 +160,7 @@ def paged_prefill_attention(
         block_n = 64
     use_window = sliding_window is not None and sliding_window > 0
     use_softcap = softcap is not None and softcap > 0
+    use_chunk = chunk_size is not None and chunk_size > 0
     grid = (triton.cdiv(max_q_len, block_m), bsz, hq)
     _prefill_kernel[grid](
         query,
@@ -165,6 +173,7 @@ def paged_prefill_attention(
         float(scale),
         float(softcap or 0.0) if use_softcap else 1.0,
         int(sliding_window or 0) if use_window else 0,
+        int(chunk_size or 1),  # unused unless USE_CHUNK
         query.stride(0),
         query.stride(1),
         out.stride(0),
@@ -181,6 +190,7 @@ def paged_prefill_attention(
         BLOCK_D=block_d,
         USE_SOFTCAP=use_softcap,
         USE_WINDOW=use_window,
+        USE_CHUNK=use_chunk,
         # float32 caches (exactness tests) get full-precision dots, not tf32.
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         num_warps=num_warps,

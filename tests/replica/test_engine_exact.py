@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import random
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 import torch
@@ -225,3 +226,168 @@ def test_shared_prefixes_hit_the_cache_with_unchanged_outputs(arch):
     assert run["engine"].stats().cached_prompt_tokens_total >= sum(cached.values())
     for s in shared:  # outputs equal HF on the request alone (also checked above, but say it here)
         assert run["result"].tokens[s.rid] == run["refs"][s.rid]
+
+
+# ----------------------------------------------------------------------------- the architecture table
+#
+# Every architecture the installed transformers builds that we list here, tiny and random (float64):
+# token-exact under preemption, chunked prefill and prefix hits, or refused at load naming the feature.
+# The table is the slow part of this file (about a second or two per architecture): -m "not arch_table".
+
+TABLE_BLOCK = 4
+_TINY_TABLE: dict[str, Any] = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    vocab_size=512,
+    max_position_embeddings=512,
+    moe_intermediate_size=32,
+    num_experts=4,
+    num_local_experts=4,
+    num_experts_per_tok=2,
+)
+_SHORT_WINDOW = dict(sliding_window=8)  # shorter than most prompts: the window really cuts
+_LONGROPE = dict(
+    max_position_embeddings=512,
+    original_max_position_embeddings=64,  # Phi-3 reads it from the config, not from rope_parameters
+    rope_parameters={
+        "rope_type": "longrope",
+        "rope_theta": 10000.0,
+        "original_max_position_embeddings": 64,
+        "short_factor": [1.0 + 0.1 * i for i in range(8)],
+        "long_factor": [2.0 + 0.5 * i for i in range(8)],
+    },
+)
+
+# model_type -> (config overrides, None if token-exact else the refused feature)
+ARCH_TABLE: dict[str, tuple[dict[str, Any], str | None]] = {
+    "llama": ({}, None),
+    "mistral": (_SHORT_WINDOW, None),
+    "qwen2": (dict(use_sliding_window=False), None),
+    "qwen3": ({}, None),
+    "gemma": ({}, None),
+    "gemma2": (dict(sliding_window=8, attn_logit_softcapping=2.0, final_logit_softcapping=5.0), None),
+    "gemma3_text": (dict(sliding_window=8), None),
+    "cohere": ({}, None),
+    "cohere2": (_SHORT_WINDOW, None),
+    "olmo2": ({}, None),
+    "olmo3": (_SHORT_WINDOW, None),
+    "granite": ({}, None),
+    "glm4": ({}, None),
+    "phi": ({}, None),
+    "phi3": ({}, None),
+    "phi3-longrope": (_LONGROPE, None),
+    "gpt_neox": ({}, None),
+    "gpt2": ({}, None),
+    "opt": ({}, None),
+    "persimmon": ({}, None),
+    "starcoder2": (_SHORT_WINDOW, None),
+    "smollm3": ({}, None),
+    "exaone4": (_SHORT_WINDOW, None),
+    "helium": ({}, None),
+    "mixtral": ({}, None),
+    "qwen3_moe": ({}, None),
+    "olmoe": ({}, None),
+    "deepseek_v3": ({}, "multi-head latent attention (MLA)"),
+    "deepseek_v2": ({}, "multi-head latent attention (MLA)"),
+    "gpt_oss": ({}, "attention sinks"),
+    # Layer 0 chunked (chunks of 8 tokens), layer 1 NoPE with temperature tuning (scale > 1 from position 15).
+    "llama4_text": (dict(attention_chunk_size=8, floor_scale=16, attn_scale=0.5, no_rope_layers=[1, 0]), None),
+    "stablelm": ({}, "AttentionInterface"),
+    "nemotron": ({}, "per-step attention kwargs"),
+    "bloom": ({}, "ALiBi"),
+    "mamba": ({}, "recurrent or convolution layers"),
+    "minimax": ({}, "recurrent or convolution layers"),
+    "lfm2-conv": (dict(layer_types=["conv", "full_attention"]), "recurrent or convolution layers"),
+    "jamba": ({}, "recurrent or convolution layers"),
+    "qwen3_next": ({}, "recurrent or convolution layers"),
+    "diffllama": ({}, "paged path differs from HF"),
+}
+
+
+def table_config(name: str) -> dict[str, Any]:
+    """A tiny config of ``name``'s model type: the common sizes where the config has them."""
+    from transformers import AutoConfig
+
+    model_type = name.split("-")[0]
+    overrides, _ = ARCH_TABLE[name]
+    text = AutoConfig.for_model(model_type).get_text_config()
+    cfg = {k: v for k, v in _TINY_TABLE.items() if hasattr(text, k)}
+    # No eos in the vocabulary: HF generate then never stops early (the engine ignores eos here).
+    for k, v in (("pad_token_id", 0), ("bos_token_id", 1), ("eos_token_id", None)):
+        if getattr(text, k, None) is not None:
+            cfg[k] = v
+    # grouped_mm has no float64 kernel on CPU; the per-expert loop is the same maths.
+    return {"model_type": model_type, "experts_implementation": "eager", **cfg, **overrides}
+
+
+def table_engine_config(num_blocks: int = 10) -> EngineConfig:
+    return EngineConfig(
+        model=ModelConfig(model="table", dtype="float64", device="cpu", max_model_len=256),
+        cache=CacheConfig(block_size=TABLE_BLOCK, num_blocks=num_blocks, watermark=0.0),
+        scheduler=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=12),
+        runner=RunnerConfig(attention_backend="torch", use_cuda_graphs=False),
+    )
+
+
+def table_specs(seed: int, vocab: int) -> list[Spec]:
+    rng = random.Random(seed)
+
+    def toks(n):
+        return [rng.randrange(3, vocab) for _ in range(n)]
+
+    shared = toks(2 * TABLE_BLOCK + 1)
+    specs = []
+    for i in range(10):
+        share = i % 3 == 1
+        prompt = shared + toks(rng.randint(1, 6)) if share else toks(rng.randint(8, 28))
+        p = SamplingParams(max_tokens=rng.randint(2, 10), temperature=0.0, ignore_eos=True)
+        specs.append(Spec(f"t-{i}", prompt, p, arrival_step=2 * i if share else rng.randint(0, 6), shares_prefix=share))
+    return specs
+
+
+def table_model(name: str):
+    # std 0.2, not the default 0.02: sharper attention and varied greedy tokens (at 0.02 several
+    # architectures repeat one token), so a dropped window or softcap shows in the tokens.
+    cpu = torch.device("cpu")
+    return models.build_random_model(table_config(name), seed=11, dtype=torch.float64, device=cpu, std=0.2)
+
+
+def loaded_of(model, max_model_len: int = 512):
+    return models.LoadedModel(model, models.load_tokenizer("default"), "table", max_model_len)
+
+
+@pytest.mark.arch_table
+@pytest.mark.parametrize("name", list(ARCH_TABLE))
+def test_architecture_is_token_exact_or_refused_at_load(name):
+    from replica.model_check import UnsupportedModelError
+
+    try:
+        model = table_model(name)
+    except Exception as e:  # an older/newer transformers without this architecture
+        pytest.skip(f"transformers cannot build {name}: {type(e).__name__}: {e}")
+    refused = ARCH_TABLE[name][1]
+    if refused is not None:
+        with pytest.raises(UnsupportedModelError) as info:
+            LLMEngine(table_engine_config(), loaded=loaded_of(model))
+        assert info.value.feature == refused
+        assert refused in str(info.value)
+        return
+    reference = copy.deepcopy(model)
+    engine = LLMEngine(table_engine_config(), loaded=loaded_of(model))
+    engine.runner = RecordingRunner(engine.runner)
+    specs = table_specs(seed=len(name), vocab=int(model.config.get_text_config().vocab_size))
+    result = run_engine(engine, specs)
+    mismatched = {
+        s.rid: (result.tokens[s.rid], ref)
+        for s in specs
+        if result.tokens[s.rid] != (ref := hf_greedy(reference, s.prompt, s.params))
+    }
+    assert not mismatched, f"{name}: engine vs HF generate differ: {mismatched}"
+    outs = engine.runner.outputs
+    assert engine.stats().num_preemptions > 0
+    assert any(not c.sample and c.num_tokens > 1 for o in outs for c in o.chunks)  # chunked prefill
+    assert sum(result.usage[s.rid].cached_tokens for s in specs if s.shares_prefix) > 0  # prefix hits

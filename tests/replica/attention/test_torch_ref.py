@@ -12,7 +12,7 @@ from replica.attention.metadata import AttentionMetadata
 from replica.attention.torch_ref import TorchAttentionBackend, write_kv
 
 
-def dense_causal(q, k, v, start, scale, window=None):
+def dense_causal(q, k, v, start, scale, window=None, chunk=None):
     """q [n, H, D] at positions start..start+n-1; k/v [L, KVH, D] at 0..L-1 -> [n, H, D]."""
     h, kvh = q.shape[1], k.shape[1]
     k = k.repeat_interleave(h // kvh, dim=1)
@@ -23,6 +23,8 @@ def dense_causal(q, k, v, start, scale, window=None):
     allowed = kpos <= qpos
     if window is not None:
         allowed &= kpos > qpos - window
+    if chunk is not None:  # chunked local attention (Llama 4): keys of the query's own chunk
+        allowed &= kpos >= qpos // chunk * chunk
     scores = scores.masked_fill(~allowed, -math.inf)
     return torch.einsum("hqk,khd->qhd", torch.softmax(scores, -1), v)
 
@@ -68,8 +70,8 @@ def metadata(starts, q_lens, seq_lens, tables, block_size) -> AttentionMetadata:
 
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize(("heads", "kv_heads"), [(4, 2), (6, 1), (3, 3)])
-@pytest.mark.parametrize("window", [None, 5])
-def test_matches_dense_causal_attention(seed, heads, kv_heads, window):
+@pytest.mark.parametrize(("window", "chunk"), [(None, None), (5, None), (None, 6)])
+def test_matches_dense_causal_attention(seed, heads, kv_heads, window, chunk):
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     block_size, num_blocks, head_dim = 4, 96, 8
@@ -94,9 +96,20 @@ def test_matches_dense_causal_attention(seed, heads, kv_heads, window):
     new_v = torch.cat([full_v[i][int(starts[i]) :] for i in range(5)])
     scale = head_dim**-0.5
     out = TorchAttentionBackend().forward(
-        torch.cat(qs), new_k, new_v, k_cache, v_cache, meta, scale=scale, sliding_window=window, softcap=None
+        torch.cat(qs),
+        new_k,
+        new_v,
+        k_cache,
+        v_cache,
+        meta,
+        scale=scale,
+        sliding_window=window,
+        softcap=None,
+        chunk_size=chunk,
     )
-    expected = torch.cat([dense_causal(qs[i], full_k[i], full_v[i], int(starts[i]), scale, window) for i in range(5)])
+    expected = torch.cat(
+        [dense_causal(qs[i], full_k[i], full_v[i], int(starts[i]), scale, window, chunk) for i in range(5)]
+    )
     assert out.shape == expected.shape
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
     # Every position of every sequence now sits in its block at its offset.

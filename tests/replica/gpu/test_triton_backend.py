@@ -49,8 +49,8 @@ def _metadata(chunks, page, num_blocks, device, gen) -> AttentionMetadata:
         [(0, 40), (100, 1), (64, 17), (5, 1)],  # mixed: prefill, decode, chunked prefill
     ],
 )
-@pytest.mark.parametrize("window", [None, 24])
-def test_triton_backend_matches_torch_reference(kernel_device, kernel_dtype, chunks, window):
+@pytest.mark.parametrize(("window", "chunk_size"), [(None, None), (24, None), (None, 48)])
+def test_triton_backend_matches_torch_reference(kernel_device, kernel_dtype, chunks, window, chunk_size):
     gen = torch.Generator().manual_seed(len(chunks) * 31 + (window or 0))
     hq, hkv, dim, page, num_blocks = 14, 2, 64, 32, 24
     meta = _metadata(chunks, page, num_blocks, kernel_device, gen)
@@ -60,7 +60,7 @@ def test_triton_backend_matches_torch_reference(kernel_device, kernel_dtype, chu
     q = torch.randn(1, hq, t, dim, generator=gen).to(kernel_dtype).to(kernel_device)[0].transpose(0, 1)
     k = torch.randn(1, hkv, t, dim, generator=gen).to(kernel_dtype).to(kernel_device)[0].transpose(0, 1)
     v = torch.randn(1, hkv, t, dim, generator=gen).to(kernel_dtype).to(kernel_device)[0].transpose(0, 1)
-    kw = dict(scale=dim**-0.5, sliding_window=window, softcap=None)
+    kw = dict(scale=dim**-0.5, sliding_window=window, softcap=None, chunk_size=chunk_size)
     kc_ref, vc_ref = kc.clone(), vc.clone()
     ref = TorchAttentionBackend().forward(q, k, v, kc_ref, vc_ref, meta, **kw)
     out = TritonAttentionBackend().forward(q, k, v, kc, vc, meta, **kw)
