@@ -93,6 +93,7 @@ class Phase:
     step_ms: float = 0.0
     requests: int = 0
     failed: int = 0
+    cpu: dict[str, Any] = field(default_factory=dict)  # cores per process group (Serve phase)
 
     def row(self) -> str:
         return (
@@ -335,9 +336,13 @@ async def serve_phase(a: argparse.Namespace, app_args: dict[str, Any], url: str)
         procs.append(p)
     steps: list[tuple[float, int]] = []
     perf_minus_wall = time.perf_counter() - time.time()
-    while time.time() < t_stop:
-        steps.append((time.perf_counter(), await steps_now()))
-        await asyncio.sleep(0.5)
+    from bench.serve_scaling import CpuSampler
+
+    with CpuSampler() as cpu:
+        while time.time() < t_stop:
+            steps.append((time.perf_counter(), await steps_now()))
+            await asyncio.sleep(0.5)
+    phase.cpu = cpu.summary(t_start + a.warmup, t_stop + 1)
     reqs: list[Req] = []
     for _ in procs:
         reqs += [Req(**r) for r in q.get(timeout=600)]
@@ -386,6 +391,16 @@ async def amain(a: argparse.Namespace) -> None:
         serve.shutdown()
         ray.shutdown()
     table = HEADER + "\n" + "\n".join(p.row() for p in phases)
+    for p in phases:
+        if p.cpu:
+            table += (
+                "\n\ncores busy ("
+                + p.name
+                + "): "
+                + ", ".join(
+                    f"{k} {v['cores']:.2f} (max process {v['max_process_cores']:.2f})" for k, v in p.cpu.items()
+                )
+            )
     if len(phases) == 2 and phases[0].tok_s:
         e, s = phases
         table += (
