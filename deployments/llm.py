@@ -91,8 +91,30 @@ async def _default_engine(config: EngineConfig) -> Any:
     from replica.engine import AsyncEngine
     from replica.models import load_model
 
+    if config.model.device not in ("cpu",) and _engine_process_wanted(config):
+        # The step loop in its own process (replica/engine_process.py): no GIL shared with
+        # Serve's per-request and per-item work. It loads the model itself.
+        from replica.engine_process import ProcessEngine
+
+        return ProcessEngine(config)
+
     loaded = await asyncio.to_thread(load_model, config.model)  # slow (weights); keep the loop alive
     return AsyncEngine(config, loaded=loaded)
+
+
+def _engine_process_wanted(config: EngineConfig) -> bool:
+    """A separate engine process where the replica drives a GPU (CBSERVE_ENGINE_PROCESS=0|1 overrides)."""
+    import os
+
+    forced = os.environ.get("CBSERVE_ENGINE_PROCESS")
+    if forced in ("0", "1"):
+        return forced == "1"
+    try:
+        import ray
+
+        return bool(ray.is_initialized() and ray.get_gpu_ids())
+    except Exception:
+        return False
 
 
 class LLMServer:
@@ -157,7 +179,11 @@ class LLMServer:
         if self._settings.log_requests:
             logger.info("request %s: %d prompt tokens, %s", req.request_id, len(req.prompt_token_ids), req.params)
         try:
-            async for delta in stream:
+            async for delta in _refusals_as_errors(stream):
+                if isinstance(delta, ReplicaError):  # refused by an engine process (its ack)
+                    finished = True
+                    yield delta
+                    return
                 if first_at is None and delta.token_ids:
                     first_at = time.perf_counter()
                     self._metrics.observe_ttft(first_at - start)
@@ -195,12 +221,17 @@ class LLMServer:
                 self._on_finish(req, delta, first_at)
             sink(delta)
 
+        self._live.add(req.request_id)  # before any await: its finish may arrive with the ack
         try:
-            self._engine.submit(req.request_id, list(req.prompt_token_ids), req.params, on_delta)
+            checked = getattr(self._engine, "submit_checked", None)
+            if checked is not None:  # an engine process answers refusals asynchronously
+                await checked(req.request_id, list(req.prompt_token_ids), req.params, on_delta)
+            else:
+                self._engine.submit(req.request_id, list(req.prompt_token_ids), req.params, on_delta)
         except EngineError as exc:
+            self._live.discard(req.request_id)
             self._outboxes.forget(channel, req.request_id)
             return ReplicaError.from_exception(exc)
-        self._live.add(req.request_id)
         if self._settings.log_requests:
             logger.info("request %s: %d prompt tokens, %s", req.request_id, len(req.prompt_token_ids), req.params)
         return Submitted(self._replica_id)
@@ -315,6 +346,14 @@ class LLMServer:
             except Exception:
                 logger.exception("metrics update failed")
             await asyncio.sleep(self._settings.metrics_interval_s)
+
+
+async def _refusals_as_errors(stream: AsyncIterator[Delta]) -> AsyncIterator[Delta | ReplicaError]:
+    try:
+        async for d in stream:
+            yield d
+    except EngineError as exc:
+        yield ReplicaError.from_exception(exc)
 
 
 def _placed(config: EngineConfig) -> EngineConfig:
