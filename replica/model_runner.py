@@ -19,7 +19,7 @@ import torch
 from transformers import PreTrainedModel
 
 from replica.attention import AttentionMetadata, PagedKVCache, install, resolve_backend
-from replica.config import CacheConfig, RunnerConfig
+from replica.config import CacheConfig, EngineConfig, RunnerConfig
 from replica.cuda_graphs import DecodeGraphs, DecodeInputs
 from replica.decode_batch import DecodeBatch, pack_block_tables
 from replica.models import DTYPES
@@ -384,6 +384,30 @@ class ModelRunner:
         if self.device.type == "cpu":
             return t
         return t.pin_memory().to(self.device, non_blocking=True)
+
+
+def kv_cache_num_blocks(config: EngineConfig, model: Any, max_model_len: int) -> int:
+    """KV pool size: ``cache.num_blocks`` if set, else free CUDA memory times
+    ``gpu_memory_utilization`` (CUDA) or ``cpu_cache_gib`` (CPU), divided by the size of a
+    block; capped at what ``max_num_seqs`` full-length sequences could ever use (a tiny
+    model would otherwise get millions of blocks it can never fill)."""
+    cache = config.cache
+    if cache.num_blocks is not None:
+        return cache.num_blocks
+    param = next(model.parameters())
+    per_block = ModelRunner.block_bytes(model.config, cache.block_size, param.dtype)
+    if param.device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(param.device)
+        budget = free * cache.gpu_memory_utilization
+        where = f"{free / 2**30:.2f} GiB free on {param.device} x gpu_memory_utilization {cache.gpu_memory_utilization}"
+    else:
+        budget = cache.cpu_cache_gib * 2**30
+        where = f"cpu_cache_gib {cache.cpu_cache_gib}"
+    n = int(budget // per_block)
+    if n < 1:
+        raise ValueError(f"no room for a single KV block of {per_block} bytes ({where})")
+    blocks_per_seq = -(-max_model_len // cache.block_size)
+    return min(n, config.scheduler.max_num_seqs * blocks_per_seq)
 
 
 def _patch_fused(model: PreTrainedModel) -> int:

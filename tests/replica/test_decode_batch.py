@@ -11,7 +11,7 @@ import pytest
 from replica.decode_batch import LIMIT, DecodeBatch, pack_block_tables
 from replica.outputs import PLACEHOLDER_TOKEN, RunnerOutput
 from replica.request import FinishReason, Request, RequestStatus, SamplingParams
-from tests.replica.test_scheduler import make_req, make_scheduler, reference_tokens, step_async
+from tests.replica.fakes import make_req, make_scheduler, reference_tokens, step_async
 
 
 def _req(rid, blocks, prompt_len=3, **params):
