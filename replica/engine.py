@@ -17,13 +17,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
+from replica.async_scheduler import AsyncScheduler
 from replica.config import EngineConfig
 from replica.errors import InvalidRequestError, QueueFullError, RequestTooLongError
 from replica.interfaces import Detokenizer, Prompt, Runner
-from replica.outputs import CompletionOutput, Delta, EngineStats, RunnerOutput, SchedulerOutput, Usage
+from replica.outputs import CompletionOutput, Delta, EngineStats, RunnerOutput, Usage
 from replica.pending_step import PendingStep
 from replica.request import FinishReason, Request, RequestStatus, SamplingParams
 from replica.scheduler import Scheduler
+from replica.step import SchedulerOutput
 
 if TYPE_CHECKING:
     from replica.model_runner import ModelRunner
@@ -98,7 +100,9 @@ class LLMEngine:
         self.runner: Runner = runner
         self.num_blocks: int = num_blocks
         self._vocab_size = int(runner.vocab_size or self.tokenizer.vocab_size)
-        self.scheduler = Scheduler(
+        self._async = config.scheduler.async_scheduling
+        scheduler_cls = AsyncScheduler if self._async else Scheduler
+        self.scheduler = scheduler_cls(
             config.scheduler, config.cache, num_blocks=num_blocks, max_model_len=self.max_model_len
         )
         self._detokenizer_factory = detokenizer_factory or _default_detokenizer
@@ -110,7 +114,6 @@ class LLMEngine:
         self._live: dict[str, tuple[Request, Detokenizer]] = {}
         self._pending: list[Delta] = []  # deltas of requests finished outside a step (abort)
         self._last_scheduled: tuple[str, ...] = ()
-        self._async = config.scheduler.async_scheduling
         self._inflight: InflightStep | None = None  # the launched step not applied yet
         self._ids = itertools.count()
         # counters
@@ -269,7 +272,7 @@ class LLMEngine:
                 self._inflight = InflightStep(out, self.runner.launch(out, None), started)
             return []
         self._last_scheduled = prev.out.request_ids
-        nxt = self.scheduler.schedule_next(prev.out)
+        nxt = cast(AsyncScheduler, self.scheduler).schedule_next(prev.out)
         if nxt is not None:
             self._inflight = InflightStep(nxt, self.runner.launch(nxt, prev.handle), started)
             self._last_scheduled += nxt.request_ids

@@ -15,9 +15,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     import torch
 
-    from replica.outputs import Delta, EngineStats, RunnerOutput, SchedulerOutput
+    from replica.outputs import Delta, EngineStats, RunnerOutput
     from replica.pending_step import PendingStep
     from replica.request import SamplingParams
+    from replica.step import SchedulerOutput
 
 Prompt = str | Sequence[int]
 

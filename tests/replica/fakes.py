@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import torch
 
+from replica.async_scheduler import AsyncScheduler
 from replica.config import CacheConfig, SchedulerConfig
-from replica.outputs import PLACEHOLDER_TOKEN, RunnerOutput, ScheduledChunk, SchedulerOutput
+from replica.outputs import RunnerOutput
 from replica.pending_step import DeferredStep, PendingStep
 from replica.request import Request, SamplingParams
-from replica.scheduler import Scheduler
+from replica.step import PLACEHOLDER_TOKEN, ScheduledChunk, SchedulerOutput
 
 _MASK = (1 << 61) - 1
 
@@ -27,7 +28,7 @@ def _mix(state: int, token: int) -> int:
 
 def chunks_of(out: SchedulerOutput) -> tuple[ScheduledChunk, ...]:
     """A step as one chunk per request, whatever its kind (what an eager runner reads)."""
-    return tuple(out.chunks)
+    return out.as_chunks()
 
 
 def _with_tokens(out: SchedulerOutput, prev: PendingStep) -> SchedulerOutput:
@@ -135,7 +136,7 @@ def reference_tokens(prompt, params: SamplingParams, vocab: int = 1000, eos=froz
 
 
 def make_scheduler(*, num_blocks=64, block_size=4, budget=64, max_seqs=8, max_model_len=256, **cache):
-    sched = Scheduler(
+    sched = AsyncScheduler(
         SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget, max_waiting=1000),
         CacheConfig(block_size=block_size, num_blocks=num_blocks, **cache),
         num_blocks=num_blocks,
@@ -150,14 +151,14 @@ def make_req(rid, prompt, arrival=0.0, **params) -> Request:
     return Request(rid, list(prompt), SamplingParams(**params), arrival_time=arrival)
 
 
-def step(sched: Scheduler, runner: FakeRunner) -> tuple[SchedulerOutput, list[Request]]:
+def step(sched: AsyncScheduler, runner: FakeRunner) -> tuple[SchedulerOutput, list[Request]]:
     out = sched.schedule()
     got = sched.update(out, runner.run(out)) if not out.is_empty else []
     sched.kv.check_invariants()
     return out, got
 
 
-def step_async(sched: Scheduler, runner: FakeRunner, inflight):
+def step_async(sched: AsyncScheduler, runner: FakeRunner, inflight):
     """One engine-style step with async scheduling: launch the successor of the step in
     flight (if the scheduler can build it blind), then apply the step in flight."""
     if inflight is None:

@@ -12,8 +12,8 @@ from dataclasses import replace
 import pytest
 
 from replica import kv_cache as kv_mod
-from replica.outputs import PLACEHOLDER_TOKEN, SchedulerOutput
 from replica.request import FinishReason, Request, RequestStatus, SamplingParams
+from replica.step import PLACEHOLDER_TOKEN, SchedulerOutput
 from tests.replica.fakes import FakeRunner, make_req, make_scheduler, reference_tokens, step, step_async
 
 
@@ -236,8 +236,8 @@ def _stress(seed: int, *, prefix_caching=True, num_steps_cap=5000, overlap=False
         else:
             out, got = step(sched, runner)
         assert out.num_batched_tokens <= sched.config.max_num_batched_tokens
-        assert len(out.chunks) <= sched.config.max_num_seqs
-        assert len({c.request_id for c in out.chunks}) == len(out.chunks)
+        assert len(out.as_chunks()) <= sched.config.max_num_seqs
+        assert len({c.request_id for c in out.as_chunks()}) == len(out.as_chunks())
         for r in got:
             emitted[r.request_id].append(r.output_token_ids[-1])
         if not pending and not sched.has_unfinished() and inflight is None:
@@ -289,7 +289,7 @@ def test_randomized_stress_with_async_scheduling():
         inflight, got = step_async(sched, runner, inflight)
         for r in got:
             emitted[r.request_id].append(r.output_token_ids[-1])
-        if inflight is not None and any(c.token_ids[-1] == PLACEHOLDER_TOKEN for c in inflight[0].chunks):
+        if inflight is not None and any(c.token_ids[-1] == PLACEHOLDER_TOKEN for c in inflight[0].as_chunks()):
             blind += 1
     assert blind > 10
     for i in range(6):
