@@ -13,8 +13,7 @@ import logging
 import operator
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
-from dataclasses import replace
+from collections.abc import Callable, Collection, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 from replica.async_scheduler import AsyncScheduler
@@ -99,7 +98,7 @@ class LLMEngine:
             num_blocks = _injected_num_blocks(config, runner)
         self.runner: Runner = runner
         self.num_blocks: int = num_blocks
-        self._vocab_size = int(runner.vocab_size or self.tokenizer.vocab_size)
+        self.vocab_size = int(runner.vocab_size or self.tokenizer.vocab_size)
         self._async = config.scheduler.async_scheduling
         scheduler_cls = AsyncScheduler if self._async else Scheduler
         self.scheduler = scheduler_cls(
@@ -115,7 +114,6 @@ class LLMEngine:
         self._pending: list[Delta] = []  # deltas of requests finished outside a step (abort)
         self._last_scheduled: tuple[str, ...] = ()
         self._inflight: InflightStep | None = None  # the launched step not applied yet
-        self._ids = itertools.count()
         # counters
         self._num_steps = 0
         self._num_refused = 0
@@ -168,10 +166,10 @@ class LLMEngine:
                 raise InvalidRequestError(
                     "prompt must be a string or a list of integer token ids", param="prompt"
                 ) from None
-            bad = [t for t in ids if not 0 <= t < self._vocab_size]
+            bad = [t for t in ids if not 0 <= t < self.vocab_size]
             if bad:
                 raise InvalidRequestError(
-                    f"prompt token ids must be in [0, {self._vocab_size}), got {bad[0]}", param="prompt"
+                    f"prompt token ids must be in [0, {self.vocab_size}), got {bad[0]}", param="prompt"
                 )
         if not ids:
             raise InvalidRequestError("the prompt must contain at least one token", param="prompt")
@@ -350,37 +348,13 @@ class LLMEngine:
         usage = Usage(req.num_prompt_tokens, req.num_output_tokens, req.num_cached_tokens)
         return Delta(req.request_id, text, token_ids, req.finish_reason, usage, error)
 
-    # ----- warm-up ------------------------------------------------------------------------
+    # ----- drivers (replica/offline.py) ----------------------------------------------------
 
     def warmup(self, num_decode: int = 8) -> float:
-        """Run throwaway requests through every path a real step takes (a prefill chunk of the
-        full token budget, a mixed step, decode steps) so that kernel compilation, cuBLAS
-        heuristics and allocator growth happen now, not in a user's first request. Leaves no
-        trace: counters, rate window and prefix cache are reset. Returns the seconds it took."""
-        if self.has_unfinished():
-            raise RuntimeError("warmup needs an idle engine")
-        t0 = time.monotonic()
-        budget = self.config.scheduler.max_num_batched_tokens
-        long_len = max(1, min(budget, self.max_model_len - 2))
-        vocab = max(2, min(self._vocab_size, 30_000))
-        greedy = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
-        self.add(
-            self.make_request("warmup-long", [(7 * i) % vocab + 1 for i in range(long_len)], greedy),
-            enforce_queue_limit=False,
-        )
-        n = max(1, min(num_decode, self.config.scheduler.max_num_seqs - 1))
-        for i in range(n):
-            prompt = [(13 * i + j) % vocab + 1 for j in range(min(16 + 8 * i, self.max_model_len - 9))]
-            self.add(self.make_request(f"warmup-{i}", prompt, replace(greedy, max_tokens=8)), enforce_queue_limit=False)
-        while self.has_unfinished():
-            self.step()
-        self.scheduler.kv.reset_prefix_cache()
-        self._num_steps = self._prompt_tokens_total = self._generation_tokens_total = 0
-        self._cached_prompt_tokens_total = 0
-        self._rate.clear()
-        return time.monotonic() - t0
+        """See ``offline.warmup``: throwaway requests through every path, then no trace left."""
+        from replica.offline import warmup
 
-    # ----- offline batches ----------------------------------------------------------------
+        return warmup(self, num_decode)
 
     def generate(
         self,
@@ -389,69 +363,26 @@ class LLMEngine:
         *,
         use_tqdm: bool = True,
     ) -> list[CompletionOutput]:
-        """Run a batch to completion; outputs in the order of ``prompts``. Every prompt is
-        validated before any work (a refusal raises and runs nothing); the bounded waiting
-        queue is fed as it drains."""
-        plist_prompts: list[Prompt]
-        if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)):
-            plist_prompts = [cast(Prompt, prompts)]
-        else:
-            plist_prompts = list(cast(Sequence[Prompt], prompts))
-        prompts = plist_prompts
-        if params is None or isinstance(params, SamplingParams):
-            plist = [params or SamplingParams()] * len(prompts)
-        else:
-            plist = list(params)
-            if len(plist) != len(prompts):
-                raise InvalidRequestError(f"got {len(plist)} SamplingParams for {len(prompts)} prompts")
-        todo = deque(
-            self.make_request(f"generate-{next(self._ids)}", p, sp) for p, sp in zip(prompts, plist, strict=True)
-        )
-        order = [r.request_id for r in todo]
-        texts: dict[str, list[str]] = {rid: [] for rid in order}
-        tokens: dict[str, list[int]] = {rid: [] for rid in order}
-        reqs = {r.request_id: r for r in todo}
-        results: dict[str, CompletionOutput] = {}
-        bar = None
-        if use_tqdm:
-            from tqdm.auto import tqdm
+        """See ``offline.generate``: a batch to completion, outputs in the order of ``prompts``."""
+        from replica.offline import generate
 
-            bar = tqdm(total=len(order), desc="generate", unit="req", dynamic_ncols=True)
-        try:
-            while todo or self.has_unfinished():
-                # Feed the bounded queue as it drains (at least one waiting, even with max_waiting 0).
-                while todo and self.scheduler.num_waiting < max(1, self.config.scheduler.max_waiting):
-                    self.add(todo.popleft(), enforce_queue_limit=False)
-                for d in self.step():
-                    if d.request_id not in texts:
-                        continue  # someone else's request sharing this engine
-                    texts[d.request_id].append(d.text)
-                    tokens[d.request_id].extend(d.token_ids)
-                    if d.finished:
-                        assert d.finish_reason is not None and d.usage is not None
-                        results[d.request_id] = CompletionOutput(
-                            request_id=d.request_id,
-                            prompt_token_ids=tuple(reqs[d.request_id].prompt_token_ids),
-                            token_ids=tuple(tokens[d.request_id]),
-                            text="".join(texts[d.request_id]),
-                            finish_reason=d.finish_reason,
-                            usage=d.usage,
-                        )
-                        if bar is not None:
-                            bar.update(1)
-                            bar.set_postfix(tok_s=f"{self.tokens_per_s():.0f}", refresh=False)
-        except BaseException:
-            self.drop_inflight()
-            for rid in order:
-                if rid not in results:
-                    self.abort(rid)
-                    self._live.pop(rid, None)  # one a failed step finished: no delta will come
-            self._pending = [d for d in self._pending if d.request_id not in texts]
-            raise
-        finally:
-            if bar is not None:
-                bar.close()
-        return [results[rid] for rid in order]
+        return generate(self, prompts, params, use_tqdm=use_tqdm)
+
+    def discard(self, request_ids: Collection[str]) -> None:
+        """Abort these requests and drop every delta of theirs not returned yet (a caller giving
+        up on them, e.g. ``generate`` after an error). Requests already finished are left be."""
+        for rid in request_ids:
+            self.abort(rid)
+            self._live.pop(rid, None)  # one a failed step finished: no delta will come
+        ids = set(request_ids)
+        self._pending = [d for d in self._pending if d.request_id not in ids]
+
+    def reset_counters(self) -> None:
+        """Forget the counters, the rate window and the prefix cache (after a warm-up)."""
+        self.scheduler.kv.reset_prefix_cache()
+        self._num_steps = self._prompt_tokens_total = self._generation_tokens_total = 0
+        self._cached_prompt_tokens_total = 0
+        self._rate.clear()
 
     # ----- observability ----------------------------------------------------------------
 
@@ -517,13 +448,9 @@ def _injected_num_blocks(config: EngineConfig, runner: Runner) -> int:
 
 
 def __getattr__(name: str) -> Any:
-    # Old import paths, resolved lazily (no import cycle, no torch at import time).
+    # ``from replica.engine import AsyncEngine`` still works: resolved lazily (no import cycle).
     if name == "AsyncEngine":
         from replica.async_engine import AsyncEngine
 
         return AsyncEngine
-    if name == "kv_cache_num_blocks":
-        from replica.model_runner import kv_cache_num_blocks
-
-        return kv_cache_num_blocks
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
