@@ -358,18 +358,26 @@ async def serve_phase(a: argparse.Namespace, app_args: dict[str, Any], url: str)
 # ---------------------------------------------------------------- main
 
 
-def load_app_args(path: str, model: str | None) -> dict[str, Any]:
+def load_app_args(path: str, model: str | None, sets: list[str] = ()) -> dict[str, Any]:
+    """The config's app args; ``sets`` are ``dotted.key=value`` overrides (values parsed as YAML)."""
     cfg = yaml.safe_load(Path(path).read_text())
     args = dict(cfg["applications"][0]["args"])
     if model:
         args["model"] = model
+    for item in sets:
+        key, _, value = item.partition("=")
+        *parents, leaf = key.split(".")
+        node = args
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = yaml.safe_load(value)
     return args
 
 
 async def amain(a: argparse.Namespace) -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    app_args = load_app_args(a.config, a.model)
+    app_args = load_app_args(a.config, a.model, a.set)
     phases: list[Phase] = []
     if "engine" in a.phases:
         phases.append(await engine_phase(a, app_args))
@@ -420,6 +428,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--config", default=str(ROOT / "deployments.gpu.yaml"))
     ap.add_argument("--model", default=None, help="override the config's model")
     ap.add_argument("--phases", default="engine,serve")
+    ap.add_argument("--set", action="append", default=[], help="override an app arg: replica.stream_interval=8")
     ap.add_argument("--streams", type=int, default=256)
     ap.add_argument("--client-procs", type=int, default=4)
     ap.add_argument("--prompt-words", type=int, default=190)
