@@ -28,7 +28,6 @@ from deployments.metrics import ReplicaMetrics
 from deployments.mux import AbortRequest, Outboxes, PumpRequest, Submitted
 from replica.config import EngineConfig
 from replica.errors import EngineError, EngineUnavailableError
-from replica.interfaces import ServingEngine
 from replica.outputs import Delta, EngineStats
 from replica.request import FinishReason, SamplingParams
 from router.stats import DEFAULT_MAX_PREFIX_HASHES, build_routing_stats
@@ -87,9 +86,9 @@ class ReplicaUserConfig(BaseModel):
     )
 
 
-async def _default_engine(config: EngineConfig) -> ServingEngine:
+async def _default_engine(config: EngineConfig) -> Any:
     # Imported here: torch and the engine load only inside replicas, not in the ingress or router.
-    from replica.async_engine import AsyncEngine
+    from replica.engine import AsyncEngine
     from replica.models import load_model
 
     if config.model.device not in ("cpu",) and _engine_process_wanted(config):
@@ -134,7 +133,7 @@ class LLMServer:
         self._settings = ReplicaUserConfig.model_validate(user_config or {})
         factory = engine_factory or _default_engine
         engine = factory(engine_config)
-        self._engine: ServingEngine = await engine if asyncio.iscoroutine(engine) else engine
+        self._engine = await engine if asyncio.iscoroutine(engine) else engine
         await self._engine.start()
         stats = self._engine.stats()
         model_cfg = engine_config.model

@@ -19,15 +19,14 @@ import torch
 from transformers import PreTrainedModel
 
 from replica.attention import AttentionMetadata, PagedKVCache, install, resolve_backend
-from replica.config import CacheConfig, EngineConfig, RunnerConfig
+from replica.config import CacheConfig, RunnerConfig
 from replica.cuda_graphs import DecodeGraphs, DecodeInputs
+from replica.decode_batch import DecodeBatch, pack_block_tables
 from replica.models import DTYPES
-from replica.outputs import RunnerOutput
+from replica.outputs import PLACEHOLDER_TOKEN, RunnerOutput, SchedulerOutput
 from replica.pending_step import DeferredStep, PendingStep
 from replica.request import SamplingParams
 from replica.sampler import Sampler, SamplingRow
-from replica.step import PLACEHOLDER_TOKEN, DecodeBatch, SchedulerOutput, pack_block_tables
-from replica.stopping import banned_tokens
 
 
 def _text_config(hf_config: Any) -> Any:
@@ -159,14 +158,13 @@ class ModelRunner:
     def _resolve_placeholders(self, out: SchedulerOutput, prev: PendingStep | None) -> SchedulerOutput:
         """``out`` as plain chunks, every placeholder replaced by the token ``prev`` sampled
         (read on the host)."""
-        given = out.as_chunks()
-        if out.decode is None and not any(c.token_ids and c.token_ids[-1] == PLACEHOLDER_TOKEN for c in given):
+        if out.decode is None and not any(c.token_ids and c.token_ids[-1] == PLACEHOLDER_TOKEN for c in out.chunks):
             return out
         if prev is None:
             raise ValueError("a step with placeholder tokens needs the previous step")
         sampled = prev.result().sampled
         chunks = []
-        for c in given:
+        for c in out.chunks:
             if c.token_ids and c.token_ids[-1] == PLACEHOLDER_TOKEN:
                 if c.request_id not in sampled:
                     raise ValueError(f"request {c.request_id}: the previous step sampled no token for it")
@@ -313,7 +311,7 @@ class ModelRunner:
     # -- host-side preparation (vectorised over tokens) -----------------------------------------
 
     def prepare(self, out: SchedulerOutput) -> StepInputs:
-        chunks = out.as_chunks()
+        chunks = out.chunks
         b = len(chunks)
         if b == 0:
             raise ValueError("cannot prepare an empty SchedulerOutput")
@@ -375,37 +373,17 @@ class ModelRunner:
         )
 
     def _banned(self, params: SamplingParams, num_output_tokens: int) -> tuple[int, ...]:
-        return banned_tokens(params, num_output_tokens, self.eos_token_ids)
+        # min_tokens: no EOS / stop token may be sampled before that many outputs exist.
+        if num_output_tokens >= params.min_tokens:
+            return ()
+        eos = () if params.ignore_eos else self.eos_token_ids
+        return tuple(eos) + tuple(params.stop_token_ids)
 
     def _to_device(self, a: np.ndarray, dtype: torch.dtype = torch.int64) -> torch.Tensor:
         t = torch.from_numpy(np.ascontiguousarray(a)).to(dtype)
         if self.device.type == "cpu":
             return t
         return t.pin_memory().to(self.device, non_blocking=True)
-
-
-def kv_cache_num_blocks(config: EngineConfig, model: Any, max_model_len: int) -> int:
-    """KV pool size: ``cache.num_blocks`` if set, else free CUDA memory times
-    ``gpu_memory_utilization`` (CUDA) or ``cpu_cache_gib`` (CPU), divided by the size of a
-    block; capped at what ``max_num_seqs`` full-length sequences could ever use (a tiny
-    model would otherwise get millions of blocks it can never fill)."""
-    cache = config.cache
-    if cache.num_blocks is not None:
-        return cache.num_blocks
-    param = next(model.parameters())
-    per_block = ModelRunner.block_bytes(model.config, cache.block_size, param.dtype)
-    if param.device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(param.device)
-        budget = free * cache.gpu_memory_utilization
-        where = f"{free / 2**30:.2f} GiB free on {param.device} x gpu_memory_utilization {cache.gpu_memory_utilization}"
-    else:
-        budget = cache.cpu_cache_gib * 2**30
-        where = f"cpu_cache_gib {cache.cpu_cache_gib}"
-    n = int(budget // per_block)
-    if n < 1:
-        raise ValueError(f"no room for a single KV block of {per_block} bytes ({where})")
-    blocks_per_seq = -(-max_model_len // cache.block_size)
-    return min(n, config.scheduler.max_num_seqs * blocks_per_seq)
 
 
 def _patch_fused(model: PreTrainedModel) -> int:

@@ -1,12 +1,69 @@
-"""Results that cross a boundary: runner -> engine -> caller (the step itself is in ``step.py``)."""
+"""Typed values that cross a boundary: scheduler -> runner -> engine -> caller."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-from replica.request import FinishReason
+from replica.request import FinishReason, SamplingParams
+
+if TYPE_CHECKING:
+    from replica.decode_batch import DecodeBatch
+
+
+# A token id not known yet when the step was scheduled: the token the previous step samples.
+# Only the last token of a chunk can be one; the runner fills it in on the device.
+PLACEHOLDER_TOKEN = -1
+
+
+class ScheduledChunk(NamedTuple):
+    """One request's share of a step: compute ``token_ids`` at positions
+    ``start_pos .. start_pos + len(token_ids) - 1`` and, if ``sample`` is set,
+    sample the next token from the last position's logits.
+
+    ``block_table`` covers every position up to the end of this chunk; the KV of
+    positions before ``start_pos`` is already in the cache (earlier steps or
+    prefix-cache hits).
+
+    A NamedTuple, not a frozen dataclass, because one is built per request per step on the
+    host's critical path: construction is ~2.5x cheaper (tuple.__new__ instead of a
+    frozen __init__'s object.__setattr__ per field). Immutable all the same.
+    """
+
+    request_id: str
+    token_ids: tuple[int, ...]
+    start_pos: int
+    block_table: tuple[int, ...]
+    sample: bool
+    params: SamplingParams
+    num_output_tokens: int  # outputs so far: the index of the token sampled now (seeded RNG)
+    # Prompt + outputs so far (only needed by repetition-aware samplers and tests).
+    prompt_len: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    chunks: Sequence[ScheduledChunk]
+    num_batched_tokens: int
+    preempted_ids: tuple[str, ...] = ()
+    # Set on a decode-only continuation step (async scheduling): the same step in array form,
+    # which is then also ``chunks`` (materialised only if someone iterates them).
+    decode: DecodeBatch | None = None
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.chunks
+
+    @property
+    def request_ids(self) -> tuple[str, ...]:
+        if self.decode is not None:
+            return self.decode.request_ids
+        return tuple(c.request_id for c in self.chunks)
 
 
 class RunnerOutput:

@@ -24,12 +24,11 @@ import numpy as np
 
 from replica.admission import AdmissionController
 from replica.config import CacheConfig, SchedulerConfig
+from replica.decode_batch import CHECK_STOP_IDS, LIMIT, DecodeBatch
 from replica.errors import InvalidRequestError, QueueFullError
 from replica.kv_cache import KVCacheManager
-from replica.outputs import RunnerOutput
+from replica.outputs import RunnerOutput, ScheduledChunk, SchedulerOutput
 from replica.request import FinishReason, Request, RequestStatus
-from replica.step import DecodeBatch, ScheduledChunk, SchedulerOutput
-from replica.stopping import may_stop, stop_reason
 
 
 class Scheduler:
@@ -162,19 +161,78 @@ class Scheduler:
             preempted_ids=tuple(preempted),
         )
 
+    def schedule_next(self, prev: SchedulerOutput) -> SchedulerOutput | None:
+        """The step after ``prev`` while ``prev``'s tokens are still on the device (async
+        scheduling): every running request computes the token ``prev`` samples for it
+        (``PLACEHOLDER_TOKEN``) and samples the next one. Returned as a ``DecodeBatch``.
+
+        Only a plain continuation qualifies: nobody waiting (admission needs the synchronous
+        path), every running request sampled in ``prev``, its next block available without
+        preempting anyone. Otherwise returns None; blocks allocated on the way stay with their
+        requests (the next step needs them anyway). Requests that ``prev`` finishes by length
+        are left out; one that ``prev`` finishes by EOS, a stop token or a stop string computes
+        one wasted row, dropped by ``update``. Call ``update(prev, ...)`` before ``update`` of
+        the returned step.
+        """
+        if self.waiting:
+            return None
+        batch = self._next_of_batch(prev.decode) if prev.decode is not None else self._next_of_chunks(prev)
+        if batch is None or not len(batch) or len(batch) > self.config.max_num_batched_tokens:
+            return None
+        bs = self.kv.block_size
+        # Rows whose next token starts a new block: allocate it now (rare: once per block_size steps).
+        for i in np.flatnonzero(batch.positions + 1 > batch.num_blocks * bs).tolist():
+            req = batch.requests[i]
+            if self.kv.allocate_slots(req, int(batch.positions[i]) + 1 - req.num_computed_tokens) is None:
+                return None  # would need a preemption: the synchronous path decides
+            batch.set_blocks(i, req.block_table)
+        return SchedulerOutput(chunks=batch, num_batched_tokens=len(batch), decode=batch)
+
+    def _next_of_batch(self, d: DecodeBatch) -> DecodeBatch | None:
+        """Vectorised successor of a decode step: drop rows whose request ended (or whose
+        token in ``d`` is its last), advance the rest by one."""
+        running = RequestStatus.RUNNING
+        alive = np.array([r.status is running for r in d.requests], bool)
+        if int(alive.sum()) != len(self.running):
+            return None  # someone running was not in d
+        rows = np.flatnonzero(alive & (d.num_output_tokens + 1 < d.static[:, LIMIT]))
+        return d.successor(rows)
+
+    def _next_of_chunks(self, prev: SchedulerOutput) -> DecodeBatch | None:
+        """The first decode step after a step built from chunks (row by row)."""
+        requests = self._requests
+        reqs, prev_rows, positions, n_outs = [], [], [], []
+        seen = row = 0
+        for ch in prev.chunks:
+            if ch.sample:
+                row += 1  # rows of prev's sampled tokens, in chunk order
+            req = requests.get(ch.request_id)
+            if req is None or req.status is not RequestStatus.RUNNING:
+                continue  # finished or aborted since prev was scheduled
+            seen += 1
+            if not ch.sample or req.num_computed_tokens != ch.start_pos:
+                return None  # mid-prefill, or prev was already applied: not a continuation
+            n_out = len(req.output_token_ids) + 1  # after prev's token
+            if n_out >= req.params.max_tokens or len(req.prompt_token_ids) + n_out >= self.max_model_len:
+                continue  # prev's token is its last
+            reqs.append(req)
+            prev_rows.append(row - 1)
+            positions.append(ch.start_pos + len(ch.token_ids))
+            n_outs.append(n_out)
+        if seen != len(self.running) or not reqs:
+            return None  # someone running was not in prev (budget), or nothing to do
+        return DecodeBatch.build(reqs, prev_rows, positions, n_outs, self.max_model_len)
+
     def update(self, out: SchedulerOutput, res: RunnerOutput) -> list[Request]:
         """Apply a step's results: advance counters, append sampled tokens, finish and free
         requests that stopped, register newly full blocks. Returns requests that got a token."""
         if out.decode is not None:
-            return self._update_decode(out.decode, res)
-        return self._update_chunks(out.chunks, res)
-
-    def _update_chunks(self, chunks: Sequence[ScheduledChunk], res: RunnerOutput) -> list[Request]:
+            return self._update_batch(out.decode, res)
         got: list[Request] = []
         requests = self._requests
         bs = self.kv.block_size
         caching = self.kv.enable_prefix_caching
-        for ch in chunks:
+        for ch in out.chunks:
             req = requests.get(ch.request_id)
             if req is None or req.status is not RequestStatus.RUNNING:
                 continue  # finished or aborted since it was scheduled
@@ -192,14 +250,14 @@ class Scheduler:
                     raise RuntimeError(f"the model runner returned no token for {ch.request_id}") from None
                 req.output_token_ids.append(token)
                 got.append(req)
-                reason = stop_reason(req, token, self.max_model_len)
+                reason = self._stop_reason(req, token)
             if caching and ch.start_pos // bs != computed // bs:  # only a chunk that filled a block
                 self.kv.cache_full_blocks(req)
             if reason is not None:
                 self.finish(req.request_id, reason)
         return got
 
-    def _update_decode(self, d: DecodeBatch, res: RunnerOutput) -> list[Request]:
+    def _update_batch(self, d: DecodeBatch, res: RunnerOutput) -> list[Request]:
         """``update`` of a decode step: one short loop over rows; the stop and block checks
         are vectorised and only the rows they flag are looked at again."""
         try:
@@ -220,9 +278,10 @@ class Scheduler:
             req.num_computed_tokens = pos + 1
             req.output_token_ids.append(token)
             got.append(req)
-        # Rows that may stop now (checked exactly, per row, by stop_reason). Rows that also
-        # filled a block cache it first.
-        maybe = may_stop(d.num_output_tokens + 1, d.limit, d.check_stop_ids, toks, d.eos_ids)
+        # Rows that may stop now: at their length limit, or sampled an EOS / stop id (checked
+        # exactly, per row, by _stop_reason). Rows that also filled a block cache it first.
+        n_out = d.num_output_tokens + 1
+        maybe = (n_out >= d.static[:, LIMIT]) | (d.static[:, CHECK_STOP_IDS] != 0) | np.isin(toks, d.eos_ids)
         if self.kv.enable_prefix_caching:
             for i in np.flatnonzero((d.positions + 1) % self.kv.block_size == 0).tolist():
                 req = d.requests[i]
@@ -232,12 +291,21 @@ class Scheduler:
             req = d.requests[i]
             if req.status is not running:
                 continue
-            reason = stop_reason(req, int(toks[i]), self.max_model_len)
+            reason = self._stop_reason(req, int(toks[i]))
             if reason is not None:
                 self.finish(req.request_id, reason)
         return got
 
     # ----- helpers ---------------------------------------------------------------------
+
+    def _stop_reason(self, req: Request, token: int) -> FinishReason | None:
+        p = req.params
+        n_out = len(req.output_token_ids)
+        if n_out >= p.min_tokens and ((not p.ignore_eos and token in req.eos_token_ids) or token in p.stop_token_ids):
+            return FinishReason.STOP
+        if n_out >= p.max_tokens or len(req.prompt_token_ids) + n_out >= self.max_model_len:
+            return FinishReason.LENGTH
+        return None
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)

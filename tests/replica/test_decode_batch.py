@@ -8,10 +8,10 @@ from collections import defaultdict
 import numpy as np
 import pytest
 
-from replica.outputs import RunnerOutput
+from replica.decode_batch import LIMIT, DecodeBatch, pack_block_tables
+from replica.outputs import PLACEHOLDER_TOKEN, RunnerOutput
 from replica.request import FinishReason, Request, RequestStatus, SamplingParams
-from replica.step import PLACEHOLDER_TOKEN, DecodeBatch, pack_block_tables
-from tests.replica.fakes import make_req, make_scheduler, reference_tokens, step_async
+from tests.replica.test_scheduler import make_req, make_scheduler, reference_tokens, step_async
 
 
 def _req(rid, blocks, prompt_len=3, **params):
@@ -39,9 +39,9 @@ def test_build_successor_and_chunks_view():
     d = DecodeBatch.build([a, b], prev_rows=[1, 0], positions=[5, 2], num_output_tokens=[1, 1], max_model_len=64)
     assert len(d) == 2 and d.request_ids == ("a", "b")
     assert d.block_tables.tolist() == [[3, 4], [8, 0]] and d.num_blocks.tolist() == [2, 1]
-    assert d.limit.tolist() == [10, 5]
+    assert d.static[:, LIMIT].tolist() == [10, 5]
     assert not d.plain_greedy  # b samples with a temperature
-    chunks = d.as_chunks()  # built on demand
+    chunks = list(d)  # a Sequence of chunks, built on demand
     assert [c.request_id for c in chunks] == ["a", "b"]
     assert chunks[1].token_ids == (PLACEHOLDER_TOKEN,) and chunks[1].start_pos == 2
     assert chunks[1].block_table == (8,) and chunks[1].num_output_tokens == 1 and chunks[1].prompt_len == 2

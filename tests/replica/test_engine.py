@@ -10,13 +10,13 @@ import threading
 import pytest
 import torch
 
-from replica.async_engine import AsyncEngine
 from replica.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
-from replica.engine import LLMEngine
+from replica.engine import AsyncEngine, LLMEngine, kv_cache_num_blocks
 from replica.errors import EngineUnavailableError, InvalidRequestError, QueueFullError, RequestTooLongError
-from replica.model_runner import kv_cache_num_blocks
+from replica.outputs import PLACEHOLDER_TOKEN, RunnerOutput, SchedulerOutput
+from replica.pending_step import DeferredStep
 from replica.request import FinishReason, SamplingParams
-from tests.replica.fakes import FakeRunner, ScriptedRunner, reference_tokens
+from tests.replica.test_scheduler import PagedFakeRunner, reference_tokens
 
 EOS = 3
 VOCAB = 1000
@@ -36,6 +36,30 @@ class CharTokenizer:
         return "".join(chr(t) for t in token_ids if not (skip_special_tokens and t == EOS))
 
 
+class ScriptedRunner:
+    """Samples ``script[request_id][index]``: lets a test choose exact outputs."""
+
+    def __init__(self) -> None:
+        self.script: dict[str, list[int]] = {}
+        self.vocab_size = VOCAB
+        self.blind_steps = 0  # launched steps that had placeholder tokens
+
+    def run(self, out: SchedulerOutput) -> RunnerOutput:
+        # Past the end of a script: a blind step's wasted row (its request already stopped).
+        return RunnerOutput(
+            {
+                c.request_id: (self.script[c.request_id] + [0] * (c.num_output_tokens + 1))[c.num_output_tokens]
+                for c in out.chunks
+                if c.sample
+            }
+        )
+
+    def launch(self, out: SchedulerOutput, prev) -> DeferredStep:
+        # The script is indexed by output position, so a placeholder needs no resolving.
+        self.blind_steps += any(c.token_ids[-1] == PLACEHOLDER_TOKEN for c in out.chunks)
+        return DeferredStep(tuple(c.request_id for c in out.chunks if c.sample), lambda: self.run(out))
+
+
 def config(num_blocks=32, budget=32, max_seqs=4, max_waiting=64, max_model_len=128, async_=True) -> EngineConfig:
     return EngineConfig(
         model=ModelConfig(model="fake", max_model_len=max_model_len),
@@ -47,7 +71,7 @@ def config(num_blocks=32, budget=32, max_seqs=4, max_waiting=64, max_model_len=1
 
 
 def engine(runner=None, **kw) -> LLMEngine:
-    return LLMEngine(config(**kw), runner=runner or FakeRunner(BS, VOCAB), tokenizer=CharTokenizer())
+    return LLMEngine(config(**kw), runner=runner or PagedFakeRunner(BS, VOCAB), tokenizer=CharTokenizer())
 
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
@@ -58,8 +82,8 @@ GREEDY = dict(temperature=0.0, ignore_eos=True)
 
 def test_an_injected_runner_must_match_the_cache_config():
     with pytest.raises(ValueError, match="block_size 4 differs from the runner's 8"):
-        LLMEngine(config(), runner=FakeRunner(8, VOCAB), tokenizer=CharTokenizer())
-    small = FakeRunner(BS, VOCAB)
+        LLMEngine(config(), runner=PagedFakeRunner(8, VOCAB), tokenizer=CharTokenizer())
+    small = PagedFakeRunner(BS, VOCAB)
     small.num_blocks = 16
     with pytest.raises(ValueError, match="num_blocks 32 exceeds the runner's 16 blocks"):
         LLMEngine(config(num_blocks=32), runner=small, tokenizer=CharTokenizer())
@@ -356,7 +380,7 @@ async def test_async_streams_concurrent_requests():
     await eng.shutdown()
 
 
-class GatedRunner(FakeRunner):
+class GatedRunner(PagedFakeRunner):
     """Blocks in ``run`` until released: lets a test hold the step thread mid-step."""
 
     def __init__(self) -> None:
@@ -370,7 +394,7 @@ class GatedRunner(FakeRunner):
         return super().run(out)
 
 
-class HoldingRunner(FakeRunner):
+class HoldingRunner(PagedFakeRunner):
     """Runs ``free_steps`` steps, then blocks in ``run`` until released: a request stays
     unfinished while the test acts on its stream (streams coalesce queued deltas, so a fast
     engine could otherwise deliver a whole request in one or two items)."""
@@ -462,7 +486,7 @@ async def test_async_abort_ends_the_stream_with_abort():
     await eng.shutdown()
 
 
-class FailingRunner(FakeRunner):
+class FailingRunner(PagedFakeRunner):
     def __init__(self, failures: int) -> None:
         super().__init__(BS, VOCAB)
         self.failures = failures
@@ -507,7 +531,7 @@ async def test_a_request_finished_by_a_step_that_then_fails_still_ends_its_strea
     # turning that token into text raises; the stream must end with ERROR, not wait forever.
     inner = LLMEngine(
         config(),
-        runner=FakeRunner(BS, VOCAB),
+        runner=PagedFakeRunner(BS, VOCAB),
         tokenizer=CharTokenizer(),
         detokenizer_factory=lambda tok, prompt, stop: DetokenizerFailingAt(2),
     )
@@ -523,7 +547,7 @@ async def test_a_request_finished_by_a_step_that_then_fails_still_ends_its_strea
 def test_a_detokenizer_failure_ends_only_its_own_request():
     eng = LLMEngine(
         config(),
-        runner=FakeRunner(BS, VOCAB),
+        runner=PagedFakeRunner(BS, VOCAB),
         tokenizer=CharTokenizer(),
         detokenizer_factory=lambda tok, prompt, params: DetokenizerFailingAt(3 if prompt[0] == ord("b") else 0),
     )
@@ -637,7 +661,7 @@ def test_warmup_leaves_no_trace_and_later_outputs_are_exact():
     assert out.usage.cached_tokens == 0
 
 
-class SlowRunner(FakeRunner):
+class SlowRunner(PagedFakeRunner):
     """10 ms per step: the consumer keeps up, so only stream_interval batches tokens."""
 
     def run(self, out):

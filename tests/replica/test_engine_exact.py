@@ -20,9 +20,8 @@ import torch
 
 from replica.config import CacheConfig, EngineConfig, ModelConfig, RunnerConfig, SchedulerConfig
 from replica.engine import LLMEngine
-from replica.outputs import Usage
+from replica.outputs import PLACEHOLDER_TOKEN, SchedulerOutput, Usage
 from replica.request import FinishReason, SamplingParams
-from replica.step import PLACEHOLDER_TOKEN, SchedulerOutput
 
 models = pytest.importorskip("replica.models")
 pytest.importorskip("replica.model_runner")
@@ -195,13 +194,12 @@ def test_preemption_and_chunked_prefill_really_happened(arch):
     assert engine.stats().num_preemptions > 0
     assert any(o.preempted_ids for o in outs)
     # Async scheduling: steps launched before the previous step's tokens were known.
-    assert sum(any(c.token_ids[-1] == PLACEHOLDER_TOKEN for c in o.as_chunks()) for o in outs) >= 5
+    assert sum(any(c.token_ids[-1] == PLACEHOLDER_TOKEN for c in o.chunks) for o in outs) >= 5
     # A prefill chunk that does not reach the end of its prompt: chunked prefill.
-    assert any(not c.sample and c.num_tokens > 1 for o in outs for c in o.as_chunks())
+    assert any(not c.sample and c.num_tokens > 1 for o in outs for c in o.chunks)
     # Prefill chunks and decodes in the same step.
     assert any(
-        any(c.num_tokens > 1 for c in o.as_chunks())
-        and any(c.num_tokens == 1 and c.start_pos > 0 for c in o.as_chunks())
+        any(c.num_tokens > 1 for c in o.chunks) and any(c.num_tokens == 1 and c.start_pos > 0 for c in o.chunks)
         for o in outs
     )
     assert all(o.num_batched_tokens <= BUDGET for o in outs)
@@ -391,5 +389,5 @@ def test_architecture_is_token_exact_or_refused_at_load(name):
     assert not mismatched, f"{name}: engine vs HF generate differ: {mismatched}"
     outs = engine.runner.outputs
     assert engine.stats().num_preemptions > 0
-    assert any(not c.sample and c.num_tokens > 1 for o in outs for c in o.as_chunks())  # chunked prefill
+    assert any(not c.sample and c.num_tokens > 1 for o in outs for c in o.chunks)  # chunked prefill
     assert sum(result.usage[s.rid].cached_tokens for s in specs if s.shares_prefix) > 0  # prefix hits

@@ -1,6 +1,7 @@
 """Scheduler: continuous batching, chunked prefill, token budget, preemption by recompute,
-abort; and a randomized stress test against a fake model that really reads its paged cache
-(``tests/replica/fakes.py``).
+abort; and a randomized stress test against a fake model that really reads its paged cache.
+
+``PagedFakeRunner`` and ``reference_tokens`` are reused by tests/replica/test_engine.py.
 """
 
 from __future__ import annotations
@@ -12,9 +13,126 @@ from dataclasses import replace
 import pytest
 
 from replica import kv_cache as kv_mod
+from replica.config import CacheConfig, SchedulerConfig
+from replica.outputs import PLACEHOLDER_TOKEN, RunnerOutput, SchedulerOutput
+from replica.pending_step import DeferredStep
 from replica.request import FinishReason, Request, RequestStatus, SamplingParams
-from replica.step import PLACEHOLDER_TOKEN, SchedulerOutput
-from tests.replica.fakes import FakeRunner, make_req, make_scheduler, reference_tokens, step, step_async
+from replica.scheduler import Scheduler
+
+_MASK = (1 << 61) - 1
+
+
+def _mix(state: int, token: int) -> int:
+    """The fake model's 'KV' at a position: a function of every token up to it."""
+    z = (state * 0x9E3779B97F4A7C15 + token * 0xBF58476D1CE4E5B9 + 1) & _MASK
+    return (z ^ (z >> 29)) & _MASK
+
+
+class PagedFakeRunner:
+    """A stand-in model whose outputs depend on its paged cache like a real one does.
+
+    Writing position ``p`` stores ``mix(kv[p-1], token_p)`` in slot ``block_table[p // bs]``,
+    reading ``kv[p-1]`` back through the block table; the next token is a function of the
+    last position's value (plus ``(seed, index)`` for seeded sampling). A block shared by
+    the wrong prefix, freed too early or overwritten changes the tokens that follow, and
+    reading a never-written slot raises.
+    """
+
+    def __init__(self, block_size: int, vocab: int = 1000) -> None:
+        self.block_size = block_size
+        self.vocab_size = vocab
+        self.kv: dict[tuple[int, int], int] = {}
+        self.steps: list[SchedulerOutput] = []
+        self.launched_placeholders = 0  # launched steps that had placeholder tokens
+
+    def _slot(self, table, pos: int) -> tuple[int, int]:
+        return table[pos // self.block_size], pos % self.block_size
+
+    def run(self, out: SchedulerOutput) -> RunnerOutput:
+        self.steps.append(out)
+        sampled = {}
+        for ch in out.chunks:
+            state = self.kv[self._slot(ch.block_table, ch.start_pos - 1)] if ch.start_pos else 0
+            for k, tok in enumerate(ch.token_ids):
+                state = _mix(state, tok)
+                self.kv[self._slot(ch.block_table, ch.start_pos + k)] = state
+            if ch.sample:
+                sampled[ch.request_id] = next_token(state, ch.params, ch.num_output_tokens, self.vocab_size)
+        return RunnerOutput(sampled)
+
+    def launch(self, out: SchedulerOutput, prev) -> DeferredStep:
+        """Like ModelRunner.launch: placeholders take ``prev``'s tokens; computed at result()."""
+        if any(c.token_ids[-1] == PLACEHOLDER_TOKEN for c in out.chunks):
+            self.launched_placeholders += 1
+            got = prev.result().sampled
+            out = replace(
+                out,
+                chunks=tuple(
+                    c._replace(token_ids=c.token_ids[:-1] + (got[c.request_id],))
+                    if c.token_ids[-1] == PLACEHOLDER_TOKEN
+                    else c
+                    for c in out.chunks
+                ),
+            )
+        return DeferredStep(tuple(c.request_id for c in out.chunks if c.sample), lambda: self.run(out))
+
+
+def next_token(state: int, params: SamplingParams, index: int, vocab: int) -> int:
+    if params.greedy or params.seed is None:
+        return state % vocab
+    return _mix(_mix(state, params.seed), index) % vocab
+
+
+def reference_tokens(prompt, params: SamplingParams, vocab: int = 1000, eos=frozenset()) -> list[int]:
+    """What the fake model generates for a request alone."""
+    state = 0
+    for t in prompt:
+        state = _mix(state, t)
+    out: list[int] = []
+    while True:
+        tok = next_token(state, params, len(out), vocab)
+        out.append(tok)
+        state = _mix(state, tok)
+        stop = (not params.ignore_eos and tok in eos) or tok in params.stop_token_ids
+        if (stop and len(out) >= params.min_tokens) or len(out) >= params.max_tokens:
+            return out
+
+
+def make_scheduler(*, num_blocks=64, block_size=4, budget=64, max_seqs=8, max_model_len=256, **cache):
+    sched = Scheduler(
+        SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget, max_waiting=1000),
+        CacheConfig(block_size=block_size, num_blocks=num_blocks, **cache),
+        num_blocks=num_blocks,
+        max_model_len=max_model_len,
+    )
+    return sched, PagedFakeRunner(block_size)
+
+
+def make_req(rid, prompt, arrival=0.0, **params) -> Request:
+    params.setdefault("ignore_eos", True)
+    params.setdefault("temperature", 0.0)
+    return Request(rid, list(prompt), SamplingParams(**params), arrival_time=arrival)
+
+
+def step(sched: Scheduler, runner: PagedFakeRunner) -> tuple[SchedulerOutput, list[Request]]:
+    out = sched.schedule()
+    got = sched.update(out, runner.run(out)) if not out.is_empty else []
+    sched.kv.check_invariants()
+    return out, got
+
+
+def step_async(sched: Scheduler, runner: PagedFakeRunner, inflight):
+    """One engine-style step with async scheduling: launch the successor of the step in
+    flight (if the scheduler can build it blind), then apply the step in flight."""
+    if inflight is None:
+        out = sched.schedule()
+        return (None if out.is_empty else (out, runner.launch(out, None))), []
+    out, handle = inflight
+    nxt = sched.schedule_next(out)
+    new = (nxt, runner.launch(nxt, handle)) if nxt is not None else None
+    got = sched.update(out, handle.result())
+    sched.kv.check_invariants()
+    return new, got
 
 
 def run_to_end(sched, runner, max_steps=10_000):
@@ -236,8 +354,8 @@ def _stress(seed: int, *, prefix_caching=True, num_steps_cap=5000, overlap=False
         else:
             out, got = step(sched, runner)
         assert out.num_batched_tokens <= sched.config.max_num_batched_tokens
-        assert len(out.as_chunks()) <= sched.config.max_num_seqs
-        assert len({c.request_id for c in out.as_chunks()}) == len(out.as_chunks())
+        assert len(out.chunks) <= sched.config.max_num_seqs
+        assert len({c.request_id for c in out.chunks}) == len(out.chunks)
         for r in got:
             emitted[r.request_id].append(r.output_token_ids[-1])
         if not pending and not sched.has_unfinished() and inflight is None:
@@ -266,7 +384,7 @@ def test_randomized_stress_keeps_invariants_and_outputs():
 def test_randomized_stress_with_async_scheduling():
     """Pipelined schedule_next/update with EOS stops, preemption, aborts and prefix hits:
     exact outputs, no leaked block, and the blind steps really ran (with wasted rows)."""
-    runners: list[FakeRunner] = []
+    runners: list[PagedFakeRunner] = []
     preempted = 0
     for seed in range(12):
         preempted += _stress(300 + seed, overlap=True, runners=runners).num_preemptions
@@ -289,7 +407,7 @@ def test_randomized_stress_with_async_scheduling():
         inflight, got = step_async(sched, runner, inflight)
         for r in got:
             emitted[r.request_id].append(r.output_token_ids[-1])
-        if inflight is not None and any(c.token_ids[-1] == PLACEHOLDER_TOKEN for c in inflight[0].as_chunks()):
+        if inflight is not None and any(c.token_ids[-1] == PLACEHOLDER_TOKEN for c in inflight[0].chunks):
             blind += 1
     assert blind > 10
     for i in range(6):
