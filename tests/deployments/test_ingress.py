@@ -27,6 +27,7 @@ pytestmark = pytest.mark.timeout(60)
 
 MODEL = "tiny:llama"
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "seed": 3}
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
 
 
 @pytest.fixture
@@ -216,7 +217,11 @@ def assert_openai_error(r: httpx.Response, status: int, code: str | None = None,
         ({**CHAT, "temperature": -1}, "temperature", "greater than or equal"),
         ({**CHAT, "top_p": 0}, "top_p", "greater than"),
         ({**CHAT, "max_tokens": 0}, "max_tokens", "greater than or equal"),
-        ({**CHAT, "tools": [{"type": "function"}]}, "tools", "Unrecognized request argument supplied: tools"),
+        ({**CHAT, "tools": [{"type": "function"}]}, "tools.0.function", "Missing required parameter"),
+        ({**CHAT, "tools": [TOOL]}, "tools", "chat template does not support tools"),  # FakeTokenizer's
+        ({**CHAT, "tools": [TOOL], "tool_choice": "required"}, "tool_choice", "not supported yet"),
+        ({**CHAT, "tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice", ""),
+        ({**CHAT, "tool_choice": "auto"}, "tool_choice", "only allowed when tools are given"),
         ({**CHAT, "logprobs": True}, "logprobs", "logprobs is not supported"),
         ({**CHAT, "top_logprobs": 2}, "top_logprobs", "top_logprobs is not supported"),
         ({**CHAT, "stream_options": {"include_usage": True}}, "stream_options", "only allowed when stream"),

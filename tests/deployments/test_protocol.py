@@ -66,7 +66,7 @@ def test_sampling_params_errors_stay_typed():
         {"logit_bias": {"5": 1.0}},
         {"stream_options": {"include_usage": True}},  # without stream
         {"functions": []},  # unknown to this server: rejected, not ignored
-        {"messages": [{"role": "assistant", "content": "x", "tool_calls": [{"id": "1"}]}]},
+        {"messages": [{"role": "assistant", "content": "x", "tool_calls": [{"id": "1"}]}]},  # no function
         {"response_format": {"type": "json_object"}},
     ],
 )
