@@ -458,6 +458,11 @@ class OpenAIService:
                 param=what,
             )
         params = body.sampling_params(max_tokens)  # InvalidRequestError -> 400 by the handler
+        if params.logit_bias and params.logit_bias[-1][0] >= self._tokenizer.vocab_size:
+            raise APIError.invalid(
+                f"logit_bias token ids must be in [0, {self._tokenizer.vocab_size}); got {params.logit_bias[-1][0]}",
+                param="logit_bias",
+            )
         logger.info("request %s: %d prompt tokens, max_tokens=%d, stream=%s", rid, n_prompt, max_tokens, body.stream)
         return GenerateRequest(rid, tuple(token_ids), params, time.time())
 

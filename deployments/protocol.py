@@ -28,7 +28,7 @@ from pydantic import (
     field_validator,
 )
 
-from replica.request import SamplingParams
+from replica.request import MAX_LOGIT_BIAS, MAX_REPETITION_PENALTY, SamplingParams
 
 # ---------------------------------------------------------------- requests
 
@@ -71,8 +71,10 @@ class _SamplingFields(_Strict):
     user: str | None = None
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    repetition_penalty: float | None = None  # vLLM's; `vllm bench serve` sends 1.0
-    logit_bias: dict[str, float] | None = None
+    # vLLM's (HF semantics: over prompt and output, 1 is none); `vllm bench serve` sends 1.0
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=MAX_REPETITION_PENALTY)
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)  # vLLM's
     # engine extras (not OpenAI; vLLM-compatible names) for benchmarking
     ignore_eos: bool = False
     min_tokens: int = Field(default=0, ge=0)
@@ -88,25 +90,18 @@ class _SamplingFields(_Strict):
         return 1
 
     # Field validators, not a model validator: the 400 then names the parameter (``param``).
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _no_penalty(cls, v: float | None, info: ValidationInfo) -> float | None:
-        if v not in (None, 0, 0.0):
-            raise ValueError(f"{info.field_name} is not supported by this server; send 0 or omit it")
-        return v
-
-    @field_validator("repetition_penalty")
-    @classmethod
-    def _no_repetition_penalty(cls, v: float | None) -> float | None:
-        if v not in (None, 1, 1.0):
-            raise ValueError("repetition_penalty is not supported by this server; send 1 or omit it")
-        return v
-
     @field_validator("logit_bias")
     @classmethod
-    def _no_logit_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
-        if v:
-            raise ValueError("logit_bias is not supported by this server")
+    def _logit_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        if not v:
+            return v
+        if len(v) > MAX_LOGIT_BIAS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS} tokens may be biased, got {len(v)}")
+        for key, bias in v.items():
+            if not key.isdigit():
+                raise ValueError(f"keys must be token ids (non-negative integers as strings), got {key!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"biases must be in [-100, 100], got {bias!r} for token {key}")
         return v
 
     @field_validator("stream_options")
@@ -138,6 +133,11 @@ class _SamplingFields(_Strict):
             stop=stop,
             stop_token_ids=tuple(self.stop_token_ids or ()),
             ignore_eos=self.ignore_eos,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            logit_bias=tuple((int(k), float(b)) for k, b in (self.logit_bias or {}).items()),
+            min_p=self.min_p or 0.0,
         )
 
 
