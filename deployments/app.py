@@ -20,6 +20,7 @@ from deployments.auth import AuthSettings
 from deployments.ingress import INGRESS_HEADROOM, IngressSettings, OpenAIIngress
 from deployments.limits import RequestLimits
 from deployments.llm import LLMReplica, ReplicaUserConfig
+from deployments.tool_calls import ToolParserName
 from replica.config import CacheConfig, EngineConfig, ModelConfig, RunnerConfig, SchedulerConfig
 
 
@@ -148,6 +149,9 @@ class AppArgs(_Args):
     default_max_tokens: int | None = Field(
         default=None, ge=1, description="Chat max_tokens when a client sends none (default: rest of the context)."
     )
+    tool_parser: ToolParserName = Field(
+        default="auto", description="How tool calls are read from chat outputs (auto: from the chat template)."
+    )
     graceful_shutdown_timeout_s: float = Field(
         default=60, ge=0, description="How long Serve waits for in-flight requests before stopping a replica."
     )
@@ -253,6 +257,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         model=a.model,
         served_model_name=a.served_model_name,
         default_max_tokens=a.default_max_tokens,
+        tool_parser=a.tool_parser,
         limits=a.limits,
         auth=a.auth,
         stream_mode="mux"

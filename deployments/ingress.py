@@ -45,15 +45,20 @@ from deployments.protocol import (
     ChatCompletionResponse,
     ChatDelta,
     ChatResponseMessage,
+    ChatToolCall,
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
+    DeltaFunction,
+    DeltaToolCall,
     ModelCard,
     ModelList,
     PromptTokensDetails,
+    ToolCallFunction,
     UsageInfo,
     validation_message,
 )
+from deployments.tool_calls import Event, ToolCall, ToolParser, ToolParserName, parser_for
 from replica.errors import EngineError
 from replica.outputs import Delta, Usage
 from replica.request import FinishReason
@@ -137,6 +142,11 @@ class IngressSettings(BaseModel):
     stream_interval: int = Field(
         default=1, ge=1, le=1024, description="mux: least tokens per SSE event after the first (1: adaptive)."
     )
+    tool_parser: ToolParserName = Field(
+        default="auto",
+        description="How tool calls are read from the output (deployments/tool_calls.py); auto: from the "
+        "chat template's markers.",
+    )
 
     @property
     def served_name(self) -> str:
@@ -146,11 +156,68 @@ class IngressSettings(BaseModel):
 # ------------------------------------------------------------- the service
 
 
-def _finish_reason(reason: FinishReason | None) -> str | None:
+def _finish_reason(reason: FinishReason | None, tool_calls: bool = False) -> str | None:
     if reason is None:
         return None
-    # OpenAI knows stop/length; an abort only reaches a client that is gone.
-    return "length" if reason is FinishReason.LENGTH else "stop"
+    # OpenAI knows stop/length/tool_calls; an abort only reaches a client that is gone.
+    if reason is FinishReason.LENGTH:
+        return "length"
+    return "tool_calls" if tool_calls else "stop"
+
+
+_PROBE_MESSAGES = [{"role": "user", "content": "hi"}]
+_PROBE_TOOLS = [
+    {
+        "type": "function",
+        "function": {"name": "probe_tool", "description": "probe", "parameters": {"type": "object", "properties": {}}},
+    }
+]
+
+
+def template_supports_tools(tokenizer: Any) -> bool:
+    """Whether the chat template renders tools: the same conversation with and without a tool
+    must differ (a template that ignores ``tools`` renders both alike), and must not raise."""
+    try:
+        plain = tokenizer.apply_chat_template(_PROBE_MESSAGES, add_generation_prompt=True)
+        with_tools = tokenizer.apply_chat_template(_PROBE_MESSAGES, add_generation_prompt=True, tools=_PROBE_TOOLS)
+    except Exception:
+        return False
+    return list(plain) != list(with_tools)
+
+
+def _chat_template_text(tokenizer: Any) -> str | None:
+    template = getattr(getattr(tokenizer, "hf", None), "chat_template", None) or getattr(
+        tokenizer, "chat_template", None
+    )
+    return template if isinstance(template, str) else None
+
+
+def _delta_calls(calls: list[ToolCall], first_index: int) -> list[DeltaToolCall]:
+    return [
+        DeltaToolCall(
+            index=first_index + i, id=c.id, type="function", function=DeltaFunction(name=c.name, arguments=c.arguments)
+        )
+        for i, c in enumerate(calls)
+    ]
+
+
+class _ToolChunks:
+    """A streamed chat's deltas through a tool-call parser: content passes on (held back while
+    it may open a call), each complete call becomes one ``delta.tool_calls`` entry."""
+
+    def __init__(self, parser: ToolParser) -> None:
+        self._stream = parser.stream()
+        self.num_calls = 0
+
+    def delta(self, text: str, finished: bool) -> ChatDelta:
+        events: list[Event] = self._stream.feed(text) if text else []
+        if finished:
+            events += self._stream.finish()
+        content = "".join(e for e in events if isinstance(e, str)) or None
+        calls = [e for e in events if isinstance(e, ToolCall)]
+        delta = ChatDelta(content=content, tool_calls=_delta_calls(calls, self.num_calls) if calls else None)
+        self.num_calls += len(calls)
+        return delta
 
 
 def _usage(usage: Usage | None, prompt_tokens: int, completion_tokens: int) -> UsageInfo:
@@ -227,6 +294,7 @@ class OpenAIService:
         self._info: ModelInfo | None = None
         self._info_lock = asyncio.Lock()
         self._healthy_at = -HEALTH_TTL_S
+        self._tools_supported: bool | None = None  # probed on the first request with tools
         self._metrics = IngressMetrics(backend=metrics_backend)
 
     @property
@@ -300,8 +368,15 @@ class OpenAIService:
     async def chat(self, body: ChatCompletionRequest, request_id: str | None = None) -> Response:
         self._check_model(body.model)
         rid = usable_request_id(request_id) or f"chatcmpl-{uuid.uuid4().hex}"
+        tools = body.template_tools
+        parser = self._tool_parser() if tools else None
         try:
-            token_ids = self._tokenizer.apply_chat_template(body.template_messages(), add_generation_prompt=True)
+            if tools:
+                token_ids = self._tokenizer.apply_chat_template(
+                    body.template_messages(), add_generation_prompt=True, tools=tools
+                )
+            else:
+                token_ids = self._tokenizer.apply_chat_template(body.template_messages(), add_generation_prompt=True)
         except EngineError:
             raise
         except Exception as exc:  # a template that rejects the conversation (e.g. role order)
@@ -310,19 +385,38 @@ class OpenAIService:
             ) from exc
         greq = await self._request(rid, list(token_ids), body, body.requested_max_tokens, "messages")
         if body.stream:
-            return await self._stream(greq, body.include_usage, self._chat_chunks(greq, body.continuous_usage))
+            return await self._stream(greq, body.include_usage, self._chat_chunks(greq, body.continuous_usage, parser))
         text, final = await self._collect(greq)
+        message = ChatResponseMessage(content=text)
+        if parser is not None:
+            parsed = parser.parse(text)
+            calls = [
+                ChatToolCall(id=c.id, function=ToolCallFunction(name=c.name, arguments=c.arguments))
+                for c in parsed.tool_calls
+            ]
+            if calls:
+                message = ChatResponseMessage(content=parsed.content, tool_calls=calls)
+        finish = _finish_reason(final.finish_reason, tool_calls=bool(message.tool_calls))
         resp = ChatCompletionResponse(
             id=rid,
             model=self.served_name,
-            choices=[
-                ChatChoice(message=ChatResponseMessage(content=text), finish_reason=_finish_reason(final.finish_reason))
-            ],
+            choices=[ChatChoice(message=message, finish_reason=finish)],
             usage=_usage(final.usage, len(token_ids), 0),
         )
         return JSONResponse(resp.model_dump(), headers={"x-request-id": rid})
 
     # ---------------------------------------------------------------- validation
+
+    def _tool_parser(self) -> ToolParser:
+        """The tool-call parser for this model; 400 (param tools) when its chat template
+        cannot show tools to the model."""
+        if self._tools_supported is None:
+            self._tools_supported = template_supports_tools(self._tokenizer)
+        if not self._tools_supported:
+            raise APIError.invalid(
+                "this model's chat template does not support tools; send the request without tools", param="tools"
+            )
+        return parser_for(self._settings.tool_parser, _chat_template_text(self._tokenizer))
 
     def _check_model(self, model: str) -> None:
         if model not in (self.served_name, self._settings.model):
@@ -364,6 +458,11 @@ class OpenAIService:
                 param=what,
             )
         params = body.sampling_params(max_tokens)  # InvalidRequestError -> 400 by the handler
+        if params.logit_bias and params.logit_bias[-1][0] >= self._tokenizer.vocab_size:
+            raise APIError.invalid(
+                f"logit_bias token ids must be in [0, {self._tokenizer.vocab_size}); got {params.logit_bias[-1][0]}",
+                param="logit_bias",
+            )
         logger.info("request %s: %d prompt tokens, max_tokens=%d, stream=%s", rid, n_prompt, max_tokens, body.stream)
         return GenerateRequest(rid, tuple(token_ids), params, time.time())
 
@@ -435,31 +534,35 @@ class OpenAIService:
             continuous_usage=continuous_usage,
         )
 
-    def _chat_chunks(self, greq: GenerateRequest, continuous_usage: bool = False):
+    def _chat_chunks(self, greq: GenerateRequest, continuous_usage: bool = False, parser: ToolParser | None = None):
         rid, name, created = greq.request_id, self.served_name, int(time.time())
+
+        def chunk(delta: ChatDelta, finish_reason: str | None = None) -> ChatCompletionChunk:
+            return ChatCompletionChunk(
+                id=rid, created=created, model=name, choices=[ChatChunkChoice(delta=delta, finish_reason=finish_reason)]
+            )
+
+        content: Callable[[Delta], BaseModel]
+        text: Callable[[str], bytes]
+        if parser is None:
+            content = lambda d: chunk(ChatDelta(content=d.text or None), _finish_reason(d.finish_reason))
+            text = _TextChunk(lambda t: chunk(ChatDelta(content=t)))
+        else:
+            tools = _ToolChunks(parser)
+
+            def content(d: Delta) -> BaseModel:
+                delta = tools.delta(d.text, d.finished)
+                return chunk(delta, _finish_reason(d.finish_reason, tool_calls=tools.num_calls > 0))
+
+            def text(t: str) -> bytes:
+                delta = tools.delta(t, False)
+                return _sse(chunk(delta)) if delta.content is not None or delta.tool_calls else b""
+
         return self._chunk_stream(
             greq,
-            head=ChatCompletionChunk(
-                id=rid,
-                created=created,
-                model=name,
-                choices=[ChatChunkChoice(delta=ChatDelta(role="assistant", content=""))],
-            ),
-            content=lambda d: ChatCompletionChunk(
-                id=rid,
-                created=created,
-                model=name,
-                choices=[
-                    ChatChunkChoice(
-                        delta=ChatDelta(content=d.text or None), finish_reason=_finish_reason(d.finish_reason)
-                    )
-                ],
-            ),
-            text=_TextChunk(
-                lambda t: ChatCompletionChunk(
-                    id=rid, created=created, model=name, choices=[ChatChunkChoice(delta=ChatDelta(content=t))]
-                )
-            ),
+            head=chunk(ChatDelta(role="assistant", content="")),
+            content=content,
+            text=text,
             usage=lambda u: ChatCompletionChunk(id=rid, created=created, model=name, choices=[], usage=u),
             continuous_usage=continuous_usage,
         )
@@ -498,8 +601,8 @@ class OpenAIService:
                         if continuous_usage:
                             chunk.usage = _usage(d.usage, n_prompt, n_out)
                         yield _sse(chunk)
-                    elif d.text:
-                        yield text(d.text)
+                    elif d.text and (data := text(d.text)):  # a tool-call parser may hold text back
+                        yield data
                     if d.finished and include_usage:
                         yield _sse(usage(_usage(d.usage, len(greq.prompt_token_ids), n_out)))
                 yield SSE_DONE

@@ -2,18 +2,19 @@
 
 Unknown request fields are rejected (OpenAI answers 400 "Unrecognized request argument"),
 and parameters this server does not implement are rejected with a clear message rather
-than silently ignored (n != 1, logprobs, penalties, tools...). Engine extras used by
+than silently ignored (n != 1, logprobs, tool_choice "required"...). Engine extras used by
 benchmarks are accepted: ignore_eos, min_tokens, top_k, stop_token_ids.
 
 What vLLM-compatible load generators send by default is accepted unchanged (guidellm 0.8,
 aiperf 0.13, ``vllm bench serve``; see tests/deployments/test_protocol.py for their bodies):
 ``stream_options.continuous_usage_stats`` (honoured: usage in every chunk), ``stop: null``,
-``logprobs: null``, ``repetition_penalty: 1.0`` (only 1.0, which is no penalty), and
+``logprobs: null``, ``repetition_penalty: 1.0`` (no penalty), and
 ``max_completion_tokens`` / ``ignore_eos``.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Annotated, Any, Literal
 
@@ -27,7 +28,7 @@ from pydantic import (
     field_validator,
 )
 
-from replica.request import SamplingParams
+from replica.request import MAX_LOGIT_BIAS, MAX_REPETITION_PENALTY, SamplingParams
 
 # ---------------------------------------------------------------- requests
 
@@ -70,8 +71,10 @@ class _SamplingFields(_Strict):
     user: str | None = None
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    repetition_penalty: float | None = None  # vLLM's; `vllm bench serve` sends 1.0
-    logit_bias: dict[str, float] | None = None
+    # vLLM's (HF semantics: over prompt and output, 1 is none); `vllm bench serve` sends 1.0
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=MAX_REPETITION_PENALTY)
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)  # vLLM's
     # engine extras (not OpenAI; vLLM-compatible names) for benchmarking
     ignore_eos: bool = False
     min_tokens: int = Field(default=0, ge=0)
@@ -87,25 +90,18 @@ class _SamplingFields(_Strict):
         return 1
 
     # Field validators, not a model validator: the 400 then names the parameter (``param``).
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _no_penalty(cls, v: float | None, info: ValidationInfo) -> float | None:
-        if v not in (None, 0, 0.0):
-            raise ValueError(f"{info.field_name} is not supported by this server; send 0 or omit it")
-        return v
-
-    @field_validator("repetition_penalty")
-    @classmethod
-    def _no_repetition_penalty(cls, v: float | None) -> float | None:
-        if v not in (None, 1, 1.0):
-            raise ValueError("repetition_penalty is not supported by this server; send 1 or omit it")
-        return v
-
     @field_validator("logit_bias")
     @classmethod
-    def _no_logit_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
-        if v:
-            raise ValueError("logit_bias is not supported by this server")
+    def _logit_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        if not v:
+            return v
+        if len(v) > MAX_LOGIT_BIAS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS} tokens may be biased, got {len(v)}")
+        for key, bias in v.items():
+            if not key.isdigit():
+                raise ValueError(f"keys must be token ids (non-negative integers as strings), got {key!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"biases must be in [-100, 100], got {bias!r} for token {key}")
         return v
 
     @field_validator("stream_options")
@@ -137,6 +133,11 @@ class _SamplingFields(_Strict):
             stop=stop,
             stop_token_ids=tuple(self.stop_token_ids or ()),
             ignore_eos=self.ignore_eos,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            logit_bias=tuple((int(k), float(b)) for k, b in (self.logit_bias or {}).items()),
+            min_p=self.min_p or 0.0,
         )
 
 
@@ -182,21 +183,48 @@ class TextPart(_Strict):
     text: Text
 
 
+class ToolCallFunction(_Strict):
+    name: str
+    arguments: str  # a JSON object as text, as OpenAI sends and expects it
+
+
+class ChatToolCall(_Strict):
+    """A call in an assistant message a client sends back (and in a response)."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
+class FunctionDefinition(_Strict):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON Schema object
+    strict: bool | None = None
+
+
+class ChatTool(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | list[TextPart] | None = None
     name: str | None = None
     # Fields a client echoes back when it appends a previous assistant message.
     refusal: str | None = None
-    tool_calls: list[Any] | None = None
+    tool_calls: list[ChatToolCall] | None = None
     tool_call_id: str | None = None
-
-    @field_validator("tool_calls")
-    @classmethod
-    def _no_tool_calls(cls, v: list[Any] | None) -> list[Any] | None:
-        if v:
-            raise ValueError("tool calls are not supported by this server")
-        return v
 
     def text(self) -> str:
         if self.content is None:
@@ -204,6 +232,29 @@ class ChatMessage(_Strict):
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
+
+    def template_message(self) -> dict[str, Any]:
+        """The message as chat templates take it: "developer" is OpenAI's new name for
+        "system", which is all templates know; tool calls carry their arguments as an object
+        (what Hugging Face templates expect), and a tool result its call id."""
+        msg: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        if self.tool_calls:
+            msg["tool_calls"] = [
+                {"id": c.id, "type": c.type, "function": {"name": c.function.name, "arguments": _args(c)}}
+                for c in self.tool_calls
+            ]
+        if self.tool_call_id is not None:
+            msg["tool_call_id"] = self.tool_call_id
+        if self.name is not None and self.role == "tool":
+            msg["name"] = self.name
+        return msg
+
+
+def _args(call: ChatToolCall) -> Any:
+    try:
+        return json.loads(call.function.arguments)
+    except ValueError:
+        return call.function.arguments  # as sent: the template shows what the model wrote
 
 
 class ResponseFormat(_Strict):
@@ -218,6 +269,29 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool | None = False
     top_logprobs: int | None = None
     response_format: ResponseFormat | None = None
+    tools: list[ChatTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # accepted; the parsers return every call the model wrote
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _tool_choice(cls, v: Any, info: ValidationInfo) -> Any:
+        if v is None or v == "none":
+            return v
+        if not info.data.get("tools"):
+            raise ValueError("tool_choice is only allowed when tools are given")
+        if v != "auto":
+            # Forcing a call needs constrained decoding (a grammar engine), which is not integrated yet.
+            what = v if isinstance(v, str) else "a named function"
+            raise ValueError(f"tool_choice {what!r} is not supported yet by this server; use 'auto' or 'none'")
+        return v
+
+    @property
+    def template_tools(self) -> list[dict[str, Any]] | None:
+        """The tools to render into the prompt (none when tool_choice is "none")."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        return [t.model_dump(exclude_none=True) for t in self.tools]
 
     @field_validator("logprobs", "top_logprobs")
     @classmethod
@@ -231,9 +305,8 @@ class ChatCompletionRequest(_SamplingFields):
         """max_completion_tokens supersedes the deprecated max_tokens."""
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
-    def template_messages(self) -> list[dict[str, str]]:
-        # "developer" is OpenAI's new name for "system"; chat templates know only the old one.
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+    def template_messages(self) -> list[dict[str, Any]]:
+        return [m.template_message() for m in self.messages]
 
 
 # ---------------------------------------------------------------- responses
@@ -266,10 +339,27 @@ class CompletionResponse(BaseModel):
     usage: UsageInfo | None = None
 
 
+def _none(v: Any) -> bool:
+    return v is None
+
+
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
     refusal: str | None = None
+    tool_calls: list[ChatToolCall] | None = Field(default=None, exclude_if=_none)
+
+
+class DeltaFunction(BaseModel):
+    name: str | None = Field(default=None, exclude_if=_none)
+    arguments: str | None = Field(default=None, exclude_if=_none)
+
+
+class DeltaToolCall(BaseModel):
+    index: int
+    id: str | None = Field(default=None, exclude_if=_none)
+    type: Literal["function"] | None = Field(default=None, exclude_if=_none)
+    function: DeltaFunction
 
 
 class ChatChoice(BaseModel):
@@ -291,6 +381,7 @@ class ChatCompletionResponse(BaseModel):
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = Field(default=None, exclude_if=_none)
 
 
 class ChatChunkChoice(BaseModel):

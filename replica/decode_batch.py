@@ -46,7 +46,8 @@ def static_row(req: Request, max_model_len: int) -> tuple[int, int, int, int, in
     prompt_len = len(req.prompt_token_ids)
     # The output count at which LENGTH ends the request (max_tokens, or a full context).
     limit = min(p.max_tokens, max_model_len - prompt_len)
-    return limit, p.min_tokens, int(p.greedy), int(bool(p.stop_token_ids)), prompt_len
+    # GREEDY: the graph's argmax is the token (a greedy row with penalties or a bias is not).
+    return limit, p.min_tokens, int(p.greedy and not p.processes_logits), int(bool(p.stop_token_ids)), prompt_len
 
 
 @dataclass(frozen=True, eq=False)
@@ -97,6 +98,8 @@ class DecodeBatch(Sequence[ScheduledChunk]):
                 params=req.params,
                 num_output_tokens=n_out,
                 prompt_len=plen,
+                prompt_token_ids=req.prompt_token_ids,
+                output_token_ids=req.output_token_ids,
             )
             for i, (req, pos, n_out, nb, plen) in enumerate(
                 zip(

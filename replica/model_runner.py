@@ -23,7 +23,7 @@ from replica.config import CacheConfig, RunnerConfig
 from replica.cuda_graphs import DecodeGraphs, DecodeInputs
 from replica.decode_batch import DecodeBatch, pack_block_tables
 from replica.models import DTYPES
-from replica.outputs import PLACEHOLDER_TOKEN, RunnerOutput, SchedulerOutput
+from replica.outputs import PLACEHOLDER_TOKEN, RunnerOutput, ScheduledChunk, SchedulerOutput
 from replica.pending_step import DeferredStep, PendingStep
 from replica.request import SamplingParams
 from replica.sampler import Sampler, SamplingRow
@@ -204,6 +204,8 @@ class ModelRunner:
         graph; None when the step doesn't qualify (then the eager path runs)."""
         graphs = self._graphs
         d = out.decode
+        if _uses_penalties(out):
+            return None  # penalties need the previous token on the host: the eager path reads it
         inp = self._batch_inputs(d, prev) if d is not None else self._chunk_inputs(out, prev)
         if inp is None:
             return None
@@ -218,7 +220,7 @@ class ModelRunner:
             params, n_out = [c.params for c in out.chunks], [c.num_output_tokens for c in out.chunks]
         # Plain greedy rows (no min_tokens ban left) take the graph's argmax: no rows to build.
         rows = [SamplingRow(p, n, self._banned(p, n)) for p, n in zip(params, n_out)]
-        if all(r.params.greedy and not r.banned_token_ids for r in rows):
+        if all(r.params.greedy and not r.banned_token_ids and not r.params.processes_logits for r in rows):
             return graphs.emit(rids)  # the graph's argmax
         return graphs.emit(rids, self.sampler(logits, rows))
 
@@ -349,7 +351,10 @@ class ModelRunner:
         logits_indices = qsl[1:][sample_mask] - 1
         sampled = [c for c in chunks if c.sample]
         rows = tuple(
-            SamplingRow(c.params, c.num_output_tokens, self._banned(c.params, c.num_output_tokens)) for c in sampled
+            SamplingRow(c.params, c.num_output_tokens, self._banned(c.params, c.num_output_tokens))
+            if not c.params.uses_penalties
+            else self._row_with_history(c)
+            for c in sampled
         )
 
         meta = AttentionMetadata(
@@ -379,11 +384,31 @@ class ModelRunner:
         eos = () if params.ignore_eos else self.eos_token_ids
         return tuple(eos) + tuple(params.stop_token_ids)
 
+    def _row_with_history(self, c: ScheduledChunk) -> SamplingRow:
+        """A sampling row with the token history that penalties need: the request's tokens before
+        this chunk (on the host by now) and the chunk's own (placeholders already resolved)."""
+        prompt, outs, before = c.prompt_token_ids, c.output_token_ids, c.start_pos
+        if not prompt and before > 0:
+            raise ValueError(f"request {c.request_id}: penalties need the chunk's token history")
+        seq = [*prompt[:before], *outs[: max(0, before - len(prompt))], *c.token_ids]
+        p = len(prompt) if prompt else (c.prompt_len or len(seq))
+        if len(seq) != before + len(c.token_ids) or len(seq) != p + c.num_output_tokens:
+            raise ValueError(f"request {c.request_id}: its token history is not complete on the host")
+        banned = self._banned(c.params, c.num_output_tokens)
+        return SamplingRow(c.params, c.num_output_tokens, banned, seq[:p], seq[p:])
+
     def _to_device(self, a: np.ndarray, dtype: torch.dtype = torch.int64) -> torch.Tensor:
         t = torch.from_numpy(np.ascontiguousarray(a)).to(dtype)
         if self.device.type == "cpu":
             return t
         return t.pin_memory().to(self.device, non_blocking=True)
+
+
+def _uses_penalties(out: SchedulerOutput) -> bool:
+    d = out.decode
+    if d is not None:  # a plain greedy batch has none (no per-row check on that fast path)
+        return not d.plain_greedy and any(r.params.uses_penalties for r in d.requests)
+    return any(c.params.uses_penalties for c in out.chunks)
 
 
 def _patch_fused(model: PreTrainedModel) -> int:

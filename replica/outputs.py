@@ -40,6 +40,9 @@ class ScheduledChunk(NamedTuple):
     num_output_tokens: int  # outputs so far: the index of the token sampled now (seeded RNG)
     # Prompt + outputs so far (only needed by repetition-aware samplers and tests).
     prompt_len: int = 0
+    # The request's own token lists (references, not copies): penalties read the history from them.
+    prompt_token_ids: Sequence[int] = ()
+    output_token_ids: Sequence[int] = ()
 
     @property
     def num_tokens(self) -> int:

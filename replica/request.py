@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from replica.errors import InvalidRequestError
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_LEN = 256
+MAX_LOGIT_BIAS = 300  # entries, as OpenAI
+MAX_REPETITION_PENALTY = 10.0
 
 
 class FinishReason(str, enum.Enum):
@@ -43,6 +46,18 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    # Logit processing (replica/penalties.py). OpenAI's presence/frequency penalties count output
+    # tokens; HF's repetition penalty, prompt and output tokens (divides a positive logit, multiplies
+    # a negative one); logit_bias adds to the logits (token id -> bias in [-100, 100], given as a
+    # mapping or pairs); min_p keeps tokens with at least min_p times the top token's probability.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    min_p: float = 0.0
+    # Derived: needs the token history (penalties) / changes the logits at all. Set on construction.
+    uses_penalties: bool = field(default=False, init=False, repr=False, compare=False)
+    processes_logits: bool = field(default=False, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -83,6 +98,38 @@ class SamplingParams:
         for t in self.stop_token_ids:
             if isinstance(t, bool) or not isinstance(t, int) or t < 0:
                 raise _invalid(f"stop_token_ids must be non-negative integers, got {t!r}", "stop_token_ids")
+        self._check_processing()
+
+    def _check_processing(self) -> None:
+        for name, lo, hi in (
+            ("presence_penalty", -2.0, 2.0),
+            ("frequency_penalty", -2.0, 2.0),
+            ("min_p", 0.0, 1.0),
+            ("repetition_penalty", 0.0, MAX_REPETITION_PENALTY),
+        ):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo <= v <= hi:
+                raise _invalid(f"{name} must be a number in [{lo:g}, {hi:g}], got {v!r}", name)
+        if self.repetition_penalty == 0:
+            raise _invalid("repetition_penalty must be > 0 (1 is no penalty)", "repetition_penalty")
+        bias = self.logit_bias
+        pairs = list(bias.items()) if isinstance(bias, Mapping) else list(bias)
+        if len(pairs) > MAX_LOGIT_BIAS:
+            raise _invalid(f"logit_bias may hold at most {MAX_LOGIT_BIAS} tokens, got {len(pairs)}", "logit_bias")
+        norm: dict[int, float] = {}
+        for pair in pairs:
+            if not isinstance(pair, tuple) or len(pair) != 2:
+                raise _invalid("logit_bias must map token ids to numbers", "logit_bias")
+            t, b = pair
+            if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+                raise _invalid(f"logit_bias keys must be non-negative token ids, got {t!r}", "logit_bias")
+            if isinstance(b, bool) or not isinstance(b, (int, float)) or not -100 <= b <= 100:
+                raise _invalid(f"logit_bias values must be numbers in [-100, 100], got {b!r}", "logit_bias")
+            norm[t] = float(b)
+        object.__setattr__(self, "logit_bias", tuple(sorted((t, b) for t, b in norm.items() if b != 0)))
+        penalties = self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+        object.__setattr__(self, "uses_penalties", penalties)
+        object.__setattr__(self, "processes_logits", penalties or bool(self.logit_bias) or self.min_p > 0)
 
     @property
     def greedy(self) -> bool:

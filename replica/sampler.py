@@ -1,4 +1,5 @@
-"""Token sampling on the logits' device: greedy, temperature, top-k, top-p, per-request seeds.
+"""Token sampling on the logits' device: greedy, temperature, top-k, top-p, min-p, per-request
+seeds; penalties and logit bias first (``replica/penalties.py``), only for the rows that ask.
 
 Sampling is the exponential race (equivalently Gumbel-max): the token is
 ``argmax(log p_i - log E_i)`` with ``E_i ~ Exp(1)`` i.i.d., which draws exactly from ``p``. The noise
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from replica.penalties import apply_penalties, min_p_mask
 from replica.request import SamplingParams
 
 _MASK64 = (1 << 64) - 1
@@ -35,6 +37,10 @@ class SamplingRow:
     params: SamplingParams
     num_output_tokens: int  # index of the token being sampled: seeds the per-request RNG
     banned_token_ids: tuple[int, ...] = ()  # e.g. EOS before min_tokens is reached
+    # The token history, for penalties only (empty unless ``params.uses_penalties``): the prompt,
+    # and the outputs before the one sampled now.
+    prompt_token_ids: Sequence[int] = ()
+    output_token_ids: Sequence[int] = ()
 
 
 class Sampler:
@@ -50,8 +56,15 @@ class Sampler:
             raise ValueError(f"got {n} logit rows for {len(rows)} sampling rows")
         if n == 0:
             return torch.empty(0, dtype=torch.long, device=logits.device)
+        processed = False
+        if any(r.params.processes_logits for r in rows):
+            # A float copy (float32 unless the logits are float64): penalties divide and subtract.
+            logits = logits.to(torch.float64 if logits.dtype == torch.float64 else torch.float32, copy=True)
+            which = [i for i, r in enumerate(rows) if r.params.processes_logits]
+            logits = apply_penalties(logits, rows, which)
+            processed = True
         if any(r.banned_token_ids for r in rows):
-            logits = logits.clone()
+            logits = logits if processed else logits.clone()
             for i, r in enumerate(rows):
                 if r.banned_token_ids:
                     ids = [t for t in r.banned_token_ids if 0 <= t < vocab]
@@ -69,6 +82,8 @@ class Sampler:
         # above 0 in ``cdt``: a tiny temperature then sends the other logits to -inf instead
         # of overflowing the max to inf (inf - inf = NaN, which sampled token 0).
         x = (x - x.amax(dim=-1, keepdim=True)) / temp.clamp_min(torch.finfo(cdt).tiny)[:, None]
+        if processed:
+            x = min_p_mask(x, [r.params.min_p for r in rrows])
         x = _apply_top_k_top_p(
             x,
             # Capped at the vocabulary here: an unbounded int would overflow int64 and fail the whole batch.

@@ -344,4 +344,6 @@ class Scheduler:
             params=req.params,
             num_output_tokens=len(outs),
             prompt_len=p,
+            prompt_token_ids=prompt,
+            output_token_ids=outs,
         )

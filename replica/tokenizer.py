@@ -106,8 +106,11 @@ class Tokenizer:
         """(keeping, skipping special tokens); built on first use, once per tokenizer."""
         return _byte_level_tables(self.hf, self.vocab_size)
 
-    def render_chat_template(self, messages: list[dict], *, add_generation_prompt: bool = True) -> str:
-        """The chat template applied to ``messages``, as text."""
+    def render_chat_template(
+        self, messages: list[dict], *, add_generation_prompt: bool = True, tools: list[dict] | None = None
+    ) -> str:
+        """The chat template applied to ``messages``, as text; ``tools`` (OpenAI function
+        definitions) are rendered by the template itself, as the model was trained to see them."""
         if not self.has_chat_template:
             raise InvalidRequestError(
                 f"model {self.name or '(unnamed)'} has no chat template; use a plain completion instead",
@@ -115,24 +118,28 @@ class Tokenizer:
             )
         normalized = _validate_messages(messages)
         try:
-            return self.hf.apply_chat_template(normalized, add_generation_prompt=add_generation_prompt, tokenize=False)
+            return self.hf.apply_chat_template(
+                normalized, add_generation_prompt=add_generation_prompt, tokenize=False, tools=tools or None
+            )
         except InvalidRequestError:
             raise
         except Exception as e:  # jinja raise_exception(...) in templates, e.g. "roles must alternate"
             raise InvalidRequestError(f"chat template rejected the messages: {e}", param="messages") from e
 
-    def apply_chat_template(self, messages: list[dict], *, add_generation_prompt: bool = True) -> list[int]:
+    def apply_chat_template(
+        self, messages: list[dict], *, add_generation_prompt: bool = True, tools: list[dict] | None = None
+    ) -> list[int]:
         """Token ids of the rendered chat. Special tokens come from the template itself
         (a BOS in the template text), so none are added on top."""
-        text = self.render_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        text = self.render_chat_template(messages, add_generation_prompt=add_generation_prompt, tools=tools)
         return self.encode(text, add_special_tokens=False)
 
 
-def _validate_messages(messages: Any) -> list[dict[str, str]]:
+def _validate_messages(messages: Any) -> list[dict[str, Any]]:
     """Check chat messages and flatten OpenAI content-part lists into plain text."""
     if not isinstance(messages, list) or not messages:
         raise InvalidRequestError("messages must be a non-empty list", param="messages")
-    out: list[dict[str, str]] = []
+    out: list[dict[str, Any]] = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
             raise InvalidRequestError(f"messages[{i}] must be an object with 'role' and 'content'", param="messages")

@@ -27,6 +27,7 @@ pytestmark = pytest.mark.timeout(60)
 
 MODEL = "tiny:llama"
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "seed": 3}
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
 
 
 @pytest.fixture
@@ -113,6 +114,28 @@ async def test_sampling_parameters_reach_the_engine(env):
         40,
         3,
     )
+
+
+async def test_penalties_bias_and_min_p_reach_the_engine(env):
+    http, _, _, client = env
+    body = {
+        **CHAT,
+        "presence_penalty": 0.5,
+        "frequency_penalty": -1,
+        "repetition_penalty": 1.3,
+        "logit_bias": {"100": 5, "7": -100, "9": 0},
+        "min_p": 0.1,
+    }
+    r = await http.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    p = client.requests[-1].params
+    assert (p.presence_penalty, p.frequency_penalty, p.repetition_penalty, p.min_p) == (0.5, -1.0, 1.3, 0.1)
+    assert p.logit_bias == ((7, -100.0), (100, 5.0)) and p.uses_penalties and p.processes_logits
+    r = await http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "presence_penalty": 1.5})
+    assert r.status_code == 200 and client.requests[-1].params.presence_penalty == 1.5
+    # What load generators send for "no penalty" stays a plain request.
+    r = await http.post("/v1/chat/completions", json={**CHAT, "repetition_penalty": 1.0, "presence_penalty": 0})
+    assert r.status_code == 200 and not client.requests[-1].params.processes_logits
 
 
 async def test_chat_default_max_tokens_fills_the_context(env):
@@ -216,7 +239,11 @@ def assert_openai_error(r: httpx.Response, status: int, code: str | None = None,
         ({**CHAT, "temperature": -1}, "temperature", "greater than or equal"),
         ({**CHAT, "top_p": 0}, "top_p", "greater than"),
         ({**CHAT, "max_tokens": 0}, "max_tokens", "greater than or equal"),
-        ({**CHAT, "tools": [{"type": "function"}]}, "tools", "Unrecognized request argument supplied: tools"),
+        ({**CHAT, "tools": [{"type": "function"}]}, "tools.0.function", "Missing required parameter"),
+        ({**CHAT, "tools": [TOOL]}, "tools", "chat template does not support tools"),  # FakeTokenizer's
+        ({**CHAT, "tools": [TOOL], "tool_choice": "required"}, "tool_choice", "not supported yet"),
+        ({**CHAT, "tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice", ""),
+        ({**CHAT, "tool_choice": "auto"}, "tool_choice", "only allowed when tools are given"),
         ({**CHAT, "logprobs": True}, "logprobs", "logprobs is not supported"),
         ({**CHAT, "top_logprobs": 2}, "top_logprobs", "top_logprobs is not supported"),
         ({**CHAT, "stream_options": {"include_usage": True}}, "stream_options", "only allowed when stream"),
@@ -224,10 +251,14 @@ def assert_openai_error(r: httpx.Response, status: int, code: str | None = None,
         ({**CHAT, "messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role", "Input should be"),
         ({"model": MODEL}, "messages", "Missing required parameter"),
         ({**CHAT, "min_tokens": 9}, "min_tokens", "must not exceed max_tokens"),  # SamplingParams check
-        ({**CHAT, "presence_penalty": 0.5}, "presence_penalty", "presence_penalty is not supported"),
-        ({**CHAT, "frequency_penalty": 1}, "frequency_penalty", "frequency_penalty is not supported"),
-        ({**CHAT, "repetition_penalty": 1.2}, "repetition_penalty", "repetition_penalty is not supported"),
-        ({**CHAT, "logit_bias": {"5": 1}}, "logit_bias", "logit_bias is not supported"),
+        ({**CHAT, "presence_penalty": 2.5}, "presence_penalty", "less than or equal to 2"),
+        ({**CHAT, "frequency_penalty": -3}, "frequency_penalty", "greater than or equal to -2"),
+        ({**CHAT, "repetition_penalty": 0}, "repetition_penalty", "greater than 0"),
+        ({**CHAT, "repetition_penalty": 11}, "repetition_penalty", "less than or equal to 10"),
+        ({**CHAT, "min_p": 1.5}, "min_p", "less than or equal to 1"),
+        ({**CHAT, "logit_bias": {"5": 101}}, "logit_bias", "biases must be in [-100, 100]"),
+        ({**CHAT, "logit_bias": {"x": 1}}, "logit_bias", "keys must be token ids"),
+        ({**CHAT, "logit_bias": {"259": 1}}, "logit_bias", "token ids must be in [0, 259)"),  # FakeTokenizer's vocab
     ],
 )
 async def test_invalid_chat_bodies_answer_400(env, body, param, words):

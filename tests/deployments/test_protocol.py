@@ -62,11 +62,12 @@ def test_sampling_params_errors_stay_typed():
     "kwargs",
     [
         {"n": 2},
-        {"frequency_penalty": 1.0},
-        {"logit_bias": {"5": 1.0}},
+        {"frequency_penalty": 2.5},
+        {"logit_bias": {"5": -101.0}},
+        {"logit_bias": {"-5": 1.0}},
         {"stream_options": {"include_usage": True}},  # without stream
         {"functions": []},  # unknown to this server: rejected, not ignored
-        {"messages": [{"role": "assistant", "content": "x", "tool_calls": [{"id": "1"}]}]},
+        {"messages": [{"role": "assistant", "content": "x", "tool_calls": [{"id": "1"}]}]},  # no function
         {"response_format": {"type": "json_object"}},
     ],
 )
