@@ -40,32 +40,10 @@ from typing import Any
 
 import yaml
 
+from loadtest.workload import _WORDS
+
 ROOT = Path(__file__).resolve().parents[1]
-WORDS = [
-    "the",
-    "of",
-    "and",
-    "to",
-    "in",
-    "is",
-    "was",
-    "for",
-    "on",
-    "that",
-    "with",
-    "as",
-    "by",
-    "at",
-    "from",
-    "his",
-    "her",
-    "an",
-    "which",
-    "or",
-    "be",
-    "this",
-    "are",
-]
+WORDS = _WORDS  # one token each: prompt length in tokens ~ words
 
 
 @dataclass
