@@ -247,6 +247,14 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     )
     if a.autoscaling is not None:
         options["autoscaling_config"] = a.autoscaling.serve_config()
+        policy = options["autoscaling_config"].get("policy")
+        if policy and policy["policy_function"].endswith(":QueueDepthAutoscalingPolicy"):
+            # Named in its warning when replicas cannot be placed (too few CPUs/GPUs).
+            need = {"CPU": a.num_cpus, "GPU": num_gpus, **actor_options.get("resources", {})}
+            policy["policy_kwargs"] = {
+                "replica_resources": {k: v for k, v in need.items() if v},
+                **policy["policy_kwargs"],
+            }
     else:
         options["num_replicas"] = a.num_replicas
     if a.router is not None:

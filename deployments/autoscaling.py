@@ -18,6 +18,14 @@ Decision, each controller tick (``decide``):
   keeps warm prefix caches.
 - **hold** in between (hysteresis), and when no replica has reported yet and Serve
   counts no requests.
+- **unplaceable**: when target > running replicas for ``unplaceable_after_s`` with no
+  new replica coming up meanwhile, the missing replicas are taken as unplaceable (too
+  few CPUs/GPUs in the cluster): the target drops back to the running count and is
+  held there for ``unplaceable_retry_s`` before one more try. Serve would otherwise
+  keep the pending replica and log "has N replicas that have taken more than 30s to
+  be scheduled" every 30 s; this policy says it once, as a WARNING naming the
+  resource that is short (``replica_resources``, which build_app passes, against
+  ``ray.available_resources()``).
 - A wish to move must persist for ``upscale_delay_s`` / ``downscale_delay_s``
   (continuously, in the same direction) before it is returned; the result is
   clamped to [min_replicas, max_replicas] of the deployment's autoscaling_config.
@@ -57,6 +65,18 @@ KV_USAGE = "kv_usage"
 # Keys this policy keeps in Serve's policy_state between ticks.
 _STATE_DIRECTION = "cbserve_pending_direction"
 _STATE_SINCE = "cbserve_pending_since"
+_STATE_SHORT_SINCE = "cbserve_short_since"  # target > running since (with _STATE_SHORT_RUNNING running)
+_STATE_SHORT_RUNNING = "cbserve_short_running"
+_STATE_CEILING = "cbserve_ceiling"  # replicas that could be placed; no more asked until ...
+_STATE_CEILING_SINCE = "cbserve_ceiling_since"  # ... unplaceable_retry_s after this
+_STATE_KEYS = (
+    _STATE_DIRECTION,
+    _STATE_SINCE,
+    _STATE_SHORT_SINCE,
+    _STATE_SHORT_RUNNING,
+    _STATE_CEILING,
+    _STATE_CEILING_SINCE,
+)
 
 
 @dataclass(frozen=True)
@@ -68,6 +88,11 @@ class QueueDepthPolicyConfig:
     kv_usage_high: mean KV usage that, with requests waiting, also means scale up.
     upscale_delay_s / downscale_delay_s: how long a wish must persist before it is acted on.
     max_downscale_step: replicas removed per decision at most.
+    unplaceable_after_s: target above running this long, with no replica coming up, means the
+        extra replicas cannot be placed; the target falls back to the running count. Longer than
+        a replica's start (model load) takes, which also counts here.
+    unplaceable_retry_s: how long the target stays at what could be placed before one more try.
+    replica_resources: one replica's Ray resources (build_app fills it in), named in the warning.
     """
 
     target_requests_per_replica: float = 8.0
@@ -76,6 +101,9 @@ class QueueDepthPolicyConfig:
     upscale_delay_s: float = 10.0
     downscale_delay_s: float = 120.0
     max_downscale_step: int = 1
+    unplaceable_after_s: float = 300.0
+    unplaceable_retry_s: float = 600.0
+    replica_resources: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
         if not self.target_requests_per_replica > 0:
@@ -91,6 +119,8 @@ class QueueDepthPolicyConfig:
             raise ValueError("upscale_delay_s and downscale_delay_s must be >= 0")
         if self.max_downscale_step < 1:
             raise ValueError(f"max_downscale_step must be >= 1, got {self.max_downscale_step}")
+        if not self.unplaceable_after_s > 0 or self.unplaceable_retry_s < 0:
+            raise ValueError("unplaceable_after_s must be > 0 and unplaceable_retry_s >= 0")
 
     @classmethod
     def from_kwargs(cls, kwargs: dict[str, Any]) -> QueueDepthPolicyConfig:
@@ -124,7 +154,7 @@ class LoadSnapshot:
 class Decision:
     num_replicas: int
     state: dict[str, Any]  # this policy's keys for Serve's policy_state
-    reason: str  # up | down | hold | waiting_up | waiting_down | bounds
+    reason: str  # up | down | hold | waiting_up | waiting_down | bounds | unplaceable
 
 
 def decide(
@@ -140,6 +170,46 @@ def decide(
     cur = snap.target_replicas
     if cur < min_replicas or cur > max_replicas:  # bounds apply at once, no delay
         return Decision(min(max(cur, min_replicas), max_replicas), {}, "bounds")
+
+    # Replicas asked for but not coming up: after unplaceable_after_s without progress, give
+    # them up and ask for no more than could be placed until unplaceable_retry_s has passed.
+    running = snap.num_running_replicas
+    placement: dict[str, Any] = {}
+    ceiling = state.get(_STATE_CEILING)
+    ceiling_since = state.get(_STATE_CEILING_SINCE)
+    # The ceiling lapses at retry time, or at once when more replicas run than it allowed.
+    if (
+        isinstance(ceiling, int)
+        and isinstance(ceiling_since, (int, float))
+        and running <= ceiling
+        and now - ceiling_since < cfg.unplaceable_retry_s
+    ):
+        placement = {_STATE_CEILING: ceiling, _STATE_CEILING_SINCE: ceiling_since}
+        max_replicas = max(min_replicas, min(max_replicas, ceiling))
+    short_since = state.get(_STATE_SHORT_SINCE)
+    if cur > running:
+        if state.get(_STATE_SHORT_RUNNING) != running or not isinstance(short_since, (int, float)):
+            short_since = now  # newly short, or a replica came up meanwhile: start again
+        if now - short_since >= cfg.unplaceable_after_s and running >= min_replicas:
+            return Decision(running, {_STATE_CEILING: running, _STATE_CEILING_SINCE: now}, "unplaceable")
+        placement.update({_STATE_SHORT_SINCE: short_since, _STATE_SHORT_RUNNING: running})
+    if cur > max_replicas:  # capped by the ceiling
+        return Decision(max_replicas, placement, "hold")
+
+    d = _decide_load(cfg, snap, state, now=now, min_replicas=min_replicas, max_replicas=max_replicas)
+    return Decision(d.num_replicas, {**d.state, **placement}, d.reason)
+
+
+def _decide_load(
+    cfg: QueueDepthPolicyConfig,
+    snap: LoadSnapshot,
+    state: dict[str, Any],
+    *,
+    now: float,
+    min_replicas: int,
+    max_replicas: int,
+) -> Decision:
+    cur = snap.target_replicas
     n = max(1, snap.num_running_replicas)
     per_replica = snap.load / n
     kv_pressure = snap.mean_kv_usage is not None and snap.mean_kv_usage >= cfg.kv_usage_high and snap.total_waiting > 0
@@ -207,6 +277,7 @@ class QueueDepthAutoscalingPolicy:
     def __init__(self, **policy_kwargs: Any) -> None:
         self.config = QueueDepthPolicyConfig.from_kwargs(policy_kwargs)
         self._warned_serve_delays = False
+        self._warned_unplaceable = False
 
     def __call__(self, ctx: Any) -> tuple[int, dict[str, Any]]:
         serve_cfg = ctx.config
@@ -227,9 +298,50 @@ class QueueDepthAutoscalingPolicy:
             min_replicas=ctx.capacity_adjusted_min_replicas,
             max_replicas=ctx.capacity_adjusted_max_replicas,
         )
-        for k in (_STATE_DIRECTION, _STATE_SINCE):  # keep Serve's own keys, replace ours
+        for k in _STATE_KEYS:  # keep Serve's own keys, replace ours
             state.pop(k, None)
         state.update(d.state)
+        if d.reason == "unplaceable":
+            self._log_unplaceable(ctx, d.num_replicas)
         if d.reason in ("up", "down"):
             logger.info("QueueDepthAutoscalingPolicy: %s %d -> %d", d.reason, ctx.target_num_replicas, d.num_replicas)
         return d.num_replicas, state
+
+    def _log_unplaceable(self, ctx: Any, placed: int) -> None:
+        cfg = self.config
+        name = f"{getattr(ctx, 'app_name', None) or ''}#{getattr(ctx, 'deployment_name', 'LLMReplica')}".lstrip("#")
+        msg = (
+            f"QueueDepthAutoscalingPolicy: {name}: {ctx.target_num_replicas - placed} replica(s) could not be "
+            f"placed within {cfg.unplaceable_after_s:g}s; {short_resources(cfg.replica_resources)}. "
+            f"Holding at {placed} replica(s); trying again every {cfg.unplaceable_retry_s:g}s."
+        )
+        if self._warned_unplaceable:
+            logger.info(msg)
+        else:
+            logger.warning(msg + " (said once; later retries log at INFO)")
+            self._warned_unplaceable = True
+
+
+def short_resources(need: dict[str, float] | None, available: dict[str, float] | None = None) -> str:
+    """What one replica needs that the cluster has not free, in words. ``available`` defaults to
+    ``ray.available_resources()`` (in the Serve controller, where Ray is up)."""
+    if not need:
+        return "each replica's resources are unknown to the policy; see `ray status`"
+    if available is None:
+        try:
+            import ray
+
+            available = ray.available_resources()
+        except Exception:  # no Ray here (tests) or not connected
+            available = None
+    wants = ", ".join(f"{k}={v:g}" for k, v in sorted(need.items()) if v)
+    if available is None:
+        return f"each needs {wants}; see `ray status`"
+    short = [
+        f"{k} (needs {v:g}, {available.get(k, 0.0):g} free)"
+        for k, v in sorted(need.items())
+        if v > available.get(k, 0.0)
+    ]
+    if not short:
+        return f"each needs {wants}, free now but fragmented across nodes or taken meanwhile; see `ray status`"
+    return "the cluster is short of " + ", ".join(short)

@@ -239,3 +239,101 @@ def test_serve_wrapper_passes_decisions_through_when_its_delays_are_zero():
     c.config = serve_cfg
     n, state = wrapped(c)
     assert n == 3  # ceil(6 / 2), applied by Serve without a second delay
+
+
+# -- replicas that cannot be placed (too few CPUs/GPUs) ----------------------------
+
+PLACE = QueueDepthPolicyConfig(
+    target_requests_per_replica=4, upscale_delay_s=0, unplaceable_after_s=60, unplaceable_retry_s=600
+)
+
+
+def test_unplaceable_replica_given_up_and_not_asked_for_again_until_retry():
+    busy = snap(1, waiting=20, running=4)  # wants 6 replicas, only 1 can be placed
+    stuck = snap(1, waiting=20, running=4, target=6)
+    ds = run(
+        [(0, busy), (10, stuck), (69, stuck), (70, stuck), (100, snap(1, 20, 4)), (400, snap(1, 20, 4))], cfg=PLACE
+    )
+    assert [(d.num_replicas, d.reason) for d in ds] == [
+        (6, "up"),
+        (6, "hold"),
+        (6, "hold"),
+        (1, "unplaceable"),  # 60 s with target 6 and still 1 running: back to what runs
+        (1, "hold"),  # the load still asks for 6: capped at what could be placed
+        (1, "hold"),
+    ]
+    # After unplaceable_retry_s it asks again (the cluster may have grown).
+    state = ds[-1].state
+    d = decide(PLACE, snap(1, 20, 4), state, now=670, min_replicas=1, max_replicas=8)
+    assert (d.num_replicas, d.reason) == (6, "up")
+
+
+def test_slow_but_progressing_scale_up_is_not_given_up():
+    ds = run(
+        [(0, snap(1, 20, 4)), (50, snap(2, 20, 4, target=6)), (100, snap(3, 20, 4, target=6))],
+        cfg=PLACE,
+    )
+    assert [d.num_replicas for d in ds] == [6, 6, 6]  # each replica that came up restarts the clock
+
+
+def test_ceiling_lifted_when_more_replicas_run():
+    # Given up at 1 running; then 2 run after all (the cluster grew): the cap goes at once.
+    ds = run([(0, snap(1, 20, 4, target=6)), (60, snap(1, 20, 4, target=6)), (61, snap(2, 20, 4))], cfg=PLACE)
+    assert [(d.num_replicas, d.reason) for d in ds] == [(6, "hold"), (1, "unplaceable"), (6, "up")]
+
+
+def test_policy_warns_once_naming_the_missing_resource(caplog):
+    from deployments.autoscaling import short_resources
+
+    policy = QueueDepthAutoscalingPolicy(
+        target_requests_per_replica=2, upscale_delay_s=0, unplaceable_after_s=30, replica_resources={"CPU": 2}
+    )
+    busy = per_replica(4, 2, 3, 2)
+    state = None
+    with caplog.at_level("INFO", logger="ray.serve"):
+        for now in (0, 30, 100, 730, 760):
+            _, state = policy(ctx(busy, target=4, state=state, now=now))
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+    msg = warnings[0].getMessage()
+    assert "2 replica(s) could not be placed within 30s" in msg and "Holding at 2" in msg
+    assert any("could not be placed" in r.getMessage() and r.levelname == "INFO" for r in caplog.records)  # 760
+    assert short_resources({"CPU": 2, "fake_gpu": 1}, {"CPU": 1.5, "fake_gpu": 1}) == (
+        "the cluster is short of CPU (needs 2, 1.5 free)"
+    )
+    assert "unknown" in short_resources(None)
+
+
+def test_build_app_passes_replica_resources_to_the_policy():
+    pytest.importorskip("ray.serve")
+    from deployments.app import build_app
+
+    app = build_app(
+        {
+            "model": "tiny:llama",
+            "num_gpus": 0,
+            "num_cpus": 1,
+            "accelerator_resource": "fake_gpu",
+            "autoscaling": {
+                "min_replicas": 1,
+                "max_replicas": 2,
+                "policy": "deployments.autoscaling:QueueDepthAutoscalingPolicy",
+                "policy_kwargs": {"target_requests_per_replica": 4},
+            },
+        }
+    )
+    deps = {d.name: d for d in _deployments(app)}
+    policy = deps["LLMReplica"]._deployment_config.autoscaling_config.policy
+    assert policy.policy_kwargs == {"replica_resources": {"CPU": 1, "fake_gpu": 1}, "target_requests_per_replica": 4}
+    QueueDepthAutoscalingPolicy(**policy.policy_kwargs)  # accepted
+
+
+def _deployments(app):
+    seen, todo = [], [app._bound_deployment]
+    while todo:
+        d = todo.pop()
+        seen.append(d)
+        todo.extend(
+            a._bound_deployment for a in (*d.init_args, *d.init_kwargs.values()) if hasattr(a, "_bound_deployment")
+        )
+    return seen
