@@ -28,7 +28,18 @@ from pydantic import (
     field_validator,
 )
 
+from replica.errors import InvalidRequestError
+from replica.grammar import GrammarSpec
 from replica.request import MAX_LOGIT_BIAS, MAX_REPETITION_PENALTY, SamplingParams
+
+MAX_GUIDED_CHOICES = 256
+
+
+def _canonical_json(v: Any) -> str:
+    """A schema as the grammar cache's key: compact JSON, the client's key order kept (it is the
+    order the properties are generated in)."""
+    return json.dumps(v, separators=(",", ":"), ensure_ascii=False)
+
 
 # ---------------------------------------------------------------- requests
 
@@ -81,6 +92,50 @@ class _SamplingFields(_Strict):
     # Bounded: the sampler packs top_k into an int64 array; a larger value failed the whole engine step.
     top_k: int = Field(default=0, ge=-1, le=2**63 - 1)
     stop_token_ids: TokenIds | None = None
+    # Structured output, vLLM's extras (at most one; on chat, not together with response_format)
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = Field(default=None, min_length=1, max_length=4096)
+    guided_choice: list[Text] | None = Field(default=None, min_length=1, max_length=MAX_GUIDED_CHOICES)
+
+    @field_validator("guided_json")
+    @classmethod
+    def _guided_json(cls, v: dict[str, Any] | str | None) -> dict[str, Any] | None:
+        if isinstance(v, str):
+            try:
+                v = json.loads(v)
+            except ValueError:
+                raise ValueError("guided_json must be a JSON schema (an object, or its JSON text)") from None
+            if not isinstance(v, dict):
+                raise ValueError("guided_json must be a JSON schema object")
+        return v
+
+    def grammar_spec(self) -> GrammarSpec | None:
+        """The grammar the output must match, if any; raises InvalidRequestError when several are given."""
+        given = [
+            (name, spec)
+            for name, spec in (
+                (
+                    "guided_json",
+                    None
+                    if self.guided_json is None
+                    else GrammarSpec("json_schema", _canonical_json(self.guided_json), "guided_json"),
+                ),
+                (
+                    "guided_regex",
+                    None if self.guided_regex is None else GrammarSpec("regex", self.guided_regex, "guided_regex"),
+                ),
+                (
+                    "guided_choice",
+                    None
+                    if self.guided_choice is None
+                    else GrammarSpec("choice", _canonical_json(self.guided_choice), "guided_choice"),
+                ),
+            )
+            if spec is not None
+        ]
+        if len(given) > 1:
+            raise InvalidRequestError("give at most one of guided_json, guided_regex, guided_choice", param=given[1][0])
+        return given[0][1] if given else None
 
     @field_validator("n")
     @classmethod
@@ -138,6 +193,7 @@ class _SamplingFields(_Strict):
             repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
             logit_bias=tuple((int(k), float(b)) for k, b in (self.logit_bias or {}).items()),
             min_p=self.min_p or 0.0,
+            guided=self.grammar_spec(),
         )
 
 
@@ -257,8 +313,35 @@ def _args(call: ChatToolCall) -> Any:
         return call.function.arguments  # as sent: the template shows what the model wrote
 
 
+class JsonSchemaFormat(_Strict):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    # ``schema`` would shadow a BaseModel attribute: stored as schema_, sent and read as "schema".
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None  # accepted; the grammar is always strict (no properties the schema omits)
+
+
 class ResponseFormat(_Strict):
-    type: Literal["text"]
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @field_validator("json_schema")
+    @classmethod
+    def _schema_with_type(cls, v: JsonSchemaFormat | None, info: ValidationInfo) -> JsonSchemaFormat | None:
+        if v is not None and info.data.get("type") != "json_schema":
+            raise ValueError("json_schema is only allowed with type json_schema")
+        return v
+
+    def grammar_spec(self) -> GrammarSpec | None:
+        if self.type == "json_object":
+            return GrammarSpec("json_object")
+        if self.type == "json_schema":
+            if self.json_schema is None:
+                raise InvalidRequestError(
+                    "response_format of type json_schema needs json_schema", param="response_format"
+                )
+            return GrammarSpec("json_schema", _canonical_json(self.json_schema.schema_))
+        return None
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -299,6 +382,13 @@ class ChatCompletionRequest(_SamplingFields):
         if v:
             raise ValueError(f"{info.field_name} is not supported by this server")
         return v
+
+    def grammar_spec(self) -> GrammarSpec | None:
+        extra = super().grammar_spec()
+        fmt = self.response_format.grammar_spec() if self.response_format is not None else None
+        if fmt is not None and extra is not None:
+            raise InvalidRequestError(f"{extra.param} and response_format cannot both be given", param=extra.param)
+        return fmt or extra
 
     @property
     def requested_max_tokens(self) -> int | None:

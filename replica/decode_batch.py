@@ -47,7 +47,9 @@ def static_row(req: Request, max_model_len: int) -> tuple[int, int, int, int, in
     # The output count at which LENGTH ends the request (max_tokens, or a full context).
     limit = min(p.max_tokens, max_model_len - prompt_len)
     # GREEDY: the graph's argmax is the token (a greedy row with penalties or a bias is not).
-    return limit, p.min_tokens, int(p.greedy and not p.processes_logits), int(bool(p.stop_token_ids)), prompt_len
+    # CHECK_STOP_IDS: also a grammar row (its matcher may terminate it on any token).
+    check = int(bool(p.stop_token_ids) or p.guided is not None)
+    return limit, p.min_tokens, int(p.greedy and not p.processes_logits), check, prompt_len
 
 
 @dataclass(frozen=True, eq=False)
@@ -100,6 +102,7 @@ class DecodeBatch(Sequence[ScheduledChunk]):
                 prompt_len=plen,
                 prompt_token_ids=req.prompt_token_ids,
                 output_token_ids=req.output_token_ids,
+                grammar=req.grammar,
             )
             for i, (req, pos, n_out, nb, plen) in enumerate(
                 zip(

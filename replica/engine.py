@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from replica.config import EngineConfig
 from replica.errors import EngineError, EngineUnavailableError, InvalidRequestError, QueueFullError, RequestTooLongError
+from replica.grammar import GrammarCache
 from replica.outputs import CompletionOutput, Delta, EngineStats, RunnerOutput, SchedulerOutput, Usage, merge_deltas
 from replica.pending_step import PendingStep
 from replica.request import FinishReason, Request, RequestStatus, SamplingParams
@@ -159,6 +160,7 @@ class LLMEngine:
         self.runner = runner
         self.num_blocks = num_blocks
         self._vocab_size = int(getattr(runner, "vocab_size", 0) or self.tokenizer.vocab_size)
+        self._grammars: GrammarCache | None = None  # built at the first structured-output request
         self.scheduler = Scheduler(
             config.scheduler, config.cache, num_blocks=num_blocks, max_model_len=self.max_model_len
         )
@@ -225,7 +227,20 @@ class LLMEngine:
         except RequestTooLongError:
             self._num_refused += 1
             raise
+        if params.guided is not None:
+            # Compiled here, when the request is made (cached per spec), never in the step loop.
+            req.grammar = self.grammars.state(params.guided)
         return req
+
+    @property
+    def grammars(self) -> GrammarCache:
+        """The structured-output compiler of this engine's tokenizer and model vocabulary."""
+        if self._grammars is None:
+            hf = getattr(self.tokenizer, "hf", None)
+            if hf is None:
+                raise InvalidRequestError("structured output needs a Hugging Face tokenizer", param="response_format")
+            self._grammars = GrammarCache(hf, self._vocab_size, self.tokenizer.eos_token_ids)
+        return self._grammars
 
     def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None) -> None:
         """Queue a request; raises an EngineError subclass (and changes nothing) on refusal."""

@@ -204,8 +204,10 @@ class ModelRunner:
         graph; None when the step doesn't qualify (then the eager path runs)."""
         graphs = self._graphs
         d = out.decode
-        if _uses_penalties(out):
-            return None  # penalties need the previous token on the host: the eager path reads it
+        if _needs_eager(out):
+            # Penalties need the previous token on the host, a grammar its matcher to have accepted
+            # it first: the eager path reads it (and runs after the previous step's update).
+            return None
         inp = self._batch_inputs(d, prev) if d is not None else self._chunk_inputs(out, prev)
         if inp is None:
             return None
@@ -351,7 +353,7 @@ class ModelRunner:
         logits_indices = qsl[1:][sample_mask] - 1
         sampled = [c for c in chunks if c.sample]
         rows = tuple(
-            SamplingRow(c.params, c.num_output_tokens, self._banned(c.params, c.num_output_tokens))
+            SamplingRow(c.params, c.num_output_tokens, self._banned(c.params, c.num_output_tokens), grammar=c.grammar)
             if not c.params.uses_penalties
             else self._row_with_history(c)
             for c in sampled
@@ -395,7 +397,7 @@ class ModelRunner:
         if len(seq) != before + len(c.token_ids) or len(seq) != p + c.num_output_tokens:
             raise ValueError(f"request {c.request_id}: its token history is not complete on the host")
         banned = self._banned(c.params, c.num_output_tokens)
-        return SamplingRow(c.params, c.num_output_tokens, banned, seq[:p], seq[p:])
+        return SamplingRow(c.params, c.num_output_tokens, banned, seq[:p], seq[p:], c.grammar)
 
     def _to_device(self, a: np.ndarray, dtype: torch.dtype = torch.int64) -> torch.Tensor:
         t = torch.from_numpy(np.ascontiguousarray(a)).to(dtype)
@@ -404,11 +406,12 @@ class ModelRunner:
         return t.pin_memory().to(self.device, non_blocking=True)
 
 
-def _uses_penalties(out: SchedulerOutput) -> bool:
+def _needs_eager(out: SchedulerOutput) -> bool:
+    """A row with penalties or a grammar: the step must not take the CUDA-graph decode path."""
     d = out.decode
     if d is not None:  # a plain greedy batch has none (no per-row check on that fast path)
-        return not d.plain_greedy and any(r.params.uses_penalties for r in d.requests)
-    return any(c.params.uses_penalties for c in out.chunks)
+        return not d.plain_greedy and any(r.params.uses_penalties or r.params.guided is not None for r in d.requests)
+    return any(c.params.uses_penalties or c.params.guided is not None for c in out.chunks)
 
 
 def _patch_fused(model: PreTrainedModel) -> int:

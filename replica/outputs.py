@@ -10,6 +10,7 @@ from replica.request import FinishReason, SamplingParams
 
 if TYPE_CHECKING:
     from replica.decode_batch import DecodeBatch
+    from replica.grammar import GrammarState
 
 
 # A token id not known yet when the step was scheduled: the token the previous step samples.
@@ -43,6 +44,7 @@ class ScheduledChunk(NamedTuple):
     # The request's own token lists (references, not copies): penalties read the history from them.
     prompt_token_ids: Sequence[int] = ()
     output_token_ids: Sequence[int] = ()
+    grammar: GrammarState | None = None  # the request's matcher (structured output), if any
 
     @property
     def num_tokens(self) -> int:

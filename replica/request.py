@@ -6,8 +6,13 @@ import enum
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from replica.errors import InvalidRequestError
+from replica.grammar import GrammarSpec
+
+if TYPE_CHECKING:
+    from replica.grammar import GrammarState
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_LEN = 256
@@ -55,6 +60,9 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logit_bias: tuple[tuple[int, float], ...] = ()
     min_p: float = 0.0
+    # Structured output (replica/grammar.py): the output must match this grammar; its rows are
+    # masked by the request's matcher and take the eager path.
+    guided: GrammarSpec | None = None
     # Derived: needs the token history (penalties) / changes the logits at all. Set on construction.
     uses_penalties: bool = field(default=False, init=False, repr=False, compare=False)
     processes_logits: bool = field(default=False, init=False, repr=False, compare=False)
@@ -88,6 +96,8 @@ class SamplingParams:
             raise _invalid(f"top_k must be -1, 0 (disabled) or a positive integer, got {self.top_k!r}", "top_k")
         if self.seed is not None and not isinstance(self.seed, int):
             raise _invalid(f"seed must be an integer, got {self.seed!r}", "seed")
+        if self.guided is not None and not isinstance(self.guided, GrammarSpec):
+            raise _invalid("guided must be a GrammarSpec", "response_format")
         if len(self.stop) > MAX_STOP_STRINGS:
             raise _invalid(f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(self.stop)}", "stop")
         for s in self.stop:
@@ -129,7 +139,8 @@ class SamplingParams:
         object.__setattr__(self, "logit_bias", tuple(sorted((t, b) for t, b in norm.items() if b != 0)))
         penalties = self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
         object.__setattr__(self, "uses_penalties", penalties)
-        object.__setattr__(self, "processes_logits", penalties or bool(self.logit_bias) or self.min_p > 0)
+        processes = penalties or bool(self.logit_bias) or self.min_p > 0 or self.guided is not None
+        object.__setattr__(self, "processes_logits", processes)
 
     @property
     def greedy(self) -> bool:
@@ -158,6 +169,7 @@ class Request:
     block_table: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
+    grammar: GrammarState | None = None  # the matcher of ``params.guided`` (set by the engine)
 
     @property
     def num_prompt_tokens(self) -> int:

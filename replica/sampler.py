@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from replica.grammar import GrammarState, apply_grammar_masks
 from replica.penalties import apply_penalties, min_p_mask
 from replica.request import SamplingParams
 
@@ -41,6 +42,7 @@ class SamplingRow:
     # and the outputs before the one sampled now.
     prompt_token_ids: Sequence[int] = ()
     output_token_ids: Sequence[int] = ()
+    grammar: GrammarState | None = None  # structured output: the request's matcher masks this row
 
 
 class Sampler:
@@ -69,6 +71,12 @@ class Sampler:
                 if r.banned_token_ids:
                     ids = [t for t in r.banned_token_ids if 0 <= t < vocab]
                     logits[i, ids] = -torch.inf
+        guided = [(i, r.grammar) for i, r in enumerate(rows) if r.grammar is not None]
+        if guided:
+            if not processed:  # a grammar row processes logits: the float copy exists; kept safe anyway
+                logits = logits.clone()
+                processed = True
+            apply_grammar_masks(logits, guided, [rows[i].num_output_tokens for i, _ in guided])
         out = torch.argmax(logits, dim=-1)
         rand = [i for i, r in enumerate(rows) if not r.params.greedy]
         if not rand:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import logging
 from collections import deque
 from collections.abc import Sequence
 
@@ -29,6 +30,8 @@ from replica.errors import InvalidRequestError, QueueFullError
 from replica.kv_cache import KVCacheManager
 from replica.outputs import RunnerOutput, ScheduledChunk, SchedulerOutput
 from replica.request import FinishReason, Request, RequestStatus
+
+logger = logging.getLogger(__name__)
 
 
 class Scheduler:
@@ -98,6 +101,8 @@ class Scheduler:
             self.waiting.remove(req)
         self.kv.free(req)
         self._seq.pop(request_id, None)
+        if req.grammar is not None:
+            req.grammar.closed = True  # its rows still in flight are not masked
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
         return req
@@ -250,6 +255,8 @@ class Scheduler:
                     raise RuntimeError(f"the model runner returned no token for {ch.request_id}") from None
                 req.output_token_ids.append(token)
                 got.append(req)
+                if req.grammar is not None:
+                    self._accept(req, token)
                 reason = self._stop_reason(req, token)
             if caching and ch.start_pos // bs != computed // bs:  # only a chunk that filled a block
                 self.kv.cache_full_blocks(req)
@@ -278,6 +285,8 @@ class Scheduler:
             req.num_computed_tokens = pos + 1
             req.output_token_ids.append(token)
             got.append(req)
+            if req.grammar is not None:
+                self._accept(req, token)
         # Rows that may stop now: at their length limit, or sampled an EOS / stop id (checked
         # exactly, per row, by _stop_reason). Rows that also filled a block cache it first.
         n_out = d.num_output_tokens + 1
@@ -298,10 +307,23 @@ class Scheduler:
 
     # ----- helpers ---------------------------------------------------------------------
 
+    @staticmethod
+    def _accept(req: Request, token: int) -> None:
+        """Advance the request's grammar by its new token (a rejected one stops it, logged)."""
+        g = req.grammar
+        assert g is not None
+        if not g.accept(token) and g.rejected:
+            logger.warning(
+                "request %s: sampled token %d is not allowed by its grammar; stopping", req.request_id, token
+            )
+
     def _stop_reason(self, req: Request, token: int) -> FinishReason | None:
         p = req.params
         n_out = len(req.output_token_ids)
         if n_out >= p.min_tokens and ((not p.ignore_eos and token in req.eos_token_ids) or token in p.stop_token_ids):
+            return FinishReason.STOP
+        g = req.grammar
+        if g is not None and (g.rejected or g.is_terminated()):
             return FinishReason.STOP
         if n_out >= p.max_tokens or len(req.prompt_token_ids) + n_out >= self.max_model_len:
             return FinishReason.LENGTH
@@ -346,4 +368,5 @@ class Scheduler:
             prompt_len=p,
             prompt_token_ids=prompt,
             output_token_ids=outs,
+            grammar=req.grammar,
         )

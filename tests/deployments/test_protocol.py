@@ -68,7 +68,8 @@ def test_sampling_params_errors_stay_typed():
         {"stream_options": {"include_usage": True}},  # without stream
         {"functions": []},  # unknown to this server: rejected, not ignored
         {"messages": [{"role": "assistant", "content": "x", "tool_calls": [{"id": "1"}]}]},  # no function
-        {"response_format": {"type": "json_object"}},
+        {"response_format": {"type": "yaml"}},
+        {"response_format": {"type": "json_object", "json_schema": {"name": "x", "schema": {}}}},
     ],
 )
 def test_unsupported_chat_fields_are_rejected(kwargs):
