@@ -208,8 +208,14 @@ class MuxLLMClient:
         inbox = self._inboxes[rid] = _Inbox()
         done = False
         try:
+            submit = asyncio.ensure_future(self._handle.submit.remote(req, self._channel))
             try:
-                res = await self._handle.submit.remote(req, self._channel)
+                # Shielded: a client that leaves while the submit is in flight must still have
+                # its request aborted once the replica that took it is known.
+                res = await asyncio.shield(submit)
+            except asyncio.CancelledError:
+                submit.add_done_callback(lambda f: self._abort_submitted(f, rid))
+                raise
             except BackPressureError as exc:
                 done = True
                 yield ReplicaError("queue_full", str(exc), retry_after_s=max(1, round(exc.retry_after_s or 1)))
@@ -290,6 +296,10 @@ class MuxLLMClient:
             return
         for inbox in waiting:
             inbox.put(error)
+
+    def _abort_submitted(self, submit: asyncio.Future[Any], request_id: str) -> None:
+        if not submit.cancelled() and submit.exception() is None and isinstance(submit.result(), Submitted):
+            self._abort(submit.result().replica_id, request_id)
 
     def _abort(self, replica_id: str, request_id: str) -> None:
         async def send() -> None:

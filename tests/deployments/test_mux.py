@@ -209,3 +209,28 @@ async def test_a_replica_whose_pump_fails_ends_its_requests_with_an_error(two_re
     _, items = await asyncio.wait_for(collect(client, greq("doomed", max_tokens=50)), 5)
     assert len(items) == 1 and isinstance(items[0], ReplicaError) and items[0].code == "engine_unavailable"
     assert "died" not in items[0].message  # remote error text stays in the log
+
+
+async def test_a_client_gone_while_its_submit_is_in_flight_is_still_aborted(two_replicas):
+    handle, engines = two_replicas
+    for e in engines:
+        e.pause.clear()
+    for s in handle.servers:
+        real = s.submit
+
+        async def slow_submit(req: GenerateRequest, channel: str, real: Any = real) -> Any:
+            await asyncio.sleep(0.1)  # the client leaves meanwhile
+            return await real(req, channel)
+
+        s.submit = slow_submit
+    client = MuxLLMClient(handle)
+    agen = client.generate(greq("early", max_tokens=50))
+    task = asyncio.ensure_future(agen.__anext__())
+    await asyncio.sleep(0.02)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    await asyncio.sleep(0.3)
+    aborts = [args[0] for m, args in handle.calls if m == "abort_request"]
+    assert [a.request_id for a in aborts] == ["early"]
+    owner = handle.by_id[aborts[0].target_replica_id]
+    assert not owner._live and "early" in owner._engine.aborted
