@@ -532,6 +532,31 @@ class LLMEngine:
         return self.scheduler.kv.cached_block_hashes(limit)
 
 
+async def coalesced(queue: asyncio.Queue[Delta], interval: int = 1) -> AsyncIterator[Delta]:
+    """One request's deltas from ``queue`` until its last: what queued up while the consumer
+    was busy goes out as one item (one per wake-up instead of one per token when it falls
+    behind), and after the first token (which never waits) at least ``interval`` tokens per item."""
+    first_sent = False
+    while True:
+        delta = await queue.get()
+        n = len(delta.token_ids)
+        if not delta.finished and (not queue.empty() or (first_sent and n < interval)):
+            batch = [delta]
+            while not batch[-1].finished:
+                if not queue.empty():
+                    batch.append(queue.get_nowait())
+                elif first_sent and n < interval:
+                    batch.append(await queue.get())
+                else:
+                    break
+                n += len(batch[-1].token_ids)
+            delta = merge_deltas(batch)
+        first_sent = first_sent or bool(delta.token_ids)
+        yield delta
+        if delta.finished:
+            return
+
+
 class AsyncEngine:
     """``LLMEngine`` stepping in a background thread, so the asyncio loop stays free.
 
@@ -642,30 +667,10 @@ class AsyncEngine:
 
     async def _stream(self, request_id: str, queue: asyncio.Queue[Delta], interval: int = 1) -> AsyncIterator[Delta]:
         finished = False
-        first_sent = False  # the first token always goes out at once (time to first token)
         try:
-            while True:
-                delta = await queue.get()
-                n = len(delta.token_ids)
-                if not delta.finished and (not queue.empty() or (first_sent and n < interval)):
-                    # Coalesce what queued up while the consumer was busy (one item per wakeup
-                    # instead of one per token when it falls behind), and after the first token
-                    # wait for ``interval`` tokens per item.
-                    batch = [delta]
-                    while not batch[-1].finished:
-                        if not queue.empty():
-                            batch.append(queue.get_nowait())
-                        elif first_sent and n < interval:
-                            batch.append(await queue.get())
-                        else:
-                            break
-                        n += len(batch[-1].token_ids)
-                    delta = merge_deltas(batch)
-                first_sent = first_sent or bool(delta.token_ids)
+            async for delta in coalesced(queue, interval):
                 finished = delta.finished
                 yield delta
-                if finished:
-                    return
         finally:
             if not finished:  # consumer cancelled or closed the stream: free the request now
                 self._streams.pop(request_id, None)

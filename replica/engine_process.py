@@ -83,12 +83,15 @@ async def _child(config: EngineConfig, conn: Any) -> None:
             msgs, out = out, []
             send(msgs)
 
-    def emit(msg: tuple[Any, ...]) -> None:
+    def flush_soon() -> None:
         nonlocal flush_pending
-        out.append(msg)
         if not flush_pending:  # one message per wake-up: everything this turn of the loop made
             flush_pending = True
             loop.call_soon(flush)
+
+    def emit(msg: tuple[Any, ...]) -> None:
+        out.append(msg)
+        flush_soon()
 
     def on_delta(d: Delta) -> None:
         emit(("delta", d))
@@ -124,7 +127,7 @@ async def _child(config: EngineConfig, conn: Any) -> None:
 
     threading.Thread(target=reader, name="engine-pipe-reader", daemon=True).start()
     emit(("stats", engine.stats(), engine.cached_block_hashes(4096)))
-    ticker = loop.create_task(_tick(flush_soon=lambda: emit(("tick",))))
+    ticker = loop.create_task(_tick(flush_soon))
     await stop.wait()
     ticker.cancel()
     await engine.shutdown(drain_timeout_s=drain_s)
@@ -219,20 +222,20 @@ class ProcessEngine:
     def add_request(
         self, request_id: str, prompt: Any, params: SamplingParams | None = None, *, stream_interval: int = 1
     ) -> AsyncIterator[Delta]:
-        """The per-request stream form; a refusal raises from the first iteration."""
-        return self._stream(request_id, prompt, params)
+        """The per-request stream form, as ``AsyncEngine.add_request`` (``stream_interval``
+        included); a refusal raises from the first iteration."""
+        return self._stream(request_id, prompt, params, stream_interval)
 
-    async def _stream(self, request_id: str, prompt: Any, params: SamplingParams | None) -> AsyncIterator[Delta]:
+    async def _stream(
+        self, request_id: str, prompt: Any, params: SamplingParams | None, interval: int
+    ) -> AsyncIterator[Delta]:
+        from replica.engine import coalesced
+
         queue: asyncio.Queue[Delta] = asyncio.Queue()
         await self.submit_checked(request_id, prompt, params, queue.put_nowait)
         finished = False
         try:
-            while not finished:
-                d = await queue.get()
-                while not d.finished and not queue.empty():  # what queued up: one item
-                    from replica.outputs import merge_deltas
-
-                    d = merge_deltas([d, queue.get_nowait()])
+            async for d in coalesced(queue, interval):
                 finished = d.finished
                 yield d
         finally:

@@ -96,3 +96,14 @@ async def test_a_dead_engine_process_ends_open_requests_and_refuses_new_ones():
     with pytest.raises(EngineUnavailableError):
         await e.submit_checked("y", [5], SamplingParams(max_tokens=2), seen.append)
     await e.shutdown(drain_timeout_s=0)
+
+
+async def test_the_stream_form_honours_stream_interval(engine):
+    items = [
+        d
+        async for d in engine.add_request(
+            "si", [5, 6, 7], SamplingParams(max_tokens=13, ignore_eos=True, temperature=0.0), stream_interval=4
+        )
+    ]
+    assert sum(len(d.token_ids) for d in items) == 13
+    assert all(len(d.token_ids) >= 4 for d in items[1:-1])  # the first never waits; the last ends it
