@@ -8,7 +8,9 @@ ingress turns into an ``APIError`` with the right status and the OpenAI error bo
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Any
 
 from replica.errors import EngineError
 
@@ -49,6 +51,12 @@ class ReplicaError:
         if exc.code == "queue_full" and retry is None:
             retry = DEFAULT_RETRY_AFTER_S
         return cls(code=exc.code, message=exc.message, param=exc.param, retry_after_s=retry)
+
+
+def backpressure_error(exc: Any) -> ReplicaError:
+    """Serve's own ``BackPressureError`` (max_queued_requests on the handle) as a 429 value."""
+    retry = max(1, math.ceil(exc.retry_after_s or 1))  # a header of 0 would invite a hammering retry
+    return ReplicaError("queue_full", str(exc), retry_after_s=retry)
 
 
 class APIError(Exception):

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -31,7 +30,7 @@ from starlette.requests import ClientDisconnect
 
 from deployments.auth import APIKeyMiddleware, AuthSettings, install_log_redaction
 from deployments.edge import EdgeLimits, EdgeMiddleware, usable_request_id
-from deployments.errors import APIError, ReplicaError
+from deployments.errors import APIError, ReplicaError, backpressure_error
 from deployments.failover import FailoverClient
 from deployments.limits import BodySizeLimitMiddleware, DeadlineClient, RequestLimits
 from deployments.llm import GenerateRequest, ModelInfo
@@ -106,8 +105,7 @@ class HandleLLMClient:
             done = True
         except BackPressureError as exc:  # Serve's own max_queued_requests on the handle
             done = True
-            retry = max(1, math.ceil(exc.retry_after_s or 1))  # a header of 0 would invite a hammering retry
-            yield ReplicaError("queue_full", str(exc), retry_after_s=retry)
+            yield backpressure_error(exc)
         except (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError) as exc:
             done = True
             yield ReplicaError("engine_unavailable", f"model replica unavailable: {exc}")

@@ -91,7 +91,7 @@ async def _default_engine(config: EngineConfig) -> Any:
     from replica.engine import AsyncEngine
     from replica.models import load_model
 
-    if config.model.device not in ("cpu",) and _engine_process_wanted(config):
+    if config.model.device != "cpu" and _engine_process_wanted(config):
         # The step loop in its own process (replica/engine_process.py): no GIL shared with
         # Serve's per-request and per-item work. It loads the model itself.
         from replica.engine_process import ProcessEngine
@@ -173,8 +173,7 @@ class LLMServer:
             yield ReplicaError.from_exception(exc)
             return
         self._inflight += 1
-        start = time.perf_counter()
-        first_at: float | None = None
+        watch = _Watch(self, req)
         finished = False
         if self._settings.log_requests:
             logger.info("request %s: %d prompt tokens, %s", req.request_id, len(req.prompt_token_ids), req.params)
@@ -184,12 +183,8 @@ class LLMServer:
                     finished = True
                     yield delta
                     return
-                if first_at is None and delta.token_ids:
-                    first_at = time.perf_counter()
-                    self._metrics.observe_ttft(first_at - start)
-                if delta.finished:
-                    finished = True
-                    self._on_finish(req, delta, first_at)
+                watch.observe(delta)
+                finished = delta.finished
                 yield delta
                 if finished:
                     return
@@ -208,17 +203,12 @@ class LLMServer:
             self._metrics.refused(EngineUnavailableError.code)
             return ReplicaError(EngineUnavailableError.code, "replica is draining; retry on another replica")
         sink = self._outboxes.sink(channel, req.request_id)
-        start = time.perf_counter()
-        first_at: float | None = None
+        watch = _Watch(self, req)
 
         def on_delta(delta: Delta) -> None:
-            nonlocal first_at
-            if first_at is None and delta.token_ids:
-                first_at = time.perf_counter()
-                self._metrics.observe_ttft(first_at - start)
+            watch.observe(delta)
             if delta.finish_reason is not None:
                 self._live.discard(req.request_id)
-                self._on_finish(req, delta, first_at)
             sink(delta)
 
         self._live.add(req.request_id)  # before any await: its finish may arrive with the ack
@@ -346,6 +336,25 @@ class LLMServer:
             except Exception:
                 logger.exception("metrics update failed")
             await asyncio.sleep(self._settings.metrics_interval_s)
+
+
+class _Watch:
+    """One request's TTFT and TPOT metrics and finish log, observed from its deltas in order
+    (the same for a streamed ``generate`` and a multiplexed ``submit``)."""
+
+    __slots__ = ("_first_at", "_req", "_server", "_start")
+
+    def __init__(self, server: LLMServer, req: GenerateRequest) -> None:
+        self._server, self._req = server, req
+        self._start = time.perf_counter()
+        self._first_at: float | None = None
+
+    def observe(self, delta: Delta) -> None:
+        if self._first_at is None and delta.token_ids:
+            self._first_at = time.perf_counter()
+            self._server._metrics.observe_ttft(self._first_at - self._start)
+        if delta.finish_reason is not None:
+            self._server._on_finish(self._req, delta, self._first_at)
 
 
 async def _refusals_as_errors(stream: AsyncIterator[Delta]) -> AsyncIterator[Delta | ReplicaError]:

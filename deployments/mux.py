@@ -32,7 +32,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from deployments.errors import ReplicaError
+from deployments.errors import ReplicaError, backpressure_error
 from replica.outputs import Delta, merge_deltas
 
 logger = logging.getLogger("ray.serve")
@@ -112,14 +112,15 @@ class Outboxes:
         if ch is not None:
             ch.requests.discard(request_id)
 
-    async def pump(self, channel: str, idle_s: float = PUMP_IDLE_S) -> AsyncIterator[list[Delta]]:
+    async def pump(self, channel: str) -> AsyncIterator[list[Delta]]:
         """Everything for ``channel``, as it accumulates; first an empty hello. It ends by
-        itself after ``idle_s`` with no request open, so that a replica Serve wants to stop
+        itself after ``PUMP_IDLE_S`` with no request open, so that a replica Serve wants to stop
         (downscaling, redeploy) is not held by an idle stream. When the consumer goes away
         (Serve cancels this generator), the channel's requests are aborted."""
         ch = self._channel(channel)
         ch.pumps += 1
         idle_end = False
+        idle_s = PUMP_IDLE_S
         try:
             yield []
             while True:
@@ -218,7 +219,7 @@ class MuxLLMClient:
                 raise
             except BackPressureError as exc:
                 done = True
-                yield ReplicaError("queue_full", str(exc), retry_after_s=max(1, round(exc.retry_after_s or 1)))
+                yield backpressure_error(exc)
                 return
             except Exception as exc:
                 done = True
@@ -309,10 +310,6 @@ class MuxLLMClient:
                 logger.info("request %s: abort on replica %s failed: %s", request_id, replica_id, exc)
 
         asyncio.get_running_loop().create_task(send())
-
-    async def close(self) -> None:
-        for task in list(self._pumps.values()):
-            task.cancel()
 
 
 def _enough(items: list[Delta | ReplicaError], interval: int) -> bool:

@@ -163,7 +163,6 @@ async def test_an_ingress_that_goes_away_aborts_its_requests():
 
 async def test_an_idle_pump_ends_and_the_next_request_reopens_it(two_replicas, monkeypatch):
     monkeypatch.setattr(mux, "PUMP_IDLE_S", 0.05)
-    monkeypatch.setattr(Outboxes.pump, "__defaults__", (0.05,))
     handle, _ = two_replicas
     client = MuxLLMClient(handle)
     r1 = greq("one")
