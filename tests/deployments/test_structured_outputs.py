@@ -46,24 +46,10 @@ FLAGS = {
 @pytest.fixture(scope="module")
 def url() -> Iterator[str]:
     pytest.importorskip("ray")  # deployments.ingress imports ray.serve (no Ray is started)
-    from deployments.ingress import IngressSettings, OpenAIService, build_api
-    from replica.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
-    from replica.models import load_tokenizer
-    from tests.loadtest.conftest import InProcessReplica, serve_in_thread
+    from tests.loadtest.conftest import engine_server
 
-    replica = InProcessReplica(
-        EngineConfig(
-            model=ModelConfig(model=MODEL, device="cpu", max_model_len=512),
-            cache=CacheConfig(num_blocks=128),
-            scheduler=SchedulerConfig(max_num_seqs=8),
-        )
-    )
-    service = OpenAIService(replica, load_tokenizer(MODEL), IngressSettings(model=MODEL))
-    base, server, thread = serve_in_thread(build_api(service))
-    yield base
-    replica.shutdown()
-    server.should_exit = True
-    thread.join(timeout=10)
+    with engine_server(MODEL, num_blocks=128) as base:
+        yield base
 
 
 def _chat(url: str, schema: dict | None = None, **extra) -> httpx.Response:

@@ -4,6 +4,7 @@ fake engine client that streams one word per token, so load tests run without Ra
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import subprocess
@@ -156,28 +157,36 @@ def openai_server() -> Iterator[str]:
     thread.join(timeout=10)
 
 
-@pytest.fixture(scope="session")
-def real_engine_server() -> Iterator[str]:
-    """The ingress over a real engine: tiny:llama (seeded random weights) on CPU, model ``tiny:llama``."""
-    pytest.importorskip("ray")
+@contextlib.contextmanager
+def engine_server(model: str = "tiny:llama", *, num_blocks: int = 256) -> Iterator[str]:
+    """The ingress over a real engine on CPU (no Ray started), serving ``model``; yields its URL."""
     from deployments.ingress import IngressSettings, OpenAIService, build_api
     from replica.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
     from replica.models import load_tokenizer
 
-    model = "tiny:llama"
     replica = InProcessReplica(
         EngineConfig(
             model=ModelConfig(model=model, device="cpu", max_model_len=512),
-            cache=CacheConfig(num_blocks=256),
+            cache=CacheConfig(num_blocks=num_blocks),
             scheduler=SchedulerConfig(max_num_seqs=8),
         )
     )
     service = OpenAIService(replica, load_tokenizer(model), IngressSettings(model=model))
     url, server, thread = serve_in_thread(build_api(service))
-    yield url
-    replica.shutdown()
-    server.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield url
+    finally:
+        replica.shutdown()
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def real_engine_server() -> Iterator[str]:
+    """The ingress over a real engine: tiny:llama (seeded random weights) on CPU, model ``tiny:llama``."""
+    pytest.importorskip("ray")
+    with engine_server("tiny:llama") as url:
+        yield url
 
 
 ROOT = Path(__file__).resolve().parents[2]
