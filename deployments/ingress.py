@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -32,6 +33,7 @@ from deployments.auth import APIKeyMiddleware, AuthSettings, install_log_redacti
 from deployments.edge import EdgeLimits, EdgeMiddleware, usable_request_id
 from deployments.errors import APIError, ReplicaError, backpressure_error
 from deployments.failover import FailoverClient
+from deployments.front_proxy import Front, describe_front
 from deployments.limits import BodySizeLimitMiddleware, DeadlineClient, RequestLimits
 from deployments.llm import GenerateRequest, ModelInfo
 from deployments.metrics import IngressMetrics
@@ -631,10 +633,12 @@ def _not_json(request: Request) -> str | None:
     return ctype or "none"
 
 
-def build_api(service: OpenAIService, *, behind_serve_proxy: bool = False) -> FastAPI:
+def build_api(service: OpenAIService, *, behind_serve_proxy: bool = False, behind_haproxy: bool = False) -> FastAPI:
     """The FastAPI app around ``service``: routes plus OpenAI-shaped error handlers.
 
-    ``behind_serve_proxy``: Serve's proxy adds x-request-id to every response itself."""
+    ``behind_serve_proxy``: Serve adds x-request-id to every response itself. ``behind_haproxy``:
+    every client has HAProxy's address, so there is no per-client upload bound (HAProxy's
+    client timeout bounds uploads instead)."""
     api = FastAPI(title="cbserve", description="OpenAI-compatible LLM service")
     # Outermost last: the key check runs first, so a request without a key is never read.
     settings = service._settings
@@ -646,7 +650,9 @@ def build_api(service: OpenAIService, *, behind_serve_proxy: bool = False) -> Fa
     lim = settings.limits
     api.add_middleware(
         EdgeMiddleware,  # outermost: bounds every request, including those refused by a key
-        limits=EdgeLimits(lim.body_timeout_s, lim.max_concurrent_requests, lim.max_uploads_per_client),
+        limits=EdgeLimits(
+            lim.body_timeout_s, lim.max_concurrent_requests, None if behind_haproxy else lim.max_uploads_per_client
+        ),
         on_outcome=service.record,
         proxy_adds_request_id=behind_serve_proxy,
     )
@@ -737,6 +743,9 @@ class OpenAIIngress:
         else:
             client = HandleLLMClient(llm)
         self.service = OpenAIService(client, load_tokenizer(cfg.model), cfg)
+        as_configured, message = describe_front(cfg.limits)
+        (logger.info if as_configured else logger.warning)(message)
+        self.behind_haproxy = Front.of(os.environ).haproxy
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return build_api(self.service, behind_serve_proxy=True)
+        return build_api(self.service, behind_serve_proxy=True, behind_haproxy=self.behind_haproxy)
