@@ -174,7 +174,7 @@ def test_built_manifest_shape():
 def test_every_node_starts_with_the_haproxy_front_of_the_apps_limits():
     """Ray reads the HTTP front's settings when a node starts: head and workers carry them, from
     the first app's limits (deployments/front_proxy.py)."""
-    cfg = apply_overrides(SAMPLE, OVERRIDES)
+    cfg = copy.deepcopy(apply_overrides(SAMPLE, OVERRIDES))
     cfg["applications"][0]["args"]["limits"] = {"client_timeout_s": 7, "max_connections": 900}
     rc = build_rayservice(cfg, ClusterSpec(image="x"))["spec"]["rayClusterConfig"]
     pods = [rc["headGroupSpec"], *rc["workerGroupSpecs"]]
