@@ -19,12 +19,18 @@ deltas into events (``stream``): content text to pass on, and each ``ToolCall`` 
 complete. Text that may open a call is held back until it is known to be one; a call whose
 JSON is malformed (or has no name) stays content, so nothing the model wrote is lost. The
 streamed events, wherever the deltas split the text, give the same calls as ``parse``.
+
+tool_choice "required" or a named function forces calls with a grammar: ``forced_calls_grammar``
+writes an xgrammar structural tag that admits only calls in the parser's own format
+(``CallFormat``), each to one of the given tools with arguments matching its ``parameters``
+schema, so whatever the model's weights the output parses back into calls that validate.
 """
 
 from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -61,12 +67,35 @@ class ToolStream(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class CallFormat:
+    """How a parser's format writes one call, compactly: ``{"name": <name>, "<args_key>": <object>}``
+    between ``open`` and ``close``; calls one after another are joined by ``separator``."""
+
+    open: str
+    args_key: str
+    close: str
+    separator: str
+
+    def begin(self, name: str) -> str:
+        return f'{self.open}{{"name": {json.dumps(name)}, "{self.args_key}": '
+
+    @property
+    def end(self) -> str:
+        return "}" + self.close
+
+
 class ToolParser(Protocol):
     name: str
+    call_format: CallFormat
 
     def parse(self, text: str) -> ParsedOutput: ...
 
     def stream(self) -> ToolStream: ...
+
+
+# Decoding is not strict: a raw control character inside a string (which xgrammar's JSON grammar
+# lets a model write) is kept, and the arguments' re-encoding escapes it.
 
 
 def _call(obj: Any, arg_keys: tuple[str, ...]) -> ToolCall | None:
@@ -80,7 +109,7 @@ def _call(obj: Any, arg_keys: tuple[str, ...]) -> ToolCall | None:
             break
     if isinstance(args, str):  # some models write the arguments as a JSON string
         try:
-            args = json.loads(args)
+            args = json.loads(args, strict=False)
         except ValueError:
             return None
     if not isinstance(args, dict):
@@ -90,7 +119,7 @@ def _call(obj: Any, arg_keys: tuple[str, ...]) -> ToolCall | None:
 
 def _json_call(text: str, arg_keys: tuple[str, ...]) -> ToolCall | None:
     try:
-        return _call(json.loads(text), arg_keys)
+        return _call(json.loads(text, strict=False), arg_keys)
     except ValueError:
         return None
 
@@ -133,6 +162,7 @@ def _partial_suffix(text: str, marker: str) -> int:
 
 class HermesParser:
     name = "hermes"
+    call_format = CallFormat(HERMES_OPEN + "\n", "arguments", "\n" + HERMES_CLOSE, "\n")
 
     def parse(self, text: str) -> ParsedOutput:
         segments: list[str] = []
@@ -208,6 +238,7 @@ _LLAMA_ARGS = ("parameters", "arguments")
 
 class Llama3JsonParser:
     name = "llama3_json"
+    call_format = CallFormat("", "parameters", "", "; ")
 
     def parse(self, text: str) -> ParsedOutput:
         calls = self._calls(text)
@@ -218,7 +249,7 @@ class Llama3JsonParser:
         s = text.strip().removeprefix(PYTHON_TAG).strip()
         if not s.startswith(("{", "[")):
             return []
-        dec = json.JSONDecoder()
+        dec = json.JSONDecoder(strict=False)
         objs: list[Any] = []
         pos = 0
         try:
@@ -290,3 +321,42 @@ def parser_for(name: ToolParserName, chat_template: str | None) -> ToolParser:
     if PYTHON_TAG in template or "ipython" in template:
         return PARSERS["llama3_json"]
     return PARSERS["hermes"]
+
+
+# ----------------------------------------------------------------------------- forced calls
+
+# Blanks in a row allowed inside forced arguments: a random-weight model could otherwise pad the
+# JSON with whitespace until max_tokens (xgrammar needs at least 1).
+MAX_ARGUMENT_WHITESPACE = 1
+# A function without parameters has an empty parameter list (OpenAI's definition).
+NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
+
+
+def forced_calls_grammar(fmt: CallFormat, tools: Sequence[tuple[str, dict[str, Any] | None]], *, parallel: bool) -> str:
+    """The JSON of an xgrammar structural tag admitting only calls written in ``fmt`` to ``tools``
+    ((name, parameters schema) pairs; no schema: no arguments), each call's arguments matching its
+    tool's schema: one call, or with ``parallel`` one or more joined by the format's separator."""
+    tags = [
+        {
+            "type": "tag",
+            "begin": fmt.begin(name),
+            "content": {
+                "type": "json_schema",
+                "json_schema": NO_PARAMETERS if params is None else params,
+                "max_whitespace_cnt": MAX_ARGUMENT_WHITESPACE,
+            },
+            "end": fmt.end,
+        }
+        for name, params in tools
+    ]
+    tag = {
+        "type": "structural_tag",
+        "format": {
+            "type": "tags_with_separator",
+            "tags": tags,
+            "separator": fmt.separator,
+            "at_least_one": True,
+            "stop_after_first": not parallel,
+        },
+    }
+    return json.dumps(tag, separators=(",", ":"), ensure_ascii=False)
