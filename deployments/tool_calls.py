@@ -94,8 +94,8 @@ class ToolParser(Protocol):
     def stream(self) -> ToolStream: ...
 
 
-# Decoding is not strict: a raw control character inside a string (which xgrammar's JSON grammar
-# lets a model write) is kept, and the arguments' re-encoding escapes it.
+# Decoding is not strict: a raw control character inside a string is kept (xgrammar 0.2.9 lets a
+# forced call write one in a string with maxLength), and the arguments' re-encoding escapes it.
 
 
 def _call(obj: Any, arg_keys: tuple[str, ...]) -> ToolCall | None:
