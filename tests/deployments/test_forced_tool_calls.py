@@ -10,6 +10,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.deployments.tool_fixtures import PICK_PARAMS, WEATHER_PARAMS, hermes_tokenizer, llama3_tokenizer
+
 pytest.importorskip("xgrammar")
 jsonschema = pytest.importorskip("jsonschema")
 openai = pytest.importorskip("openai")
@@ -17,25 +19,11 @@ openai = pytest.importorskip("openai")
 MODEL = "tiny:llama"
 EOS = "2"  # SmolLM2's <|im_end|>: biased up, a call is followed by the end as soon as the grammar allows
 
-WEATHER = {
-    "type": "object",
-    "properties": {
-        "city": {"type": "string", "maxLength": 8},
-        "unit": {"enum": ["C", "F"]},
-        "days": {"type": "integer", "minimum": 1, "maximum": 7},
-    },
-    "required": ["city", "unit"],
-}
-PICK = {
-    "type": "object",
-    "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0, "maximum": 9}},
-    "required": ["ok", "n"],
-}
 TOOLS = [
-    {"type": "function", "function": {"name": "get_weather", "description": "Weather", "parameters": WEATHER}},
-    {"type": "function", "function": {"name": "pick", "description": "Pick", "parameters": PICK}},
+    {"type": "function", "function": {"name": "get_weather", "description": "Weather", "parameters": WEATHER_PARAMS}},
+    {"type": "function", "function": {"name": "pick", "description": "Pick", "parameters": PICK_PARAMS}},
 ]
-SCHEMAS = {"get_weather": WEATHER, "pick": PICK}
+SCHEMAS = {"get_weather": WEATHER_PARAMS, "pick": PICK_PARAMS}
 MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
@@ -43,7 +31,6 @@ MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]
 def client(request) -> Iterator[openai.OpenAI]:
     pytest.importorskip("ray")  # deployments.ingress imports ray.serve (no Ray is started)
     from replica.models import load_tokenizer
-    from tests.deployments.chat_templates import hermes_tokenizer, llama3_tokenizer
     from tests.loadtest.conftest import engine_server
 
     base = load_tokenizer(MODEL)

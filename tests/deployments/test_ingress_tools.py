@@ -20,8 +20,8 @@ from replica.models import load_tokenizer
 from replica.outputs import Delta, Usage
 from replica.request import FinishReason
 from replica.tokenizer import Tokenizer
-from tests.deployments.chat_templates import hermes_tokenizer, llama3_tokenizer
 from tests.deployments.fakes import FakeMetricsBackend
+from tests.deployments.tool_fixtures import hermes_tokenizer, llama3_tokenizer
 
 pytestmark = pytest.mark.timeout(60)
 

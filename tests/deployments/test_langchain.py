@@ -47,7 +47,7 @@ PERSON = {  # a plain JSON schema (not a pydantic model)
 def url() -> Iterator[str]:
     pytest.importorskip("ray")  # deployments.ingress imports ray.serve (no Ray is started)
     from replica.models import load_tokenizer
-    from tests.deployments.chat_templates import hermes_tokenizer
+    from tests.deployments.tool_fixtures import hermes_tokenizer
     from tests.loadtest.conftest import engine_server
 
     with engine_server(MODEL, num_blocks=128, tokenizer=hermes_tokenizer(load_tokenizer(MODEL))) as base:

@@ -20,6 +20,7 @@ from deployments.tool_calls import (
     forced_calls_grammar,
     parser_for,
 )
+from tests.deployments.tool_fixtures import PICK_PARAMS, WEATHER_PARAMS
 
 WEATHER = '{"name": "get_weather", "arguments": {"city": "Paris", "unit": "°C"}}'
 
@@ -143,20 +144,6 @@ def test_parser_for_template(template, expected):
 
 # ----------------------------------------------------------------------------- forced calls
 
-WEATHER_PARAMS = {
-    "type": "object",
-    "properties": {
-        "city": {"type": "string", "maxLength": 6},
-        "unit": {"enum": ["C", "F"]},
-        "days": {"type": "integer", "minimum": 1, "maximum": 7},
-    },
-    "required": ["city", "unit"],
-}
-PICK_PARAMS = {
-    "type": "object",
-    "properties": {"ok": {"type": "boolean"}, "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 2}},
-    "required": ["ok", "tags"],
-}
 FORCED_TOOLS = [("get_weather", WEATHER_PARAMS), ("pick", PICK_PARAMS), ("no_args", None)]
 
 

@@ -1,6 +1,8 @@
-"""Small chat templates with tool support, in the formats the tool-call parsers read, put on a real
-tokenizer (SmolLM2's, whose own ChatML template ignores tools): Hermes ``<tool_call>`` tags, and
-Llama 3.1 style JSON calls (the ``ipython`` role is what ``parser_for`` recognises)."""
+"""Tool-calling test material: small chat templates with tool support, in the formats the tool-call
+parsers read, put on a real tokenizer (SmolLM2's, whose own ChatML template ignores tools): Hermes
+``<tool_call>`` tags, and Llama 3.1 style JSON calls (the ``ipython`` role is what ``parser_for``
+recognises); and tool parameter schemas that bound every value, so that a random-weight model
+forced to call a tool finishes its call within a few dozen tokens."""
 
 from __future__ import annotations
 
@@ -71,3 +73,19 @@ def hermes_tokenizer(base: Tokenizer) -> Tokenizer:
 
 def llama3_tokenizer(base: Tokenizer) -> Tokenizer:
     return with_template(base, LLAMA3_TEMPLATE, "llama3-test")
+
+
+WEATHER_PARAMS = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "maxLength": 6},
+        "unit": {"enum": ["C", "F"]},
+        "days": {"type": "integer", "minimum": 1, "maximum": 7},
+    },
+    "required": ["city", "unit"],
+}
+PICK_PARAMS = {
+    "type": "object",
+    "properties": {"ok": {"type": "boolean"}, "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 2}},
+    "required": ["ok", "tags"],
+}
