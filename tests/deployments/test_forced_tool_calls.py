@@ -113,3 +113,15 @@ def test_required_may_call_several_tools(client):
         assert r.finish_reason == "tool_calls" and r.message.content is None
         most = max(most, len(calls))
     assert most >= 2
+
+
+def test_a_tool_schema_the_grammar_cannot_compile_is_a_400(client):
+    bad = {"type": "function", "function": {"name": "bad", "parameters": {"type": "nope"}}}
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(
+            model=MODEL, messages=MESSAGES, tools=[*TOOLS, bad], tool_choice="required", max_tokens=20
+        )
+    assert e.value.body["param"] == "tools" and "cannot be compiled" in e.value.body["message"]
+    # The same tools with tool_choice auto need no grammar: the request is served.
+    r = client.chat.completions.create(model=MODEL, messages=MESSAGES, tools=[*TOOLS, bad], max_tokens=5)
+    assert r.choices[0].finish_reason in {"length", "stop", "tool_calls"}
