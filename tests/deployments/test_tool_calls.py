@@ -160,7 +160,7 @@ def grammars():
 def random_walk(cache, spec, rng: random.Random, max_steps: int = 400) -> list[int]:
     """Tokens drawn uniformly from those the grammar allows, until it terminates (the EOS it
     ended on dropped): the worst a random-weight model can do under the mask."""
-    import torch
+    import numpy as np
     import xgrammar
 
     state = cache.state(spec)
@@ -170,9 +170,9 @@ def random_walk(cache, spec, rng: random.Random, max_steps: int = 400) -> list[i
         if state.is_terminated():
             return out[:-1]
         assert state.fill(bitmask, 0, len(out))
-        bits = (bitmask[0][:, None] >> torch.arange(32, dtype=torch.int32)) & 1
-        allowed = bits.reshape(-1)[: cache.vocab_size].nonzero().flatten().tolist()
-        token = rng.choice(allowed)
+        bits = np.unpackbits(bitmask[0].numpy().view(np.uint8), bitorder="little")  # bit i: token i
+        allowed = np.flatnonzero(bits[: cache.vocab_size])
+        token = int(allowed[rng.randrange(len(allowed))])
         assert state.accept(token)
         out.append(token)
     raise AssertionError("the grammar did not terminate")
