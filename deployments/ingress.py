@@ -60,7 +60,6 @@ from deployments.protocol import (
 )
 from deployments.tool_calls import Event, ToolCall, ToolParser, ToolParserName, forced_calls_grammar, parser_for
 from replica.errors import EngineError
-from replica.grammar import GrammarSpec
 from replica.outputs import Delta, Usage
 from replica.request import FinishReason
 
@@ -386,14 +385,10 @@ class OpenAIService:
         greq = await self._request(rid, list(token_ids), body, body.requested_max_tokens, "messages")
         if parser is not None and (forced := body.forced_tools):
             # tool_choice "required" / a named function: a grammar writes the calls in the parser's format.
-            spec = forced_calls_grammar(
-                parser.call_format,
-                [(f.name, f.parameters) for f in forced],
-                parallel=body.parallel_forced_calls,
+            guided = forced_calls_grammar(
+                parser.call_format, [(f.name, f.parameters) for f in forced], parallel=body.parallel_forced_calls
             )
-            greq = dataclasses.replace(
-                greq, params=dataclasses.replace(greq.params, guided=GrammarSpec("structural_tag", spec, "tools"))
-            )
+            greq = dataclasses.replace(greq, params=dataclasses.replace(greq.params, guided=guided))
         if body.stream:
             return await self._stream(greq, body.include_usage, self._chat_chunks(greq, body.continuous_usage, parser))
         text, final = await self._collect(greq)

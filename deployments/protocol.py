@@ -369,13 +369,6 @@ class ChatCompletionRequest(_SamplingFields):
         return v
 
     @property
-    def template_tools(self) -> list[dict[str, Any]] | None:
-        """The tools to render into the prompt (none when tool_choice is "none")."""
-        if not self.tools or self.tool_choice == "none":
-            return None
-        return [t.model_dump(exclude_none=True) for t in self.tools]
-
-    @property
     def forced_tools(self) -> list[FunctionDefinition] | None:
         """The functions the output must call (a grammar forces it): any of the tools for
         tool_choice "required", the named one for a named choice; None when text may answer."""
@@ -392,6 +385,13 @@ class ChatCompletionRequest(_SamplingFields):
         """Whether a forced output may hold several calls: only for "required", and unless
         parallel_tool_calls is false (a named choice is one call to that function, as OpenAI's)."""
         return self.tool_choice == "required" and self.parallel_tool_calls is not False
+
+    @property
+    def template_tools(self) -> list[dict[str, Any]] | None:
+        """The tools to render into the prompt (none when tool_choice is "none")."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        return [t.model_dump(exclude_none=True) for t in self.tools]
 
     @field_validator("logprobs", "top_logprobs")
     @classmethod

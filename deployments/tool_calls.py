@@ -34,6 +34,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
+from replica.grammar import GrammarSpec
+
 ToolParserName = Literal["auto", "hermes", "llama3_json"]
 
 
@@ -332,8 +334,10 @@ MAX_ARGUMENT_WHITESPACE = 1
 NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
 
 
-def forced_calls_grammar(fmt: CallFormat, tools: Sequence[tuple[str, dict[str, Any] | None]], *, parallel: bool) -> str:
-    """The JSON of an xgrammar structural tag admitting only calls written in ``fmt`` to ``tools``
+def forced_calls_grammar(
+    fmt: CallFormat, tools: Sequence[tuple[str, dict[str, Any] | None]], *, parallel: bool
+) -> GrammarSpec:
+    """An xgrammar structural tag admitting only calls written in ``fmt`` to ``tools``
     ((name, parameters schema) pairs; no schema: no arguments), each call's arguments matching its
     tool's schema: one call, or with ``parallel`` one or more joined by the format's separator."""
     tags = [
@@ -359,4 +363,5 @@ def forced_calls_grammar(fmt: CallFormat, tools: Sequence[tuple[str, dict[str, A
             "stop_after_first": not parallel,
         },
     }
-    return json.dumps(tag, separators=(",", ":"), ensure_ascii=False)
+    # A schema that cannot be compiled is a 400 naming the tools (raised on the replica).
+    return GrammarSpec("structural_tag", json.dumps(tag, separators=(",", ":"), ensure_ascii=False), param="tools")

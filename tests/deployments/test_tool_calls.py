@@ -182,14 +182,11 @@ def random_walk(cache, spec, rng: random.Random, max_steps: int = 400) -> list[i
 @pytest.mark.parametrize("choice", ["required", "required_single", "named"])
 def test_forced_calls_always_parse_and_validate(grammars, parser_name, choice):
     jsonschema = pytest.importorskip("jsonschema")
-    from replica.grammar import GrammarSpec
-
     tok, cache = grammars
     parser = PARSERS[parser_name]
     tools = FORCED_TOOLS[:1] if choice == "named" else FORCED_TOOLS
-    spec = GrammarSpec(
-        "structural_tag", forced_calls_grammar(parser.call_format, tools, parallel=choice == "required"), "tools"
-    )
+    spec = forced_calls_grammar(parser.call_format, tools, parallel=choice == "required")
+    assert spec.kind == "structural_tag" and spec.param == "tools"
     schemas = dict(tools)
     rng = random.Random(f"{parser_name}-{choice}")
     counts = set()
@@ -213,11 +210,9 @@ def test_forced_calls_always_parse_and_validate(grammars, parser_name, choice):
 
 @pytest.mark.parametrize("parser_name", sorted(PARSERS))
 def test_forced_calls_grammar_rejects_other_tools_text_and_bad_arguments(grammars, parser_name):
-    from replica.grammar import GrammarSpec
-
     _, cache = grammars
     fmt = PARSERS[parser_name].call_format
-    spec = GrammarSpec("structural_tag", forced_calls_grammar(fmt, FORCED_TOOLS[:2], parallel=True), "tools")
+    spec = forced_calls_grammar(fmt, FORCED_TOOLS[:2], parallel=True)
 
     def accepts(text: str) -> bool:
         return bool(cache.state(spec).matcher.accept_string(text))
@@ -226,7 +221,7 @@ def test_forced_calls_grammar_rejects_other_tools_text_and_bad_arguments(grammar
     assert accepts(good) and accepts(good + fmt.separator + fmt.begin("pick") + '{"ok": true, "tags": []}' + fmt.end)
     assert not accepts("Sure! " + good)  # no text before the call
     assert not accepts(fmt.begin("no_args") + "{}")  # not among the forced tools
-    no_args = GrammarSpec("structural_tag", forced_calls_grammar(fmt, FORCED_TOOLS[2:], parallel=True), "tools")
+    no_args = forced_calls_grammar(fmt, FORCED_TOOLS[2:], parallel=True)
     assert cache.state(no_args).matcher.accept_string(fmt.begin("no_args") + "{}" + fmt.end)
     assert not cache.state(no_args).matcher.accept_string(fmt.begin("no_args") + '{"a"')  # no parameters
     assert not accepts(fmt.begin("get_weather") + '{"city": "Paris", "unit": "K"}')  # not in the enum
