@@ -12,6 +12,7 @@ builds both at replica start (tests use the service with an in-process client).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -59,7 +60,7 @@ from deployments.protocol import (
     UsageInfo,
     validation_message,
 )
-from deployments.tool_calls import Event, ToolCall, ToolParser, ToolParserName, parser_for
+from deployments.tool_calls import Event, ToolCall, ToolParser, ToolParserName, forced_calls_grammar, parser_for
 from replica.errors import EngineError
 from replica.outputs import Delta, Usage
 from replica.request import FinishReason
@@ -384,6 +385,12 @@ class OpenAIService:
                 f"messages could not be formatted by the chat template: {exc}", param="messages"
             ) from exc
         greq = await self._request(rid, list(token_ids), body, body.requested_max_tokens, "messages")
+        if parser is not None and (forced := body.forced_tools):
+            # tool_choice "required" / a named function: a grammar writes the calls in the parser's format.
+            guided = forced_calls_grammar(
+                parser.call_format, [(f.name, f.parameters) for f in forced], parallel=body.parallel_forced_calls
+            )
+            greq = dataclasses.replace(greq, params=dataclasses.replace(greq.params, guided=guided))
         if body.stream:
             return await self._stream(greq, body.include_usage, self._chat_chunks(greq, body.continuous_usage, parser))
         text, final = await self._collect(greq)
