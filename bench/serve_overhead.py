@@ -391,6 +391,20 @@ async def serve_with_front(a: argparse.Namespace, app_args: dict[str, Any], fron
                 os.environ[k] = v
 
 
+def _serve_phase_process(a: argparse.Namespace, app_args: dict[str, Any], front: str, q: Any) -> None:
+    """Puts the phase's fields on ``q``, or the traceback's text if it failed."""
+    import traceback
+
+    try:
+        if a.tokenizer_dir:
+            from bench.serve_scaling import provide_tokenizer
+
+            provide_tokenizer(Path(a.tokenizer_dir))
+        q.put(asdict(asyncio.run(serve_with_front(a, app_args, front))))
+    except BaseException:
+        q.put(traceback.format_exc())
+
+
 async def amain(a: argparse.Namespace) -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -400,8 +414,18 @@ async def amain(a: argparse.Namespace) -> None:
         phases.append(await engine_phase(a, app_args))
         print(HEADER + "\n" + phases[-1].row(), flush=True)
     if "serve" in a.phases:
+        # Each front on its own Ray cluster in a fresh process: Ray reads the front's settings when
+        # it starts, and a driver's Serve handle can restart Ray on its own after ray.shutdown().
+        ctx = mp.get_context("spawn")
         for front in a.fronts.split(","):
-            phases.append(await serve_with_front(a, app_args, front))
+            q: Any = ctx.Queue()
+            proc = ctx.Process(target=_serve_phase_process, args=(a, app_args, front, q))  # not a daemon: it has
+            proc.start()  # client processes of its own
+            result = await asyncio.to_thread(q.get)
+            proc.join()
+            if isinstance(result, str):
+                raise SystemExit(f"Serve phase with the {front} front failed:\n{result}")
+            phases.append(Phase(**result))
             print(HEADER + "\n" + phases[-1].row(), flush=True)
     table = HEADER + "\n" + "\n".join(p.row() for p in phases)
     for p in phases:
