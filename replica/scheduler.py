@@ -86,7 +86,7 @@ class Scheduler:
     def add(self, request: Request, *, enforce_queue_limit: bool = True) -> None:
         """Queue a new request. Refuses (raising, changing nothing) one that can never fit
         (RequestTooLongError) or arrives at a full queue (QueueFullError)."""
-        if request.request_id in self._requests:
+        if request.request_id in self._requests or request.request_id in self._groups:
             raise InvalidRequestError(f"request id {request.request_id!r} is already in use", param="request_id")
         if not request.prompt_token_ids:
             raise InvalidRequestError("the prompt must contain at least one token", param="prompt")

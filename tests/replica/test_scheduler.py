@@ -616,3 +616,16 @@ def test_an_n_request_waits_for_seats_for_all_its_choices():
     assert set(emitted) == {"a", "b", "g #0", "g #1", "g #2"}
     for step_out in runner.steps:
         assert len(step_out.chunks) <= 3
+
+
+def test_the_id_of_a_forked_n_request_stays_in_use_until_it_ends():
+    sched, runner = make_scheduler(block_size=4)
+    sched.add(make_req("g", list(range(1, 11)), max_tokens=3, n=2))
+    step(sched, runner)  # forked: "g" itself is no longer a running request
+    assert sched.get("g") is None and sched.get("g #1") is not None
+    with pytest.raises(InvalidRequestError, match="already in use"):
+        sched.add(make_req("g", [1, 2], max_tokens=1))
+    with pytest.raises(InvalidRequestError, match="'g #1' is already in use"):
+        sched.add(make_req("g #1", [1, 2], max_tokens=1))
+    run_to_end(sched, runner)
+    sched.add(make_req("g", [1, 2], max_tokens=1))
