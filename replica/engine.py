@@ -563,7 +563,10 @@ class LLMEngine:
                     rid = d.request_id
                     if rid not in texts:
                         continue  # someone else's request sharing this engine
-                    for c in d.choices or (ChoiceDelta(0, d.text, d.token_ids, d.finish_reason),):
+                    if not d.choices:
+                        texts[rid][0].append(d.text)
+                        tokens[rid][0].extend(d.token_ids)
+                    for c in d.choices:
                         texts[rid][c.index].append(c.text)
                         tokens[rid][c.index].extend(c.token_ids)
                         reasons[rid][c.index] = c.finish_reason or reasons[rid][c.index]
