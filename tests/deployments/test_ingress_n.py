@@ -112,3 +112,13 @@ def test_n_that_cannot_fit_is_refused_with_param_n(client):
     assert e.value.body["param"] == "best_of"
     ok = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, n=2, best_of=2)
     assert len(ok.choices) == 2
+
+
+def test_each_choice_has_its_own_grammar_matcher(client):
+    pytest.importorskip("xgrammar")
+    options = ["yes", "no", "maybe", "never"]
+    r = client.completions.create(
+        model=MODEL, prompt="Pick:", max_tokens=20, n=4, seed=3, extra_body={"guided_choice": options}
+    )
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    assert all(c.text in options and c.finish_reason == "stop" for c in r.choices)
