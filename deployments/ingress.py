@@ -18,7 +18,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any, Literal, Protocol
 
 from fastapi import FastAPI, Request
@@ -62,7 +62,7 @@ from deployments.protocol import (
 )
 from deployments.tool_calls import Event, ToolCall, ToolParser, ToolParserName, forced_calls_grammar, parser_for
 from replica.errors import EngineError
-from replica.outputs import Delta, Usage
+from replica.outputs import ChoiceDelta, Delta, Usage
 from replica.request import FinishReason
 
 logger = logging.getLogger("ray.serve")
@@ -221,6 +221,19 @@ class _ToolChunks:
         return delta
 
 
+# One choice's part of a delta: the delta itself for n = 1, else one of its ``choices``.
+Part = Delta | ChoiceDelta
+
+
+def _parts(d: Delta) -> Iterable[tuple[int, Part]]:
+    """(choice index, part) of each choice that ``d`` carries something for."""
+    return ((c.index, c) for c in d.choices) if d.choices else ((0, d),)
+
+
+# Per choice index: how a part becomes a chunk (its finish, or text with usage) and how text does.
+ChunkRender = tuple[Callable[[Part], BaseModel], Callable[[str], bytes]]
+
+
 def _usage(usage: Usage | None, prompt_tokens: int, completion_tokens: int) -> UsageInfo:
     if usage is None:
         usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
@@ -357,11 +370,14 @@ class OpenAIService:
         greq = await self._request(rid, token_ids, body, body.max_tokens, "prompt")
         if body.stream:
             return await self._stream(greq, body.include_usage, self._completion_chunks(greq, body.continuous_usage))
-        text, final = await self._collect(greq)
+        texts, reasons, final = await self._collect(greq)
         resp = CompletionResponse(
             id=rid,
             model=self.served_name,
-            choices=[CompletionChoice(text=text, finish_reason=_finish_reason(final.finish_reason))],
+            choices=[
+                CompletionChoice(index=i, text=text, finish_reason=_finish_reason(reason))
+                for i, (text, reason) in enumerate(zip(texts, reasons))
+            ],
             usage=_usage(final.usage, len(token_ids), 0),
         )
         return JSONResponse(resp.model_dump(), headers={"x-request-id": rid})
@@ -393,22 +409,22 @@ class OpenAIService:
             greq = dataclasses.replace(greq, params=dataclasses.replace(greq.params, guided=guided))
         if body.stream:
             return await self._stream(greq, body.include_usage, self._chat_chunks(greq, body.continuous_usage, parser))
-        text, final = await self._collect(greq)
-        message = ChatResponseMessage(content=text)
-        if parser is not None:
-            parsed = parser.parse(text)
-            calls = [
-                ChatToolCall(id=c.id, function=ToolCallFunction(name=c.name, arguments=c.arguments))
-                for c in parsed.tool_calls
-            ]
-            if calls:
-                message = ChatResponseMessage(content=parsed.content, tool_calls=calls)
-        finish = _finish_reason(final.finish_reason, tool_calls=bool(message.tool_calls))
+        texts, reasons, final = await self._collect(greq)
+        choices = []
+        for i, (text, reason) in enumerate(zip(texts, reasons)):
+            message = ChatResponseMessage(content=text)
+            if parser is not None:
+                parsed = parser.parse(text)
+                calls = [
+                    ChatToolCall(id=c.id, function=ToolCallFunction(name=c.name, arguments=c.arguments))
+                    for c in parsed.tool_calls
+                ]
+                if calls:
+                    message = ChatResponseMessage(content=parsed.content, tool_calls=calls)
+            finish = _finish_reason(reason, tool_calls=bool(message.tool_calls))
+            choices.append(ChatChoice(index=i, message=message, finish_reason=finish))
         resp = ChatCompletionResponse(
-            id=rid,
-            model=self.served_name,
-            choices=[ChatChoice(message=message, finish_reason=finish)],
-            usage=_usage(final.usage, len(token_ids), 0),
+            id=rid, model=self.served_name, choices=choices, usage=_usage(final.usage, len(token_ids), 0)
         )
         return JSONResponse(resp.model_dump(), headers={"x-request-id": rid})
 
@@ -475,8 +491,11 @@ class OpenAIService:
 
     # ---------------------------------------------------------------- generation
 
-    async def _collect(self, greq: GenerateRequest) -> tuple[str, Delta]:
-        parts: list[str] = []
+    async def _collect(self, greq: GenerateRequest) -> tuple[list[str], list[FinishReason | None], Delta]:
+        """Each choice's text and finish reason, and the request's last delta (its usage)."""
+        n = greq.params.n
+        texts: list[list[str]] = [[] for _ in range(n)]
+        reasons: list[FinishReason | None] = [None] * n
         agen = self._client.generate(greq)
         try:
             async for item in agen:
@@ -484,9 +503,11 @@ class OpenAIService:
                     raise APIError.from_replica(item)
                 if item.finish_reason is FinishReason.ERROR:
                     raise _generation_failed(item)
-                parts.append(item.text)
+                for i, part in _parts(item):
+                    texts[i].append(part.text)
+                    reasons[i] = part.finish_reason or reasons[i]
                 if item.finished:
-                    return "".join(parts), item
+                    return ["".join(t) for t in texts], [r or item.finish_reason for r in reasons], item
         finally:
             await agen.aclose()  # on cancel (client gone) this cancels the replica call
         raise APIError.from_code("internal_error", "the replica ended the stream without finishing the request")
@@ -526,17 +547,17 @@ class OpenAIService:
 
     def _completion_chunks(self, greq: GenerateRequest, continuous_usage: bool = False):
         rid, name, created = greq.request_id, self.served_name, int(time.time())
+
+        def render(index: int) -> ChunkRender:
+            def chunk(text: str, finish_reason: str | None = None) -> CompletionResponse:
+                choice = CompletionChoice(index=index, text=text, finish_reason=finish_reason)
+                return CompletionResponse(id=rid, created=created, model=name, choices=[choice])
+
+            return lambda d: chunk(d.text, _finish_reason(d.finish_reason)), _TextChunk(chunk)
+
         return self._chunk_stream(
             greq,
-            content=lambda d: CompletionResponse(
-                id=rid,
-                created=created,
-                model=name,
-                choices=[CompletionChoice(text=d.text, finish_reason=_finish_reason(d.finish_reason))],
-            ),
-            text=_TextChunk(
-                lambda t: CompletionResponse(id=rid, created=created, model=name, choices=[CompletionChoice(text=t)])
-            ),
+            render=render,
             usage=lambda u: CompletionResponse(id=rid, created=created, model=name, choices=[], usage=u),
             continuous_usage=continuous_usage,
         )
@@ -544,32 +565,33 @@ class OpenAIService:
     def _chat_chunks(self, greq: GenerateRequest, continuous_usage: bool = False, parser: ToolParser | None = None):
         rid, name, created = greq.request_id, self.served_name, int(time.time())
 
-        def chunk(delta: ChatDelta, finish_reason: str | None = None) -> ChatCompletionChunk:
-            return ChatCompletionChunk(
-                id=rid, created=created, model=name, choices=[ChatChunkChoice(delta=delta, finish_reason=finish_reason)]
-            )
+        def chunk(delta: ChatDelta, finish_reason: str | None = None, index: int = 0) -> ChatCompletionChunk:
+            choice = ChatChunkChoice(index=index, delta=delta, finish_reason=finish_reason)
+            return ChatCompletionChunk(id=rid, created=created, model=name, choices=[choice])
 
-        content: Callable[[Delta], BaseModel]
-        text: Callable[[str], bytes]
-        if parser is None:
-            content = lambda d: chunk(ChatDelta(content=d.text or None), _finish_reason(d.finish_reason))
-            text = _TextChunk(lambda t: chunk(ChatDelta(content=t)))
-        else:
-            tools = _ToolChunks(parser)
+        def render(index: int) -> ChunkRender:
+            content: Callable[[Part], BaseModel]
+            text: Callable[[str], bytes]
+            if parser is None:
+                content = lambda d: chunk(ChatDelta(content=d.text or None), _finish_reason(d.finish_reason), index)
+                text = _TextChunk(lambda t: chunk(ChatDelta(content=t), index=index))
+            else:
+                tools = _ToolChunks(parser)  # one parser stream per choice
 
-            def content(d: Delta) -> BaseModel:
-                delta = tools.delta(d.text, d.finished)
-                return chunk(delta, _finish_reason(d.finish_reason, tool_calls=tools.num_calls > 0))
+                def content(d: Part) -> BaseModel:
+                    delta = tools.delta(d.text, d.finish_reason is not None)
+                    return chunk(delta, _finish_reason(d.finish_reason, tool_calls=tools.num_calls > 0), index)
 
-            def text(t: str) -> bytes:
-                delta = tools.delta(t, False)
-                return _sse(chunk(delta)) if delta.content is not None or delta.tool_calls else b""
+                def text(t: str) -> bytes:
+                    delta = tools.delta(t, False)
+                    return _sse(chunk(delta, index=index)) if delta.content is not None or delta.tool_calls else b""
+
+            return content, text
 
         return self._chunk_stream(
             greq,
-            head=chunk(ChatDelta(role="assistant", content="")),
-            content=content,
-            text=text,
+            head=lambda index: chunk(ChatDelta(role="assistant", content=""), index=index),
+            render=render,
             usage=lambda u: ChatCompletionChunk(id=rid, created=created, model=name, choices=[], usage=u),
             continuous_usage=continuous_usage,
         )
@@ -578,23 +600,26 @@ class OpenAIService:
         self,
         greq: GenerateRequest,
         *,
-        content: Callable[[Delta], BaseModel],
-        text: Callable[[str], bytes],
+        render: Callable[[int], ChunkRender],
         usage: Callable[[UsageInfo], BaseModel],
-        head: BaseModel | None = None,
+        head: Callable[[int], BaseModel] | None = None,
         continuous_usage: bool = False,
     ):
-        """SSE bytes for one request: an optional head chunk, a chunk per delta with text (or
-        the finish), the usage chunk when asked, then [DONE]; an error ends it with an error event.
+        """SSE bytes for one request: an optional head chunk per choice, a chunk per choice's
+        delta with text (or its finish; each chunk names its choice's ``index``), the usage
+        chunk when asked, then [DONE]; an error ends it with an error event.
         ``continuous_usage`` (vLLM's stream_options.continuous_usage_stats): usage so far in every chunk."""
 
         async def gen(first: Delta, agen: Any, include_usage: bool) -> AsyncIterator[bytes]:
             try:
                 n_prompt, n_out = len(greq.prompt_token_ids), 0
+                renders = [render(i) for i in range(greq.params.n)]
                 if head is not None:
-                    if continuous_usage:
-                        head.usage = _usage(None, n_prompt, 0)
-                    yield _sse(head)
+                    for i in range(greq.params.n):
+                        h = head(i)
+                        if continuous_usage:
+                            h.usage = _usage(None, n_prompt, 0)
+                        yield _sse(h)
                 async for d in self._deltas(first, agen):
                     if isinstance(d, ReplicaError):
                         yield _error_event(APIError.from_replica(d), greq.request_id)
@@ -602,14 +627,16 @@ class OpenAIService:
                     if d.finish_reason is FinishReason.ERROR:
                         yield _error_event(_generation_failed(d), greq.request_id)
                         break
-                    n_out += len(d.token_ids)
-                    if d.finished or (d.text and continuous_usage):
-                        chunk = content(d)
-                        if continuous_usage:
-                            chunk.usage = _usage(d.usage, n_prompt, n_out)
-                        yield _sse(chunk)
-                    elif d.text and (data := text(d.text)):  # a tool-call parser may hold text back
-                        yield data
+                    n_out += d.num_tokens
+                    for i, part in _parts(d):
+                        content, text = renders[i]
+                        if part.finish_reason is not None or (part.text and continuous_usage):
+                            chunk = content(part)
+                            if continuous_usage:
+                                chunk.usage = _usage(d.usage, n_prompt, n_out)
+                            yield _sse(chunk)
+                        elif part.text and (data := text(part.text)):  # a tool-call parser may hold text back
+                            yield data
                     if d.finished and include_usage:
                         yield _sse(usage(_usage(d.usage, len(greq.prompt_token_ids), n_out)))
                 yield SSE_DONE

@@ -251,7 +251,7 @@ class LLMServer:
     def _on_finish(self, req: GenerateRequest, delta: Delta, first_at: float | None) -> None:
         assert delta.finish_reason is not None
         self._metrics.request_finished(delta.finish_reason.value)
-        n_out = delta.usage.completion_tokens if delta.usage else 0
+        n_out = (delta.usage.completion_tokens if delta.usage else 0) // req.params.n  # per sequence
         if first_at is not None and n_out > 1:
             self._metrics.observe_tpot((time.perf_counter() - first_at) / (n_out - 1))
         if delta.finish_reason is FinishReason.ERROR:
@@ -350,7 +350,7 @@ class _Watch:
         self._first_at: float | None = None
 
     def observe(self, delta: Delta) -> None:
-        if self._first_at is None and delta.token_ids:
+        if self._first_at is None and delta.num_tokens:
             self._first_at = time.perf_counter()
             self._server._metrics.observe_ttft(self._first_at - self._start)
         if delta.finish_reason is not None:

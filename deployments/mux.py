@@ -257,7 +257,7 @@ class MuxLLMClient:
             deltas = [i for i in items if not isinstance(i, ReplicaError)]
             if deltas:
                 merged = merge_deltas(deltas)
-                first_sent = first_sent or bool(merged.token_ids)
+                first_sent = first_sent or merged.num_tokens > 0
                 yield merged
                 if merged.finished:
                     return
@@ -317,7 +317,7 @@ def _enough(items: list[Delta | ReplicaError], interval: int) -> bool:
     for i in items:
         if isinstance(i, ReplicaError) or i.finish_reason is not None:
             return True
-        n += len(i.token_ids)
+        n += i.num_tokens
     return n >= interval
 
 

@@ -2,7 +2,7 @@
 
 Unknown request fields are rejected (OpenAI answers 400 "Unrecognized request argument"),
 and parameters this server does not implement are rejected with a clear message rather
-than silently ignored (n != 1, logprobs...). Engine extras used by
+than silently ignored (best_of > n, logprobs...). Engine extras used by
 benchmarks are accepted: ignore_eos, min_tokens, top_k, stop_token_ids.
 
 What vLLM-compatible load generators send by default is accepted unchanged (guidellm 0.8,
@@ -30,7 +30,7 @@ from pydantic import (
 
 from replica.errors import InvalidRequestError
 from replica.grammar import GrammarSpec
-from replica.request import MAX_LOGIT_BIAS, MAX_REPETITION_PENALTY, SamplingParams
+from replica.request import MAX_LOGIT_BIAS, MAX_N, MAX_REPETITION_PENALTY, SamplingParams
 
 MAX_GUIDED_CHOICES = 256
 
@@ -74,7 +74,7 @@ class _SamplingFields(_Strict):
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    n: int | None = 1
+    n: int | None = Field(default=1, ge=1, le=MAX_N)  # choices; seed + i for choice i (replica/request.py)
     seed: int | None = None
     stop: Text | list[Text] | None = None
     stream: bool | None = False
@@ -137,13 +137,6 @@ class _SamplingFields(_Strict):
             raise InvalidRequestError("give at most one of guided_json, guided_regex, guided_choice", param=given[1][0])
         return given[0][1] if given else None
 
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, v: int | None) -> int:
-        if v is not None and v != 1:
-            raise ValueError(f"n must be 1: this server returns one choice per request (got n={v})")
-        return 1
-
     # Field validators, not a model validator: the 400 then names the parameter (``param``).
     @field_validator("logit_bias")
     @classmethod
@@ -185,6 +178,7 @@ class _SamplingFields(_Strict):
             top_p=1.0 if self.top_p is None else self.top_p,
             top_k=self.top_k,
             seed=self.seed,
+            n=self.n or 1,
             stop=stop,
             stop_token_ids=tuple(self.stop_token_ids or ()),
             ignore_eos=self.ignore_eos,
@@ -216,10 +210,14 @@ class CompletionRequest(_SamplingFields):
 
     @field_validator("best_of")
     @classmethod
-    def _best_of_one(cls, v: int | None) -> int | None:
-        if v not in (None, 1):
-            raise ValueError("best_of must be 1")
-        return v
+    def _best_of_n(cls, v: int | None, info: ValidationInfo) -> int | None:
+        """best_of == n is n; ranking more candidates needs per-sequence logprobs: not implemented."""
+        n = info.data.get("n") or 1
+        if v is None or v == n:
+            return v
+        if v < n:
+            raise ValueError(f"best_of must be >= n (got best_of={v}, n={n})")
+        raise ValueError(f"best_of > n is not supported by this server (got best_of={v}, n={n}); use n")
 
     @field_validator("prompt")
     @classmethod

@@ -2,7 +2,9 @@
 
 Three separate questions, so the scheduler reads as policy:
 - ``check_fits``: a request whose prompt plus ``max_tokens`` exceeds the context or the
-  whole KV cache can never finish; refuse it at once, before any work.
+  whole KV cache can never finish; refuse it at once, before any work. For n > 1 the n
+  sequences at full length (sharing the prompt's full blocks) must fit the cache together,
+  and the n must fit ``max_num_seqs``.
 - ``can_start``: a waiting request starts only when its blocks plus a small watermark
   are free, so running requests can still grow a little before anyone is preempted.
 - ``pick_victim``: when a running request cannot get its next block, preempt (by
@@ -13,13 +15,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from replica.errors import RequestTooLongError
+from replica.errors import InvalidRequestError, RequestTooLongError
 from replica.kv_cache import KVCacheManager
 from replica.request import Request
 
 
 class AdmissionController:
-    def __init__(self, kv: KVCacheManager, *, max_model_len: int, watermark: float) -> None:
+    def __init__(
+        self, kv: KVCacheManager, *, max_model_len: int, watermark: float, max_num_seqs: int | None = None
+    ) -> None:
         if max_model_len <= 0:
             raise ValueError(f"max_model_len must be > 0, got {max_model_len}")
         self.kv = kv
@@ -27,6 +31,7 @@ class AdmissionController:
         self.block_size = kv.block_size
         self.max_model_len = max_model_len
         self.watermark_blocks = int(watermark * self.num_blocks)
+        self.max_num_seqs = max_num_seqs
 
     @property
     def cache_capacity_tokens(self) -> int:
@@ -52,6 +57,30 @@ class AdmissionController:
                 f"({self.num_blocks} blocks of {self.block_size}). Shorten the prompt or lower max_tokens.",
                 param=param,
             )
+        n = request.params.n
+        if n > 1:
+            self._check_group_fits(n, prompt, total)
+
+    def _check_group_fits(self, n: int, prompt: int, total: int) -> None:
+        if self.max_num_seqs is not None and n > self.max_num_seqs:
+            raise InvalidRequestError(
+                f"n={n} sequences cannot run together on this replica (max_num_seqs {self.max_num_seqs}); lower n",
+                param="n",
+            )
+        shared = self.num_shared_blocks(prompt)
+        needed = shared + n * (-(-total // self.block_size) - shared)
+        if needed > self.num_blocks:
+            raise RequestTooLongError(
+                f"n={n} sequences of up to {total} tokens need {needed} KV blocks ({shared} prompt blocks shared) "
+                f"but this replica's whole KV cache holds {self.num_blocks} blocks of {self.block_size}. "
+                f"Lower n or max_tokens.",
+                param="n",
+            )
+
+    def num_shared_blocks(self, num_prompt_tokens: int) -> int:
+        """Full blocks of the prompt before its last token: what the n choices of a request
+        share. The last token (and the partial block it ends) is computed by each choice."""
+        return (num_prompt_tokens - 1) // self.block_size
 
     def can_start(self, num_needed_blocks: int, *, idle: bool = False) -> bool:
         """May a waiting request that needs ``num_needed_blocks`` fresh blocks start now?

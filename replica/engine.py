@@ -4,6 +4,10 @@ stepping in a background thread, with one asyncio stream of deltas per request).
 One step is three verbs: ``scheduler.schedule()`` -> ``runner.run()`` ->
 ``scheduler.update()``; the engine then turns new tokens into text deltas with a
 per-request incremental detokenizer, which also finds stop strings.
+
+An n > 1 request runs as n child requests in the scheduler (one per choice, see
+``replica.scheduler``), each with its own detokenizer; its stream is still one stream of
+``Delta``s under its own id, the choices' text in ``Delta.choices``.
 """
 
 from __future__ import annotations
@@ -22,7 +26,16 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 from replica.config import EngineConfig
 from replica.errors import EngineError, EngineUnavailableError, InvalidRequestError, QueueFullError, RequestTooLongError
 from replica.grammar import GrammarCache
-from replica.outputs import CompletionOutput, Delta, EngineStats, RunnerOutput, SchedulerOutput, Usage, merge_deltas
+from replica.outputs import (
+    ChoiceDelta,
+    CompletionOutput,
+    Delta,
+    EngineStats,
+    RunnerOutput,
+    SchedulerOutput,
+    Usage,
+    merge_deltas,
+)
 from replica.pending_step import PendingStep
 from replica.request import FinishReason, Request, RequestStatus, SamplingParams
 from replica.scheduler import Scheduler
@@ -169,8 +182,10 @@ class LLMEngine:
             # The byte-level detokenizer's table (~0.1-0.3 s once per tokenizer): now, not in the
             # first request's time to first token.
             self.tokenizer.token_bytes(skip_special_tokens=True)
-        # Requests whose final delta has not been built yet, with their detokenizers.
+        # Requests whose final delta has not been built yet, with their detokenizers (for an
+        # n > 1 request: its choices', and the request itself in _groups).
         self._live: dict[str, tuple[Request, Detokenizer]] = {}
+        self._groups: dict[str, Request] = {}
         self._pending: list[Delta] = []  # deltas of requests finished outside a step (abort)
         self._last_scheduled: tuple[str, ...] = ()
         self._async = config.scheduler.async_scheduling and hasattr(runner, "launch")
@@ -227,9 +242,11 @@ class LLMEngine:
         except RequestTooLongError:
             self._num_refused += 1
             raise
+        req.make_children()
         if params.guided is not None:
             # Compiled here, when the request is made (cached per spec), never in the step loop.
-            req.grammar = self.grammars.state(params.guided)
+            for seq in req.children or (req,):  # each choice its own matcher
+                seq.grammar = self.grammars.state(params.guided)
         return req
 
     @property
@@ -248,14 +265,19 @@ class LLMEngine:
 
     def add(self, req: Request, *, enforce_queue_limit: bool = True) -> None:
         """Queue a request built by ``make_request``."""
+        req.make_children()
         # Built first: a factory that raises must not leave a queued request without one.
-        detok = self._detokenizer_factory(self.tokenizer, req.prompt_token_ids, req.params)
+        seqs = req.children or (req,)
+        detoks = [self._detokenizer_factory(self.tokenizer, s.prompt_token_ids, s.params) for s in seqs]
         try:
             self.scheduler.add(req, enforce_queue_limit=enforce_queue_limit)
         except (QueueFullError, RequestTooLongError):
             self._num_refused += 1
             raise
-        self._live[req.request_id] = (req, detok)
+        for seq, detok in zip(seqs, detoks):
+            self._live[seq.request_id] = (seq, detok)
+        if req.children:
+            self._groups[req.request_id] = req
 
     def abort(self, request_id: str) -> None:
         """Finish a request now, wherever it is; its final delta comes with the next step."""
@@ -270,16 +292,22 @@ class LLMEngine:
         deltas = []
         for rid in request_ids:
             live = self._live.get(rid)
-            if live is None:
+            req = live[0] if live is not None else self._groups.get(rid)
+            if req is None:
                 continue
-            req = live[0]
-            if self.scheduler.finish(rid, FinishReason.ERROR) is None:
+            if req.parent is not None:  # a choice failing fails its whole request, once
+                req = req.parent
+                if req.request_id not in self._groups:
+                    continue
+            if self.scheduler.finish(req.request_id, FinishReason.ERROR) is None:
                 req.finish_reason = FinishReason.ERROR
             deltas.append(self._final(req, "", (), error=error))
         return deltas
 
     def unfinished_request_ids(self) -> list[str]:
-        return [r.request_id for r in itertools.chain(self.scheduler.running, self.scheduler.waiting)]
+        """Ids of the requests not finished (an n > 1 request's own id, not its choices')."""
+        reqs = itertools.chain(self.scheduler.running, self.scheduler.waiting)
+        return list(dict.fromkeys(r.request_id if r.parent is None else r.parent.request_id for r in reqs))
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._pending) or self._inflight is not None
@@ -327,9 +355,17 @@ class LLMEngine:
         new: list[Delta] = []
         live = self._live
         finished = RequestStatus.FINISHED
+        groups: dict[Request, list[ChoiceDelta]] | None = None  # n > 1 requests' choices this step
         try:
             for req in got:
                 try:
+                    parent = req.parent
+                    if parent is not None:  # a choice of an n > 1 request
+                        if parent.request_id in self._groups:  # else the request failed meanwhile
+                            if groups is None:
+                                groups = {}
+                            groups.setdefault(parent, []).append(self._choice_delta(req))
+                        continue
                     if req.status is finished:
                         new.append(self._last_delta(req))
                         continue
@@ -341,16 +377,55 @@ class LLMEngine:
                         self.scheduler.finish(rid, FinishReason.STOP)
                         new.append(self._final(req, text, (token,)))
                     else:
-                        new.append(_new_tuple(Delta, (rid, text, (token,), None, None, None)))
+                        new.append(_new_tuple(Delta, (rid, text, (token,), None, None, None, ())))
                 except Exception as e:  # this request's text failed (a tokenizer bug): only it ends
                     logger.exception("request %s: building its output failed", req.request_id)
                     new.append(self._fail_one(req, f"output decoding failed: {type(e).__name__}: {e}"))
+            if groups is not None:
+                new.extend(self._group_delta(p, cs) for p, cs in groups.items() if p.request_id in self._groups)
         except BaseException:
             self._pending.extend(new)  # final deltas already built must still go out
             raise
         return new
 
+    def _choice_delta(self, req: Request) -> ChoiceDelta:
+        """``req``'s (a choice's) token of this step as text; its last also ends its detokenizer."""
+        token = req.output_token_ids[-1]
+        if req.status is RequestStatus.FINISHED:
+            text = self._last_text(req)
+        else:
+            text, hit = self._live[req.request_id][1].add((token,))
+            if not hit:
+                return _new_tuple(ChoiceDelta, (req.index, text, (token,), None))
+            self.scheduler.finish(req.request_id, FinishReason.STOP)  # a stop string
+        self._live.pop(req.request_id, None)
+        return ChoiceDelta(req.index, text, (token,), req.finish_reason)
+
+    def _group_delta(self, parent: Request, choices: list[ChoiceDelta]) -> Delta:
+        """One delta of an n > 1 request: its choices' progress; the last once all finished."""
+        if parent.status is RequestStatus.FINISHED:
+            return self._group_final(parent, choices, None)
+        return Delta(parent.request_id, "", (), None, None, None, tuple(choices))
+
+    def _group_final(self, parent: Request, choices: list[ChoiceDelta], error: str | None) -> Delta:
+        """The last delta of an n > 1 request: the choices not ended yet end with it (abort,
+        error); the usage counts the prompt once and every choice's outputs."""
+        self._groups.pop(parent.request_id, None)
+        reason = parent.finish_reason
+        assert reason is not None
+        ended = {c.index for c in choices}
+        for c in parent.children:
+            if self._live.pop(c.request_id, None) is not None and c.index not in ended:
+                choices.append(ChoiceDelta(c.index, "", (), c.finish_reason or reason))
+        self._prompt_tokens_total += parent.num_prompt_tokens
+        self._cached_prompt_tokens_total += parent.num_cached_tokens
+        outputs = sum(c.num_output_tokens for c in parent.children)
+        usage = Usage(parent.num_prompt_tokens, outputs, parent.num_cached_tokens)
+        return Delta(parent.request_id, "", (), reason, usage, error, tuple(sorted(choices)))
+
     def _fail_one(self, req: Request, error: str) -> Delta:
+        if req.parent is not None:  # a choice failing fails its whole request
+            req = req.parent
         self.scheduler.finish(req.request_id, FinishReason.ERROR)  # a no-op if this step finished it
         req.finish_reason = FinishReason.ERROR
         return self._final(req, "", (), error=error)
@@ -371,9 +446,13 @@ class LLMEngine:
         return self._last_scheduled
 
     def _last_delta(self, req: Request) -> Delta:
-        """The delta of a request this step finished. A stop token (EOS or stop_token_ids)
-        ends the output without adding text; a stop string in the last token's text wins
-        over LENGTH."""
+        """The delta of a request this step finished."""
+        return self._final(req, self._last_text(req), (req.output_token_ids[-1],))
+
+    def _last_text(self, req: Request) -> str:
+        """The text of the last token of a request this step finished. A stop token (EOS or
+        stop_token_ids) ends the output without adding text; a stop string in the last
+        token's text wins over LENGTH."""
         token = req.output_token_ids[-1]
         detok = self._live[req.request_id][1]
         text, hit = detok.add(() if req.finish_reason is FinishReason.STOP else (token,))
@@ -381,15 +460,30 @@ class LLMEngine:
             req.finish_reason = FinishReason.STOP
         else:
             text += detok.flush()
-        return self._final(req, text, (token,))
+        return text
 
     def _final(self, req: Request, text: str, token_ids: tuple[int, ...], *, error: str | None = None) -> Delta:
+        if req.children:  # an n > 1 request ended as a whole (abort, error)
+            return self._group_final(req, [], error)
+        if req.parent is not None:  # one choice ended outside a step
+            self._live.pop(req.request_id, None)
+            choice = ChoiceDelta(req.index, text, token_ids, req.finish_reason)
+            if req.parent.status is RequestStatus.FINISHED:
+                return self._group_final(req.parent, [choice], error)
+            return Delta(req.parent.request_id, "", (), None, None, None, (choice,))
         self._live.pop(req.request_id, None)
         self._prompt_tokens_total += req.num_prompt_tokens
         self._cached_prompt_tokens_total += req.num_cached_tokens
         assert req.finish_reason is not None
         usage = Usage(req.num_prompt_tokens, req.num_output_tokens, req.num_cached_tokens)
         return Delta(req.request_id, text, token_ids, req.finish_reason, usage, error)
+
+    def _forget(self, request_id: str) -> None:
+        """Drop the output state of a request whose final delta will never be built."""
+        parent = self._groups.pop(request_id, None)
+        for seq in parent.children if parent is not None else ():
+            self._live.pop(seq.request_id, None)
+        self._live.pop(request_id, None)
 
     # ----- warm-up ------------------------------------------------------------------------
 
@@ -449,9 +543,11 @@ class LLMEngine:
             self.make_request(f"generate-{next(self._ids)}", p, sp) for p, sp in zip(prompts, plist, strict=True)
         )
         order = [r.request_id for r in todo]
-        texts: dict[str, list[str]] = {rid: [] for rid in order}
-        tokens: dict[str, list[int]] = {rid: [] for rid in order}
         reqs = {r.request_id: r for r in todo}
+        # Per request, per choice (one for n = 1): text parts, token ids, finish reason.
+        texts: dict[str, list[list[str]]] = {rid: [[] for _ in range(r.params.n)] for rid, r in reqs.items()}
+        tokens: dict[str, list[list[int]]] = {rid: [[] for _ in range(r.params.n)] for rid, r in reqs.items()}
+        reasons: dict[str, list[FinishReason | None]] = {rid: [None] * r.params.n for rid, r in reqs.items()}
         results: dict[str, CompletionOutput] = {}
         bar = None
         if use_tqdm:
@@ -464,20 +560,31 @@ class LLMEngine:
                 while todo and self.scheduler.num_waiting < max(1, self.config.scheduler.max_waiting):
                     self.add(todo.popleft(), enforce_queue_limit=False)
                 for d in self.step():
-                    if d.request_id not in texts:
+                    rid = d.request_id
+                    if rid not in texts:
                         continue  # someone else's request sharing this engine
-                    texts[d.request_id].append(d.text)
-                    tokens[d.request_id].extend(d.token_ids)
+                    if not d.choices:
+                        texts[rid][0].append(d.text)
+                        tokens[rid][0].extend(d.token_ids)
+                    for c in d.choices:
+                        texts[rid][c.index].append(c.text)
+                        tokens[rid][c.index].extend(c.token_ids)
+                        reasons[rid][c.index] = c.finish_reason or reasons[rid][c.index]
                     if d.finished:
                         assert d.finish_reason is not None and d.usage is not None
-                        results[d.request_id] = CompletionOutput(
-                            request_id=d.request_id,
-                            prompt_token_ids=tuple(reqs[d.request_id].prompt_token_ids),
-                            token_ids=tuple(tokens[d.request_id]),
-                            text="".join(texts[d.request_id]),
-                            finish_reason=d.finish_reason,
-                            usage=d.usage,
-                        )
+                        prompt = tuple(reqs[rid].prompt_token_ids)
+                        outs = [
+                            CompletionOutput(
+                                request_id=rid,
+                                prompt_token_ids=prompt,
+                                token_ids=tuple(tokens[rid][i]),
+                                text="".join(texts[rid][i]),
+                                finish_reason=reasons[rid][i] or d.finish_reason,
+                                usage=Usage(len(prompt), len(tokens[rid][i]), d.usage.cached_tokens),
+                            )
+                            for i in range(len(texts[rid]))
+                        ]
+                        results[rid] = replace(outs[0], usage=d.usage, choices=tuple(outs) if len(outs) > 1 else ())
                         if bar is not None:
                             bar.update(1)
                             bar.set_postfix(tok_s=f"{self._tokens_per_s():.0f}", refresh=False)
@@ -486,7 +593,7 @@ class LLMEngine:
             for rid in order:
                 if rid not in results:
                     self.abort(rid)
-                    self._live.pop(rid, None)  # one a failed step finished: no delta will come
+                    self._forget(rid)  # one a failed step finished: no delta will come
             self._pending = [d for d in self._pending if d.request_id not in texts]
             raise
         finally:
@@ -539,7 +646,7 @@ async def coalesced(queue: asyncio.Queue[Delta], interval: int = 1) -> AsyncIter
     first_sent = False
     while True:
         delta = await queue.get()
-        n = len(delta.token_ids)
+        n = delta.num_tokens
         if not delta.finished and (not queue.empty() or (first_sent and n < interval)):
             batch = [delta]
             while not batch[-1].finished:
@@ -549,9 +656,9 @@ async def coalesced(queue: asyncio.Queue[Delta], interval: int = 1) -> AsyncIter
                     batch.append(await queue.get())
                 else:
                     break
-                n += len(batch[-1].token_ids)
+                n += batch[-1].num_tokens
             delta = merge_deltas(batch)
-        first_sent = first_sent or bool(delta.token_ids)
+        first_sent = first_sent or n > 0
         yield delta
         if delta.finished:
             return

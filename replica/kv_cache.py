@@ -189,6 +189,30 @@ class KVCacheManager:
         self._requests.pop(request.request_id, None)
         self._state.pop(request.request_id, None)
 
+    def fork(self, parent: Request, child: Request) -> None:
+        """Give ``child`` (holding no blocks) a reference to each of ``parent``'s blocks, which
+        must all be full of computed tokens: the n choices of a request share its prompt's KV.
+        Nothing is ever written into a shared block (each child's later tokens go to blocks of
+        its own), so there is nothing to copy on write. The child inherits the parent's
+        prefix-cache registration of those blocks."""
+        if child.block_table:
+            raise ValueError(f"fork into {child.request_id}, which already holds blocks")
+        if parent.num_computed_tokens != len(parent.block_table) * self.block_size:
+            raise ValueError(f"fork of {parent.request_id}: its last block is not full of computed tokens")
+        if not parent.block_table:
+            return
+        self.cache_full_blocks(parent)
+        tick = next(self._clock)
+        for bid in parent.block_table:
+            blk = self._blocks[bid]
+            blk.ref_count += 1
+            blk.last_used = tick
+        child.block_table.extend(parent.block_table)
+        self._requests[child.request_id] = child
+        state = self._state.get(parent.request_id)
+        if state is not None:
+            self._state[child.request_id] = _ReqCacheState(list(state.hashes), list(state.gens), state.broken)
+
     # ----- registration -------------------------------------------------------------------
 
     def cache_full_blocks(self, request: Request) -> None:

@@ -123,10 +123,25 @@ class Usage:
         return self.prompt_tokens + self.completion_tokens
 
 
+class ChoiceDelta(NamedTuple):
+    """What one choice (sequence) of an n > 1 request gained: its ``finish_reason`` is set on
+    its last."""
+
+    index: int  # type: ignore[assignment]  # OpenAI's name; shadows tuple.index, which nothing calls
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: FinishReason | None = None
+
+
 class Delta(NamedTuple):
     """What one request gained in one step: new text and token ids; the last delta
     of a request carries ``finish_reason`` and ``usage``. A NamedTuple for the same reason
-    as ``ScheduledChunk``: one per request per step."""
+    as ``ScheduledChunk``: one per request per step.
+
+    An n > 1 request's deltas carry their text in ``choices`` (one per choice that gained
+    something, each with its own finish), ``text`` and ``token_ids`` stay empty; its last
+    delta (``finish_reason`` set: the last choice's, or abort / error of the whole request)
+    comes once every choice has finished, with the usage of all (prompt counted once)."""
 
     request_id: str
     text: str
@@ -134,10 +149,18 @@ class Delta(NamedTuple):
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
     error: str | None = None  # set with FinishReason.ERROR
+    choices: tuple[ChoiceDelta, ...] = ()
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens gained, over every choice."""
+        if self.choices:
+            return sum(len(c.token_ids) for c in self.choices)
+        return len(self.token_ids)
 
 
 @dataclass(frozen=True)
@@ -150,6 +173,9 @@ class CompletionOutput:
     text: str
     finish_reason: FinishReason
     usage: Usage
+    # n > 1: every choice, by index (the fields above are then those of choice 0, and usage
+    # the whole request's); empty for n = 1.
+    choices: tuple[CompletionOutput, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -199,4 +225,24 @@ def merge_deltas(deltas: Sequence[Delta]) -> Delta:
         finish_reason=last.finish_reason,
         usage=last.usage,
         error=last.error,
+        choices=_merge_choices(deltas) if any(d.choices for d in deltas) else (),
     )
+
+
+def _merge_choices(deltas: Sequence[Delta]) -> tuple[ChoiceDelta, ...]:
+    """Per choice, in index order: text and ids concatenated, the finish of its last."""
+    by_index: dict[int, list[ChoiceDelta]] = {}
+    for d in deltas:
+        for c in d.choices:
+            by_index.setdefault(c.index, []).append(c)
+    merged = []
+    for index in sorted(by_index):
+        cs = by_index[index]
+        if any(c.finish_reason is not None for c in cs[:-1]):
+            raise ValueError(f"choice {index}: a finished choice delta can only be its last one merged")
+        merged.append(
+            ChoiceDelta(
+                index, "".join(c.text for c in cs), tuple(t for c in cs for t in c.token_ids), cs[-1].finish_reason
+            )
+        )
+    return tuple(merged)

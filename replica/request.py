@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from replica.errors import InvalidRequestError
@@ -18,6 +18,7 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_LEN = 256
 MAX_LOGIT_BIAS = 300  # entries, as OpenAI
 MAX_REPETITION_PENALTY = 10.0
+MAX_N = 128  # sequences per request, as OpenAI
 
 
 class FinishReason(str, enum.Enum):
@@ -31,6 +32,7 @@ class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     PREEMPTED = "preempted"  # waiting again after its blocks were freed; will recompute
+    FORKED = "forked"  # n > 1: its prompt is computed; its n children (the choices) run on
     FINISHED = "finished"
 
 
@@ -48,6 +50,9 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0  # 0 or -1: disabled
     seed: int | None = None  # per-request RNG: same seed, same output, whatever shares the batch
+    # Sequences sampled from the prompt (OpenAI's n). They share the prompt's KV blocks; choice i
+    # samples with seed + i (vLLM's rule), so it reproduces a single request with that seed.
+    n: int = 1
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
@@ -73,7 +78,7 @@ class SamplingParams:
         else:
             object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
-        for name in ("max_tokens", "min_tokens", "top_k"):
+        for name in ("max_tokens", "min_tokens", "top_k", "n"):
             if isinstance(getattr(self, name), bool):  # bool is an int subclass; True is no count
                 raise _invalid(f"{name} must be an integer, got {getattr(self, name)!r}", name)
         for name in ("temperature", "top_p"):
@@ -81,6 +86,8 @@ class SamplingParams:
                 raise _invalid(f"{name} must be a number, got {getattr(self, name)!r}", name)
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise _invalid(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}", "max_tokens")
+        if not isinstance(self.n, int) or not 1 <= self.n <= MAX_N:
+            raise _invalid(f"n must be an integer in [1, {MAX_N}], got {self.n!r}", "n")
         if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
             raise _invalid(f"min_tokens must be an integer >= 0, got {self.min_tokens!r}", "min_tokens")
         if self.min_tokens > self.max_tokens:
@@ -146,6 +153,10 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    def for_choice(self, index: int) -> SamplingParams:
+        """The parameters of choice ``index`` of an n > 1 request: one sequence, seed + index."""
+        return replace(self, n=1, seed=None if self.seed is None else self.seed + index)
+
 
 @dataclass(eq=False)
 class Request:
@@ -170,6 +181,12 @@ class Request:
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
     grammar: GrammarState | None = None  # the matcher of ``params.guided`` (set by the engine)
+    # n > 1 (``params.n``): this request computes the prompt's full blocks, then forks into
+    # ``children``, one per choice, which share those blocks (see Scheduler). A child knows its
+    # ``parent`` and its choice ``index``.
+    children: tuple[Request, ...] = field(default=(), repr=False)
+    parent: Request | None = field(default=None, repr=False)
+    index: int = 0
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -195,3 +212,21 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
+
+    def make_children(self) -> None:
+        """Build the n choices of an n > 1 request (not yet scheduled): same prompt (the same
+        list, never mutated), ``params.for_choice(i)``, ids ``"<id> #<i>"`` (a space: never an
+        id the ingress makes)."""
+        if self.params.n > 1 and not self.children:
+            self.children = tuple(
+                Request(
+                    request_id=f"{self.request_id} #{i}",
+                    prompt_token_ids=self.prompt_token_ids,
+                    params=self.params.for_choice(i),
+                    arrival_time=self.arrival_time,
+                    eos_token_ids=self.eos_token_ids,
+                    parent=self,
+                    index=i,
+                )
+                for i in range(self.params.n)
+            )

@@ -11,6 +11,17 @@ When a running request cannot get its next block, the newest running request is
 preempted by recompute: its blocks are freed, its outputs kept, and it goes back to
 the front of the waiting queue; on resume it recomputes prompt + outputs (often
 from its own blocks, still in the prefix cache) and continues where it stopped.
+
+A request with n > 1 (``params.n``) is one request until its prompt is computed, then n.
+It computes its prompt's full blocks before the last token (``num_shared_blocks``) and, once
+they are computed, forks: each of its ``children`` (one per choice) takes a reference to
+every one of those blocks (``KVCacheManager.fork``) and becomes an ordinary running request
+that computes the rest of the prompt (1 to block_size tokens, into a block of its own) and
+samples with its own seed. Shared blocks are never written again, so nothing is copied: the
+partial last block is recomputed per choice instead of copied. The children are scheduled,
+preempted (freeing only their own references) and finished independently; finishing or
+aborting the request by its own id finishes them all. Admission keeps room for the n
+sequences: n seats of ``max_num_seqs`` and, to start, the shared blocks plus a tail block each.
 """
 
 from __future__ import annotations
@@ -41,12 +52,17 @@ class Scheduler:
         self.config = config
         self.max_model_len = max_model_len
         self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
-        self.admission = AdmissionController(self.kv, max_model_len=max_model_len, watermark=cache.watermark)
+        self.admission = AdmissionController(
+            self.kv, max_model_len=max_model_len, watermark=cache.watermark, max_num_seqs=config.max_num_seqs
+        )
         self.waiting: deque[Request] = deque()
         # Kept sorted by (arrival_time, admission order): the newest, the preemption
         # victim, is always last, so preempting never undoes a chunk already scheduled.
         self.running: list[Request] = []
         self._requests: dict[str, Request] = {}  # waiting + running
+        self._groups: dict[str, Request] = {}  # forked n > 1 requests with a choice not finished
+        # Seats of max_num_seqs promised to the choices of running n > 1 requests not forked yet.
+        self._reserved_seats = 0
         self._seq: dict[str, int] = {}
         self._seq_counter = itertools.count()
         self.num_preemptions = 0
@@ -70,13 +86,17 @@ class Scheduler:
     def add(self, request: Request, *, enforce_queue_limit: bool = True) -> None:
         """Queue a new request. Refuses (raising, changing nothing) one that can never fit
         (RequestTooLongError) or arrives at a full queue (QueueFullError)."""
-        if request.request_id in self._requests:
+        if request.request_id in self._requests or request.request_id in self._groups:
             raise InvalidRequestError(f"request id {request.request_id!r} is already in use", param="request_id")
         if not request.prompt_token_ids:
             raise InvalidRequestError("the prompt must contain at least one token", param="prompt")
         if request.output_token_ids or request.num_computed_tokens or request.block_table:
             raise InvalidRequestError(f"request {request.request_id!r} is not fresh", param="request_id")
         self.admission.check_fits(request)
+        request.make_children()
+        for child in request.children:
+            if child.request_id in self._requests or child.request_id in self._groups:
+                raise InvalidRequestError(f"request id {child.request_id!r} is already in use", param="request_id")
         if enforce_queue_limit and len(self.waiting) >= self.config.max_waiting:
             raise QueueFullError(
                 f"the waiting queue is full ({len(self.waiting)} of {self.config.max_waiting} requests); retry later"
@@ -91,21 +111,41 @@ class Scheduler:
         return self.finish(request_id, FinishReason.ABORT)
 
     def finish(self, request_id: str, reason: FinishReason) -> Request | None:
-        """Finish a request now (abort, a stop string seen by the detokenizer, ...)."""
+        """Finish a request now (abort, a stop string seen by the detokenizer, ...). The id of
+        an n > 1 request finishes all its choices (and returns it); a choice's id, that choice."""
         req = self._requests.pop(request_id, None)
         if req is None:
-            return None
+            parent = self._groups.pop(request_id, None)
+            if parent is None:
+                return None
+            for child in parent.children:
+                if self._requests.pop(child.request_id, None) is not None:
+                    self._finish(child, reason)
+            parent.status = RequestStatus.FINISHED
+            parent.finish_reason = reason
+            return parent
+        self._finish(req, reason)
+        for child in req.children:  # not forked yet: its choices never started
+            child.status = RequestStatus.FINISHED
+            child.finish_reason = reason
+        parent = req.parent
+        if parent is not None and all(c.status is RequestStatus.FINISHED for c in parent.children):
+            self._groups.pop(parent.request_id, None)
+            parent.status = RequestStatus.FINISHED
+            parent.finish_reason = reason  # the last choice's
+        return req
+
+    def _finish(self, req: Request, reason: FinishReason) -> None:
         if req.status is RequestStatus.RUNNING:
-            self.running.remove(req)
+            self._remove_running(req)
         else:
             self.waiting.remove(req)
         self.kv.free(req)
-        self._seq.pop(request_id, None)
+        self._seq.pop(req.request_id, None)
         if req.grammar is not None:
             req.grammar.closed = True  # its rows still in flight are not masked
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
-        return req
 
     # ----- one step --------------------------------------------------------------------
 
@@ -121,7 +161,8 @@ class Scheduler:
         while i < len(running) and budget > 0:
             req = running[i]
             computed = req.num_computed_tokens
-            num_new = min(len(req.prompt_token_ids) + len(req.output_token_ids) - computed, budget)
+            target = self._fork_point(req) if req.children else len(req.prompt_token_ids) + len(req.output_token_ids)
+            num_new = min(target - computed, budget)
             assert num_new > 0, f"running request {req.request_id} has nothing to compute"
             if computed + num_new <= len(req.block_table) * bs:
                 # The common decode case: the tokens fit the blocks it holds; no allocation.
@@ -142,13 +183,20 @@ class Scheduler:
 
         # Then waiting ones, in order, while they fit. Not right after a preemption:
         # the freed blocks are for the running requests that needed them.
-        while not preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        max_seqs = self.config.max_num_seqs
+        while not preempted and self.waiting and budget > 0 and len(self.running) + self._reserved_seats < max_seqs:
             req = self.waiting[0]
+            n = len(req.children)
+            if n and len(self.running) + self._reserved_seats + n > max_seqs:
+                break  # its n choices need n seats
             hits, num_hit = self.kv.get_computed_prefix(req)
-            needed = self.kv.blocks_for(req.num_tokens) - len(hits) + self.kv.num_unreferenced(hits)
+            target = self._fork_point(req) if n else req.num_tokens
+            needed = self.kv.blocks_for(target) - len(hits) + self.kv.num_unreferenced(hits)
+            if n:  # and a block of its own for each choice's rest of the prompt
+                needed += n * (self.kv.blocks_for(req.num_tokens) - target // bs)
             if not self.admission.can_start(needed, idle=not self.running):
                 break
-            num_new = min(req.num_tokens - num_hit, budget)
+            num_new = min(target - num_hit, budget)
             if self.kv.allocate_slots(req, num_new, hits) is None:
                 break
             self.waiting.popleft()
@@ -156,6 +204,14 @@ class Scheduler:
             if req.status is RequestStatus.WAITING:  # first admission, not a resume
                 req.num_cached_tokens = num_hit
             req.status = RequestStatus.RUNNING
+            if num_new == 0:  # n > 1, its shared blocks all prefix hits (or none): fork now
+                for child in self._fork(req):
+                    num_new = min(child.num_tokens - child.num_computed_tokens, budget)
+                    if num_new <= 0 or self.kv.allocate_slots(child, num_new) is None:
+                        break  # the rest are scheduled as running requests next step
+                    chunks.append(self._chunk(child, num_new))
+                    budget -= num_new
+                continue
             self._insert_running(req)
             chunks.append(self._chunk(req, num_new))
             budget -= num_new
@@ -262,6 +318,9 @@ class Scheduler:
                 self.kv.cache_full_blocks(req)
             if reason is not None:
                 self.finish(req.request_id, reason)
+            elif req.children and computed == self._fork_point(req):
+                self._remove_running(req)
+                self._fork(req)
         return got
 
     def _update_batch(self, d: DecodeBatch, res: RunnerOutput) -> list[Request]:
@@ -329,8 +388,31 @@ class Scheduler:
             return FinishReason.LENGTH
         return None
 
+    def _fork_point(self, req: Request) -> int:
+        """Tokens an n > 1 request computes before it forks: its prompt's shared full blocks."""
+        return self.admission.num_shared_blocks(len(req.prompt_token_ids)) * self.kv.block_size
+
+    def _fork(self, parent: Request) -> tuple[Request, ...]:
+        """Turn ``parent`` (out of the running list, its shared blocks computed) into its
+        running children, which share its blocks; the parent keeps no reference of its own."""
+        children = parent.children
+        del self._requests[parent.request_id]
+        self._seq.pop(parent.request_id, None)
+        for child in children:
+            self.kv.fork(parent, child)
+            child.num_computed_tokens = parent.num_computed_tokens
+            child.num_cached_tokens = parent.num_cached_tokens
+            child.status = RequestStatus.RUNNING
+            self._requests[child.request_id] = child
+            self._seq[child.request_id] = next(self._seq_counter)
+        self._insert_running(*children)
+        self.kv.free(parent)
+        parent.status = RequestStatus.FORKED
+        self._groups[parent.request_id] = parent
+        return children
+
     def _preempt(self, req: Request) -> None:
-        self.running.remove(req)
+        self._remove_running(req)
         self.kv.free(req)
         req.num_computed_tokens = 0
         req.status = RequestStatus.PREEMPTED
@@ -338,10 +420,22 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(req)
 
-    def _insert_running(self, req: Request) -> None:
-        key = (req.arrival_time, self._seq[req.request_id])
+    def _insert_running(self, *reqs: Request) -> None:
+        """Insert ``reqs`` (one request, or the children of one fork: the same arrival time,
+        consecutive sequence numbers) at their place in the running list."""
+        first = reqs[0]
+        key = (first.arrival_time, self._seq[first.request_id])
         keys = [(r.arrival_time, self._seq[r.request_id]) for r in self.running]
-        self.running.insert(bisect.bisect(keys, key), req)
+        at = bisect.bisect(keys, key)
+        self.running[at:at] = reqs
+        for req in reqs:
+            if req.children:
+                self._reserved_seats += len(req.children) - 1
+
+    def _remove_running(self, req: Request) -> None:
+        self.running.remove(req)
+        if req.children:
+            self._reserved_seats -= len(req.children) - 1
 
     @staticmethod
     def _chunk(req: Request, n: int) -> ScheduledChunk:

@@ -235,7 +235,8 @@ def assert_openai_error(r: httpx.Response, status: int, code: str | None = None,
 @pytest.mark.parametrize(
     "body, param, words",
     [
-        ({**CHAT, "n": 2}, "n", "n must be 1"),
+        ({**CHAT, "n": 0}, "n", "greater than or equal to 1"),
+        ({**CHAT, "n": 129}, "n", "less than or equal to 128"),
         ({**CHAT, "temperature": -1}, "temperature", "greater than or equal"),
         ({**CHAT, "top_p": 0}, "top_p", "greater than"),
         ({**CHAT, "max_tokens": 0}, "max_tokens", "greater than or equal"),

@@ -61,7 +61,7 @@ def test_sampling_params_errors_stay_typed():
 @pytest.mark.parametrize(
     "kwargs",
     [
-        {"n": 2},
+        {"n": 0},
         {"frequency_penalty": 2.5},
         {"logit_bias": {"5": -101.0}},
         {"logit_bias": {"-5": 1.0}},
@@ -90,11 +90,31 @@ def test_prompt_forms(prompt, expected):
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"echo": True}, {"logprobs": 2}, {"best_of": 3}, {"suffix": "x"}, {"prompt": [[1], [2]]}]
+    "kwargs",
+    [
+        {"echo": True},
+        {"logprobs": 2},
+        {"best_of": 3},
+        {"n": 3, "best_of": 2},
+        {"n": 2, "best_of": 3},
+        {"suffix": "x"},
+        {"prompt": [[1], [2]]},
+    ],
 )
 def test_unsupported_completion_fields_are_rejected(kwargs):
     with pytest.raises(pydantic.ValidationError):
         CompletionRequest(**{"model": "m", "prompt": "x", **kwargs})
+
+
+def test_n_reaches_the_sampling_params_and_best_of_equal_to_n_is_accepted():
+    r = CompletionRequest(model="m", prompt="x", n=3, best_of=3, seed=5)
+    assert r.sampling_params(4).n == 3 and r.sampling_params(4).seed == 5
+    assert ChatCompletionRequest(model="m", messages=MSGS, n=2).sampling_params(4).n == 2
+    assert ChatCompletionRequest(model="m", messages=MSGS, n=None).sampling_params(4).n == 1
+    with pytest.raises(pydantic.ValidationError, match="best_of > n is not supported"):
+        CompletionRequest(model="m", prompt="x", n=2, best_of=4)
+    with pytest.raises(pydantic.ValidationError, match="best_of must be >= n"):
+        CompletionRequest(model="m", prompt="x", n=3, best_of=2)
 
 
 def test_top_k_beyond_int64_is_rejected():

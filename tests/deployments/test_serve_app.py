@@ -218,7 +218,7 @@ def test_errors_in_openai_shape(app):
             (
                 http.post(
                     "/v1/chat/completions",
-                    json={"model": MODEL, "messages": [{"role": "user", "content": "x"}], "n": 3},
+                    json={"model": MODEL, "messages": [{"role": "user", "content": "x"}], "n": 0},
                 ),
                 400,
                 None,

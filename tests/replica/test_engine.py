@@ -683,3 +683,110 @@ async def test_stream_interval_batches_tokens_but_not_the_first():
     with pytest.raises(InvalidRequestError):
         eng.add_request("c", "abc", sp, stream_interval=0)
     await eng.shutdown()
+
+
+# ----- n > 1 -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("async_", [True, False])
+def test_n_choices_equal_single_requests_with_seed_plus_index(async_):
+    eng = engine(async_=async_)
+    prompt = "a prompt of some length"
+    (group,) = eng.generate(prompt, SamplingParams(max_tokens=6, temperature=0.9, seed=3, n=3), use_tqdm=False)
+    singles = eng.generate(
+        [prompt] * 3, [SamplingParams(max_tokens=6, temperature=0.9, seed=3 + i) for i in range(3)], use_tqdm=False
+    )
+    assert [c.token_ids for c in group.choices] == [s.token_ids for s in singles]
+    assert [c.text for c in group.choices] == [s.text for s in singles]
+    assert [c.finish_reason for c in group.choices] == [s.finish_reason for s in singles]
+    assert len({c.token_ids for c in group.choices}) == 3
+    assert group.token_ids == group.choices[0].token_ids  # the top level is choice 0
+    n_prompt = len(prompt)
+    assert group.usage.prompt_tokens == n_prompt  # once, not 3 times
+    assert group.usage.completion_tokens == sum(len(c.token_ids) for c in group.choices)
+    s = eng.stats()
+    assert s.prompt_tokens_total == 4 * n_prompt and s.num_free_blocks == s.num_total_blocks
+    assert not eng.has_unfinished()
+
+
+def test_n_choices_end_on_their_own_and_the_request_with_the_last():
+    runner = ScriptedRunner()
+    eng = engine(runner)
+    a, b, x = ord("a"), ord("b"), ord("X")
+    runner.script = {"g #0": [a, x, a, a, a], "g #1": [b] * 5, "g #2": [b, EOS]}
+    eng.add_request("g", "prompt", SamplingParams(max_tokens=5, temperature=0.0, stop=("X",), n=3))
+    deltas = []
+    while eng.has_unfinished():
+        deltas += eng.step()
+    assert {d.request_id for d in deltas} == {"g"} and [d.finished for d in deltas][-1]
+    assert sum(d.finished for d in deltas) == 1
+    assert all(d.text == "" and d.token_ids == () for d in deltas)
+    texts, reasons = ["", "", ""], [None, None, None]
+    for d in deltas:
+        for c in d.choices:
+            assert reasons[c.index] is None  # nothing after a choice's finish
+            texts[c.index] += c.text
+            reasons[c.index] = c.finish_reason
+    assert texts == ["a", "bbbbb", "b"]
+    assert reasons == [FinishReason.STOP, FinishReason.LENGTH, FinishReason.STOP]
+    assert deltas[-1].usage.completion_tokens == 2 + 5 + 2 and deltas[-1].usage.prompt_tokens == 6
+    assert eng.stats().num_free_blocks == eng.stats().num_total_blocks
+
+
+def test_abort_of_an_n_request_ends_all_choices_and_frees_every_block():
+    eng = engine()
+    eng.add_request("g", "abcdefghij", SamplingParams(max_tokens=20, n=3, **GREEDY))
+    produced = 0
+    while produced < 6:
+        produced += sum(d.num_tokens for d in eng.step())
+    assert eng.stats().num_running == 3
+    eng.abort("g")
+    assert eng.stats().num_free_blocks == eng.stats().num_total_blocks
+    (d,) = eng.step()
+    assert d.finish_reason is FinishReason.ABORT and d.usage.completion_tokens == produced
+    assert [(c.index, c.finish_reason) for c in d.choices] == [(i, FinishReason.ABORT) for i in range(3)]
+    assert not eng.has_unfinished() and eng.unfinished_request_ids() == []
+
+
+def test_a_choice_whose_output_fails_fails_its_whole_request():
+    class Boom:
+        def __init__(self, tokenizer, prompt, params):
+            self.n = 0
+
+        def add(self, token_ids):
+            self.n += 1
+            if self.n == 2:
+                raise RuntimeError("broken tokenizer")
+            return "t", False
+
+        def flush(self):
+            return ""
+
+    eng = LLMEngine(config(), runner=PagedFakeRunner(BS, VOCAB), tokenizer=CharTokenizer(), detokenizer_factory=Boom)
+    eng.add_request("g", "abcdefgh", SamplingParams(max_tokens=10, n=2, **GREEDY))
+    eng.add_request("solo", "xyz", SamplingParams(max_tokens=3, **GREEDY))
+    finals = {}
+    while eng.has_unfinished():
+        for d in eng.step():
+            if d.finished:
+                finals[d.request_id] = d
+    assert finals["g"].finish_reason is FinishReason.ERROR and "broken tokenizer" in finals["g"].error
+    assert finals["solo"].finish_reason is FinishReason.ERROR  # its own detokenizer fails too
+    assert eng.stats().num_free_blocks == eng.stats().num_total_blocks
+
+
+async def test_async_stream_of_an_n_request():
+    eng = AsyncEngine(config(), engine=engine())
+    await eng.start()
+    params = SamplingParams(max_tokens=5, temperature=0.7, seed=9, n=2)
+    deltas = await asyncio.wait_for(collect(eng.add_request("g", "hello there", params)), 30)
+    assert deltas[-1].finished and sum(d.finished for d in deltas) == 1
+    tokens = [[], []]
+    for d in deltas:
+        for c in d.choices:
+            tokens[c.index] += c.token_ids
+    tok = CharTokenizer()
+    for i in range(2):
+        assert tokens[i] == reference_tokens(tok.encode("hello there"), params.for_choice(i))
+    assert deltas[-1].usage.completion_tokens == 10
+    await eng.shutdown()

@@ -228,6 +228,72 @@ def test_shared_prefixes_hit_the_cache_with_unchanged_outputs(arch):
         assert run["result"].tokens[s.rid] == run["refs"][s.rid]
 
 
+def test_n_choices_equal_hf_generate_and_single_seeded_requests():
+    """n > 1 requests among others in a small cache (tiny Llama, float64): every greedy choice
+    equals HF generate on the prompt alone, every seeded choice i the single request with seed + i,
+    while the choices share the prompt's blocks and some of them are preempted."""
+    torch.manual_seed(0)
+    loaded = models.tiny_model("llama", seed=1234, dtype=torch.float64)
+    reference_model = copy.deepcopy(loaded.model)
+    engine = LLMEngine(engine_config("llama", num_blocks=14, max_num_seqs=8), loaded=loaded)
+    rng = random.Random(7)
+    vocab = int(loaded.model.config.vocab_size)
+    specs = []
+    for i, (length, n, seeded) in enumerate(
+        [(5, 3, False), (40, 2, False), (70, 3, True), (33, 3, False), (17, 2, True)]
+    ):
+        params = SamplingParams(
+            max_tokens=rng.randint(12, 24),
+            temperature=0.9 if seeded else 0.0,
+            top_k=50,
+            seed=50 + i,
+            n=n,
+            ignore_eos=True,
+        )
+        specs.append(Spec(f"group-{i}", [rng.randrange(3, vocab) for _ in range(length)], params, arrival_step=i))
+    for j in range(4):  # companions
+        params = SamplingParams(max_tokens=rng.randint(4, 30), temperature=0.0, ignore_eos=True)
+        specs.append(Spec(f"plain-{j}", [rng.randrange(3, vocab) for _ in range(rng.randint(10, 90))], params, j))
+    tokens: dict[str, list[list[int]]] = {}
+    usage: dict[str, Usage] = {}
+    pending = sorted(specs, key=lambda s: s.arrival_step)
+    step = 0
+    shared_seen = False
+    while pending or engine.has_unfinished():
+        while pending and pending[0].arrival_step <= step:
+            s = pending.pop(0)
+            engine.add_request(s.rid, s.prompt, s.params)
+            tokens[s.rid] = [[] for _ in range(s.params.n)]
+        for d in engine.step():
+            for c in d.choices or ():
+                tokens[d.request_id][c.index].extend(c.token_ids)
+            if not d.choices:
+                tokens[d.request_id][0].extend(d.token_ids)
+            if d.finished:
+                usage[d.request_id] = d.usage
+        kv = engine.scheduler.kv
+        kv.check_invariants()
+        tables = [tuple(r.block_table[:1]) for r in engine.scheduler.running if r.parent is not None and r.block_table]
+        shared_seen = shared_seen or len(tables) > len(set(tables))  # siblings holding the same block
+        step += 1
+        assert step < 20_000
+    assert shared_seen and engine.stats().num_preemptions > 0
+    assert engine.stats().num_free_blocks == engine.stats().num_total_blocks
+    solo = LLMEngine(engine_config("llama", num_blocks=64, budget=32), loaded=loaded)
+    for s in specs:
+        assert usage[s.rid].prompt_tokens == len(s.prompt)
+        assert usage[s.rid].completion_tokens == s.params.n * s.params.max_tokens
+        for i in range(s.params.n):
+            if s.params.greedy:
+                expect = hf_greedy(reference_model, s.prompt, s.params)
+            else:
+                (out,) = solo.generate([s.prompt], s.params.for_choice(i), use_tqdm=False)
+                expect = list(out.token_ids)
+            assert tokens[s.rid][i] == expect, (s.rid, i)
+        if not s.params.greedy:
+            assert len({tuple(t) for t in tokens[s.rid]}) > 1
+
+
 # ----------------------------------------------------------------------------- the architecture table
 #
 # Every architecture the installed transformers builds that we list here, tiny and random (float64):

@@ -9,7 +9,7 @@ import pytest
 from replica.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from replica.engine import AsyncEngine
 from replica.engine_process import ProcessEngine
-from replica.errors import EngineUnavailableError, RequestTooLongError
+from replica.errors import EngineUnavailableError, InvalidRequestError, RequestTooLongError
 from replica.models import load_model
 from replica.outputs import Delta
 from replica.request import FinishReason, SamplingParams
@@ -107,3 +107,20 @@ async def test_the_stream_form_honours_stream_interval(engine):
     ]
     assert sum(len(d.token_ids) for d in items) == 13
     assert all(len(d.token_ids) >= 4 for d in items[1:-1])  # the first never waits; the last ends it
+
+
+async def test_an_n_request_crosses_the_pipe_as_one_stream_of_choices(engine):
+    params = SamplingParams(max_tokens=6, ignore_eos=True, temperature=1.0, seed=21, n=3)
+    deltas = [d async for d in engine.add_request("g", [5, 6, 7, 8, 9], params)]
+    assert deltas[-1].finished and sum(d.finished for d in deltas) == 1
+    tokens: list[list[int]] = [[], [], []]
+    for d in deltas:
+        for c in d.choices:
+            tokens[c.index] += c.token_ids
+    for i in range(3):  # choice i is the single request with seed 21 + i
+        single = [d async for d in engine.add_request(f"s{i}", [5, 6, 7, 8, 9], params.for_choice(i))]
+        assert tokens[i] == [t for d in single for t in d.token_ids]
+    assert deltas[-1].usage.prompt_tokens == 5 and deltas[-1].usage.completion_tokens == 18
+    with pytest.raises(InvalidRequestError) as e:  # refused in the child, typed across the pipe
+        await engine.submit_checked("wide", [5, 6, 7], SamplingParams(max_tokens=2, n=5), lambda d: None)
+    assert e.value.param == "n" and "max_num_seqs 4" in e.value.message

@@ -285,3 +285,48 @@ def test_reset_prefix_cache_drops_only_unheld_blocks():
     assert kv.num_cached_blocks == 2 and kv.num_free_blocks == 6
     kv.check_invariants()
     assert kv.get_computed_prefix(Request("c", [1, 2, 3, 4, 5], SamplingParams(), arrival_time=0.0)) == ([], 0)
+
+
+@pytest.mark.parametrize("caching", [True, False])
+def test_fork_shares_full_blocks_by_reference_and_free_drops_only_its_own(caching):
+    kv = KVCacheManager(num_blocks=10, block_size=4, enable_prefix_caching=caching)
+    parent = req("p", list(range(1, 10)))
+    kv.allocate_slots(parent, 8)  # the 2 full blocks before the last prompt token
+    parent.num_computed_tokens = 8
+    kids = [req(f"c{i}", list(range(1, 10))) for i in range(3)]
+    for kid in kids:
+        kv.fork(parent, kid)
+        kid.num_computed_tokens = 8
+    kv.free(parent)
+    kv.check_invariants()
+    assert all(k.block_table == kids[0].block_table for k in kids) and kv.num_free_blocks == 8
+    for kid in kids:  # each writes the rest of its sequence into blocks of its own
+        assert len(kv.allocate_slots(kid, 3)) == 1
+        kid.num_computed_tokens = 11
+        kid.output_token_ids.append(100 + int(kid.request_id[1:]))
+        kv.cache_full_blocks(kid)
+    kv.check_invariants()
+    assert kv.num_free_blocks == 10 - 2 - 3
+    kv.free(kids[1])  # preempted or finished: the shared blocks stay with the others
+    kv.check_invariants()
+    assert kv.num_free_blocks == 10 - 2 - 2
+    kv.free(kids[0])
+    kv.free(kids[2])
+    kv.check_invariants()
+    assert kv.num_free_blocks == 10
+    assert kv.num_cached_blocks == (2 if caching else 0)  # the shared prompt blocks stay cached
+
+
+def test_fork_refuses_a_partial_block_or_a_child_holding_blocks():
+    kv = KVCacheManager(num_blocks=10, block_size=4)
+    parent = req("p", list(range(1, 10)))
+    kv.allocate_slots(parent, 6)
+    parent.num_computed_tokens = 6
+    with pytest.raises(ValueError, match="not full"):
+        kv.fork(parent, req("c", list(range(1, 10))))
+    other = req("o", [1, 2])
+    kv.allocate_slots(other, 2)
+    parent.num_computed_tokens = 8
+    kv.allocate_slots(parent, 2)
+    with pytest.raises(ValueError, match="already holds blocks"):
+        kv.fork(parent, other)

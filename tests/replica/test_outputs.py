@@ -71,3 +71,17 @@ def test_runner_output_rows_and_dict_agree():
 def test_runner_output_refuses_inconsistent_rows(kwargs):
     with pytest.raises(ValueError):
         RunnerOutput(**kwargs)
+
+
+def test_merge_of_n_choice_deltas_merges_per_choice():
+    from replica.outputs import ChoiceDelta
+
+    stop, length = FinishReason.STOP, FinishReason.LENGTH
+    a = Delta("g", "", (), choices=(ChoiceDelta(0, "a", (1,)), ChoiceDelta(1, "x", (5,))))
+    b = Delta("g", "", (), choices=(ChoiceDelta(1, "y", (6,), stop),))
+    c = Delta("g", "", (), length, Usage(3, 4), choices=(ChoiceDelta(0, "b", (2,), length),))
+    m = merge_deltas([a, b, c])
+    assert m.finish_reason is length and m.usage == Usage(3, 4) and m.num_tokens == 4
+    assert m.choices == (ChoiceDelta(0, "ab", (1, 2), length), ChoiceDelta(1, "xy", (5, 6), stop))
+    with pytest.raises(ValueError, match="choice 1"):
+        merge_deltas([b, Delta("g", "", (), choices=(ChoiceDelta(1, "z", (7,)),))])

@@ -14,6 +14,7 @@ import pytest
 
 from replica import kv_cache as kv_mod
 from replica.config import CacheConfig, SchedulerConfig
+from replica.errors import InvalidRequestError, RequestTooLongError
 from replica.outputs import PLACEHOLDER_TOKEN, RunnerOutput, SchedulerOutput
 from replica.pending_step import DeferredStep
 from replica.request import FinishReason, Request, RequestStatus, SamplingParams
@@ -298,7 +299,7 @@ def test_prefix_hit_skips_computation_and_counts_cached_tokens():
 EOS = frozenset(range(0, 1000, 23))  # ~4% of the fake vocabulary
 
 
-def _stress(seed: int, *, prefix_caching=True, num_steps_cap=5000, overlap=False, runners=None):
+def _stress(seed: int, *, prefix_caching=True, num_steps_cap=5000, overlap=False, runners=None, groups=False):
     rng = random.Random(seed)
     block_size = rng.choice([2, 4, 8])
     num_blocks = rng.randint(12, 40)
@@ -326,6 +327,13 @@ def _stress(seed: int, *, prefix_caching=True, num_steps_cap=5000, overlap=False
         params = dict(
             max_tokens=max_tokens, temperature=0.8 if seeded else 0.0, seed=rng.randrange(100) if seeded else None
         )
+        if groups and rng.random() < 0.3:  # n > 1, when the n sequences fit this cache
+            n = rng.randint(2, 3)
+            try:
+                sched.admission.check_fits(make_req("probe", prompt, n=n, **params))
+                params["n"] = n
+            except (RequestTooLongError, InvalidRequestError):
+                pass
         req = make_req(f"r{i}", prompt, arrival=float(i), **params)
         if overlap and rng.random() < 0.5:  # EOS stops: async steps compute a wasted row for them
             req = Request(
@@ -339,12 +347,15 @@ def _stress(seed: int, *, prefix_caching=True, num_steps_cap=5000, overlap=False
     pending.sort(key=lambda x: x[0])
     aborted, emitted = set(), defaultdict(list)
     all_reqs = {r.request_id: r for _, r in pending}
+    num_groups = sum(r.params.n > 1 for r in all_reqs.values())
     inflight = None
     for t in range(num_steps_cap):
         while pending and pending[0][0] <= t:
             sched.add(pending.pop(0)[1])
         if rng.random() < 0.03 and sched.has_unfinished():
             victim = rng.choice([r.request_id for r in list(sched.running) + list(sched.waiting)])
+            if groups and " #" in victim and rng.random() < 0.5:  # one choice, or its whole request
+                victim = victim.split(" #")[0]
             sched.abort(victim)
             aborted.add(victim)
             sched.kv.check_invariants()
@@ -363,12 +374,17 @@ def _stress(seed: int, *, prefix_caching=True, num_steps_cap=5000, overlap=False
     else:
         raise AssertionError("stress run did not finish")
     assert sched.kv.num_free_blocks == sched.kv.num_total_blocks  # nothing leaked when idle
+    assert not sched._groups and sched._reserved_seats == 0
     for rid, r in all_reqs.items():
         if rid in aborted:
             continue
-        expect = reference_tokens(r.prompt_token_ids, r.params, eos=r.eos_token_ids)
-        assert r.output_token_ids == expect, rid
-        assert emitted[rid] == expect, rid
+        for seq in r.children or (r,):  # each choice as the single request with its params
+            if seq.request_id in aborted:
+                continue
+            expect = reference_tokens(seq.prompt_token_ids, seq.params, eos=seq.eos_token_ids)
+            assert seq.output_token_ids == expect, seq.request_id
+            assert emitted[seq.request_id] == expect, seq.request_id
+    sched.num_groups = num_groups  # type: ignore[attr-defined]
     return sched
 
 
@@ -437,3 +453,179 @@ def test_schedule_update_mismatch_is_an_error():
     sched.update(out, runner.run(out))
     with pytest.raises(RuntimeError, match="chunk starts at 0"):
         sched.update(out, runner.run(out))
+
+
+def test_randomized_stress_with_n_sequence_requests():
+    """n > 1 requests among the others, with and without async scheduling and the prefix cache:
+    every choice equals the single request with its seed, aborts of one choice or of the whole
+    request, preemption of choices, and no leaked block or seat."""
+    groups = preempted = 0
+    for seed in range(10):
+        sched = _stress(500 + seed, groups=True, overlap=seed % 2 == 1, prefix_caching=seed % 3 != 2)
+        groups += sched.num_groups  # type: ignore[attr-defined]
+        preempted += sched.num_preemptions
+    assert groups > 20 and preempted > 0
+
+
+# ----- n > 1: the choices share the prompt's blocks ------------------------------------------
+
+
+def _used(sched: Scheduler) -> int:
+    return sched.kv.num_total_blocks - sched.kv.num_free_blocks
+
+
+def test_n_choices_share_the_prompt_blocks_and_each_equals_its_single_request():
+    sched, runner = make_scheduler(num_blocks=64, block_size=4, enable_prefix_caching=False)
+    prompt = list(range(1, 11))  # 10 tokens: 2 full blocks shared, the last 2 tokens per choice
+    parent = make_req("g", prompt, max_tokens=6, n=3, temperature=0.8, seed=41)
+    sched.add(parent)
+    out, got = step(sched, runner)
+    # One request computes the shared part (8 tokens) and samples nothing.
+    assert [(c.request_id, len(c.token_ids), c.sample) for c in out.chunks] == [("g", 8, False)]
+    assert got == [] and _used(sched) == 2
+    assert [c.request_id for c in sched.running] == ["g #0", "g #1", "g #2"]
+    assert parent.block_table == [] and parent.status is RequestStatus.FORKED
+    shared = list(sched.running[0].block_table)
+    assert len(shared) == 2 and all(c.block_table == shared for c in sched.running)
+    out, got = step(sched, runner)
+    # Each choice computes the rest of the prompt into a block of its own and samples.
+    assert [(c.request_id, c.start_pos, len(c.token_ids), c.sample) for c in out.chunks] == [
+        (f"g #{i}", 8, 2, True) for i in range(3)
+    ]
+    assert _used(sched) == 2 + 3  # not 3 x 3
+    assert all(c.block_table[:2] == shared and len(c.block_table) == 3 for c in sched.running)
+    first = {r.request_id: r.output_token_ids[-1] for r in got}
+    emitted = run_to_end(sched, runner)
+    for i, child in enumerate(parent.children):
+        single = reference_tokens(prompt, SamplingParams(max_tokens=6, temperature=0.8, seed=41 + i, ignore_eos=True))
+        assert child.output_token_ids == single
+        assert [first[child.request_id], *emitted[child.request_id]] == single
+    assert len({tuple(c.output_token_ids) for c in parent.children}) == 3  # different seeds, different outputs
+    assert _used(sched) == 0 and parent.status is RequestStatus.FINISHED
+
+
+def test_n_choices_reproduce_single_requests_run_by_the_scheduler():
+    prompt = [5, 9, 2, 7, 7, 1, 3, 8, 6]
+    sched, runner = make_scheduler(block_size=4)
+    sched.add(make_req("g", prompt, max_tokens=5, n=2, temperature=1.0, seed=7))
+    for i in range(2):
+        sched.add(make_req(f"s{i}", prompt, max_tokens=5, temperature=1.0, seed=7 + i))
+    emitted = run_to_end(sched, runner)
+    assert emitted["g #0"] == emitted["s0"] and emitted["g #1"] == emitted["s1"]
+    assert emitted["g #0"] != emitted["g #1"]
+
+
+def test_greedy_choices_are_identical_and_unseeded_ones_differ():
+    prompt = list(range(20, 33))
+    sched, runner = make_scheduler(block_size=4)
+    greedy = make_req("g", prompt, max_tokens=6, n=3)
+    sched.add(greedy)
+    run_to_end(sched, runner)
+    assert len({tuple(c.output_token_ids) for c in greedy.children}) == 1
+    assert greedy.children[0].output_token_ids == reference_tokens(prompt, greedy.params.for_choice(0))
+
+
+def test_a_short_prompt_forks_at_once_and_a_cached_prefix_forks_at_admission():
+    sched, runner = make_scheduler(block_size=4)
+    sched.add(make_req("short", [1, 2, 3], max_tokens=3, n=2, temperature=1.0, seed=3))
+    out, _ = step(sched, runner)  # nothing to share: each choice computes the whole prompt now
+    assert [(c.request_id, c.start_pos, len(c.token_ids)) for c in out.chunks] == [
+        ("short #0", 0, 3),
+        ("short #1", 0, 3),
+    ]
+    run_to_end(sched, runner)
+    prompt = list(range(40, 53))  # 3 full blocks shared
+    sched.add(make_req("first", prompt, max_tokens=2, n=2))
+    run_to_end(sched, runner)
+    sched.add(make_req("again", prompt, max_tokens=2, n=2))
+    out, _ = step(sched, runner)  # the shared blocks are prefix hits: the choices start this very step
+    assert [(c.request_id, c.start_pos) for c in out.chunks] == [("again #0", 12), ("again #1", 12)]
+    assert sched.get("again #0").num_cached_tokens == 12
+    run_to_end(sched, runner)
+    assert _used(sched) == 0
+
+
+def test_preempting_a_choice_frees_only_its_own_blocks():
+    # 14 blocks of 4: an older request grows while the choices (newest) grow too.
+    sched, runner = make_scheduler(num_blocks=14, block_size=4, max_seqs=4, enable_prefix_caching=False)
+    old = make_req("old", [9] * 4, arrival=0.0, max_tokens=30)
+    group = make_req("g", list(range(1, 10)), arrival=1.0, max_tokens=12, n=3, temperature=0.5, seed=11)
+    sched.add(old)
+    sched.add(group)
+    seen = False
+    while sched.has_unfinished():
+        before = {c.request_id: list(c.block_table) for c in group.children}
+        out, _ = step(sched, runner)
+        for rid in out.preempted_ids:
+            assert rid.startswith("g #")
+            victim = sched.get(rid)
+            assert victim.block_table == [] and victim.status is RequestStatus.PREEMPTED
+            shared = before[rid][:2]
+            holders = [c for c in group.children if c.block_table[:2] == shared]
+            if holders:  # the siblings still hold the shared blocks (check_invariants: refs = holders)
+                seen = True
+                assert all(b not in sched.kv._free_plain for b in shared)
+    assert seen and sched.num_preemptions > 0
+    for child in group.children:
+        assert child.output_token_ids == reference_tokens(child.prompt_token_ids, child.params)
+    assert old.output_token_ids == reference_tokens(old.prompt_token_ids, old.params)
+    assert _used(sched) == 0
+
+
+@pytest.mark.parametrize("when", ["waiting", "mid_prefill", "forked", "one_choice_done"])
+def test_abort_of_an_n_request_ends_every_choice_and_frees_every_block(when):
+    sched, runner = make_scheduler(block_size=4, budget=8, enable_prefix_caching=False)
+    group = make_req("g", list(range(1, 19)), max_tokens=6, n=3)
+    sched.add(group)
+    group.children[2].params = replace(group.children[2].params, max_tokens=1)
+    steps = {"waiting": 0, "mid_prefill": 1, "forked": 3, "one_choice_done": 4}[when]
+    for _ in range(steps):
+        step(sched, runner)
+    if when == "one_choice_done":
+        assert group.children[2].is_finished and not group.children[0].is_finished
+    assert _used(sched) > 0 or when == "waiting"
+    assert sched.abort("g") is group
+    assert group.status is RequestStatus.FINISHED and group.finish_reason is FinishReason.ABORT
+    assert all(c.is_finished for c in group.children)
+    assert _used(sched) == 0 and not sched.has_unfinished() and sched._reserved_seats == 0
+    sched.kv.check_invariants()
+    assert sched.abort("g") is None
+
+
+def test_an_n_request_that_can_never_fit_is_refused_with_the_reason():
+    sched, _ = make_scheduler(num_blocks=16, block_size=4, max_seqs=4)
+    # One sequence fits (9 + 20 tokens: 8 blocks); three need 2 shared + 3 x 6 = 20 blocks.
+    sched.add(make_req("one", list(range(1, 10)), max_tokens=20))
+    with pytest.raises(RequestTooLongError, match=r"n=3 sequences of up to 29 tokens need 20 KV blocks") as e:
+        sched.add(make_req("three", list(range(1, 10)), max_tokens=20, n=3))
+    assert e.value.param == "n"
+    with pytest.raises(InvalidRequestError, match="max_num_seqs 4") as e2:
+        sched.add(make_req("wide", [1, 2], max_tokens=1, n=5))
+    assert e2.value.param == "n"
+    assert [r.request_id for r in sched.waiting] == ["one"]
+
+
+def test_an_n_request_waits_for_seats_for_all_its_choices():
+    sched, runner = make_scheduler(block_size=4, max_seqs=3)
+    sched.add(make_req("a", [1, 2, 3], arrival=0.0, max_tokens=3))
+    sched.add(make_req("g", list(range(5, 15)), arrival=1.0, max_tokens=2, n=3))
+    sched.add(make_req("b", [4], arrival=2.0, max_tokens=2))
+    out, _ = step(sched, runner)
+    assert [c.request_id for c in out.chunks] == ["a"]  # g needs 3 seats, b waits behind it
+    emitted = run_to_end(sched, runner)
+    assert set(emitted) == {"a", "b", "g #0", "g #1", "g #2"}
+    for step_out in runner.steps:
+        assert len(step_out.chunks) <= 3
+
+
+def test_the_id_of_a_forked_n_request_stays_in_use_until_it_ends():
+    sched, runner = make_scheduler(block_size=4)
+    sched.add(make_req("g", list(range(1, 11)), max_tokens=3, n=2))
+    step(sched, runner)  # forked: "g" itself is no longer a running request
+    assert sched.get("g") is None and sched.get("g #1") is not None
+    with pytest.raises(InvalidRequestError, match="already in use"):
+        sched.add(make_req("g", [1, 2], max_tokens=1))
+    with pytest.raises(InvalidRequestError, match="'g #1' is already in use"):
+        sched.add(make_req("g #1", [1, 2], max_tokens=1))
+    run_to_end(sched, runner)
+    sched.add(make_req("g", [1, 2], max_tokens=1))

@@ -134,3 +134,36 @@ def test_sampled_rows_in_graph_decode_batches_are_seeded_and_respect_min_tokens(
         assert all(0 <= t < vocab for t in toks)
         assert len(toks) <= p.max_tokens
     assert len(runs[0][2]) == 20 and 2 not in runs[0][2]
+
+
+@pytest.mark.parametrize("graphs,block_size", [(True, 16), (False, 32)])
+def test_n_choices_share_the_prompt_and_each_matches_transformers_generate(device, graphs, block_size):
+    """n > 1 on CUDA: the choices fork from the prompt's shared blocks, then decode in graph
+    batches like any request; every greedy choice is transformers' greedy output, and seeded
+    choices differ from each other and repeat run to run. Every block is free at the end."""
+    torch.manual_seed(0)
+    model = build_random_model(TINY_CONFIGS["qwen2"], seed=1, dtype=torch.float32, device=device)
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 40000, (n,), generator=gen).tolist() for n in (40, 70)]  # > 1 block: shared
+    n_new = [20, 12]
+    refs = [_reference(model, p, n) for p, n in zip(prompts, n_new)]
+    model.set_attn_implementation("eager")  # the runner installs its own below
+
+    engine = _engine(model, block_size=block_size, graphs=graphs)
+    greedy = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, n=3) for n in n_new]
+    outs = engine.generate(prompts, greedy, use_tqdm=False)
+    compared = 0
+    for out, (ref, margins), n in zip(outs, refs, n_new):
+        assert [len(c.token_ids) for c in out.choices] == [n] * 3
+        for choice in out.choices:
+            for i, (a, b) in enumerate(zip(choice.token_ids, ref)):
+                if margins[i] < MARGIN:
+                    break  # a near-tie: both are right, and later tokens depend on the choice
+                assert a == b, f"token {i}: engine {a} vs transformers {b} (margin {margins[i]:.3g})"
+                compared += 1
+    assert compared >= 3 * sum(n_new) // 2, "too few tokens compared to mean anything"
+    seeded = [SamplingParams(max_tokens=16, temperature=0.9, seed=21, n=4)] * 2
+    runs = [[[c.token_ids for c in o.choices] for o in engine.generate(prompts, seeded, use_tqdm=False)] for _ in "ab"]
+    assert runs[0] == runs[1] and all(len(set(choices)) > 1 for choices in runs[0])
+    s = engine.stats()
+    assert s.num_free_blocks == s.num_total_blocks and s.num_running == s.num_waiting == 0
