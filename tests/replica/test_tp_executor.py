@@ -24,6 +24,12 @@ from tests.replica.test_engine_exact import RecordingRunner, engine_config, hf_g
 models = pytest.importorskip("replica.models")
 
 SEED = 1234  # test_engine_exact's tiny models
+NUM_BLOCKS = 18  # fewer than test_engine_exact's: half its requests must still preempt
+
+
+def _index(rid: str) -> int:
+    kind, _, i = rid.partition("-")
+    return int(i) if kind == "req" else -1
 
 
 def tp_config(arch: str, n: int = 2, **kw):
@@ -36,10 +42,11 @@ def tp_config(arch: str, n: int = 2, **kw):
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
 def tp_run(request):
     arch = request.param
-    engine = LLMEngine(tp_config(arch))
+    engine = LLMEngine(tp_config(arch, num_blocks=NUM_BLOCKS))
     try:
         engine.runner = RecordingRunner(engine.runner)
-        specs = make_specs(seed=7, vocab=engine.runner.vocab_size)
+        # Half of test_engine_exact's requests (still enough to preempt) and its seeded ones.
+        specs = [s for s in make_specs(seed=7, vocab=engine.runner.vocab_size) if _index(s.rid) < 22]
         result = run_engine(engine, specs)
         stats = engine.stats()
         outputs = engine.runner.outputs
@@ -47,7 +54,7 @@ def tp_run(request):
         engine.close()
     workers = engine.runner.tp.workers
     loaded = models.tiny_model(arch, seed=SEED, dtype=torch.float64)
-    single = LLMEngine(engine_config(arch), loaded=loaded)
+    single = LLMEngine(engine_config(arch, num_blocks=NUM_BLOCKS), loaded=loaded)
     single_result = run_engine(single, specs)
     reference = models.tiny_model(arch, seed=SEED, dtype=torch.float64).model
     refs = {s.rid: hf_greedy(reference, s.prompt, s.params) for s in specs if s.params.greedy}
@@ -66,7 +73,7 @@ def tp_run(request):
 
 def test_tp2_greedy_tokens_equal_hf_generate(tp_run):
     result, refs = tp_run["result"], tp_run["refs"]
-    assert len(refs) >= 40
+    assert len(refs) >= 20
     bad = [rid for rid, ref in refs.items() if result.tokens[rid] != ref]
     assert not bad, f"{tp_run['arch']}: {len(bad)} differ from HF, e.g. " + "; ".join(
         f"{rid}: tp2 {result.tokens[rid]} vs hf {refs[rid]}" for rid in bad[:3]
@@ -84,7 +91,7 @@ def test_tp2_workload_preempted_chunked_and_pipelined(tp_run):
     assert tp_run["stats"].num_preemptions > 0
     assert any(not c.sample and c.num_tokens > 1 for o in outs for c in o.chunks)
     assert sum(any(c.token_ids[-1] == PLACEHOLDER_TOKEN for c in o.chunks) for o in outs) >= 5
-    assert tp_run["stats"].num_total_blocks == 24
+    assert tp_run["stats"].num_total_blocks == NUM_BLOCKS
 
 
 def test_tp2_rank0_cache_holds_half_the_kv_heads_and_workers_exit(tp_run):
