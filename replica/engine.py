@@ -108,10 +108,9 @@ class LLMEngine:
     ) -> None:
         self.config = config
         if loaded is None and (runner is None or tokenizer is None):
-            from replica.models import load_model
-            from replica.tensor_parallel import load_unsharded
+            from replica.tensor_parallel import load_engine_model
 
-            loaded = (load_model if config.parallel.tensor_parallel_size == 1 else load_unsharded)(config.model)
+            loaded = load_engine_model(config)
         self.tokenizer = tokenizer if tokenizer is not None else loaded.tokenizer  # type: ignore[union-attr]
         lens = [n for n in (config.model.max_model_len, getattr(loaded, "max_model_len", None)) if n]
         if not lens:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from replica.model_check import UnsupportedModelError, text_config
 
 if TYPE_CHECKING:
-    from replica.config import ModelConfig
+    from replica.config import EngineConfig, ModelConfig
     from replica.models import LoadedModel
 
 _COLWISE, _ROWWISE = "colwise", "rowwise"
@@ -112,7 +112,8 @@ def shard_model(model: Any, rank: int, world_size: int, group: Any = None) -> in
     returns the number of modules split."""
     base = model.get_submodule(model.base_model_prefix)
     count = 0
-    for _name, module, style in _targets(base, tp_plan(model)):
+    for _name, found, style in _targets(base, tp_plan(model)):
+        module: Any = found
         if style == _COLWISE:
             rows = module.out_features // world_size
             sl = slice(rank * rows, (rank + 1) * rows)
@@ -146,6 +147,13 @@ def host_model_config(cfg: ModelConfig) -> ModelConfig:
     dtype = resolve_dtype(cfg.dtype, resolve_device(cfg.device))
     name = next(k for k, v in DTYPES.items() if v == dtype)
     return replace(cfg, device="cpu", dtype=name)
+
+
+def load_engine_model(config: EngineConfig) -> LoadedModel:
+    """Rank 0's model as the engine wants it: on its device, or whole on the host to be sharded."""
+    from replica.models import load_model
+
+    return load_model(config.model) if config.parallel.tensor_parallel_size == 1 else load_unsharded(config.model)
 
 
 def load_unsharded(cfg: ModelConfig) -> LoadedModel:

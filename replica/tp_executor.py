@@ -128,7 +128,7 @@ class TPGroup:
 
 def _min_opts() -> Any:
     opts = dist.AllreduceOptions()
-    opts.reduceOp = dist.ReduceOp.MIN
+    opts.reduceOp = dist.ReduceOp.MIN  # type: ignore[assignment]
     return opts
 
 
@@ -161,6 +161,7 @@ def init_group(rank: int, world_size: int, init_method: str, device: torch.devic
 
 def _groups(store: Any, rank: int, world_size: int, device: torch.device, timeout: datetime.timedelta) -> TPGroup:
     control = dist.ProcessGroupGloo(dist.PrefixStore("control", store), rank, world_size, timeout)
+    device_group: Any
     if device.type == "cuda":
         opts = dist.ProcessGroupNCCL.Options()
         opts._timeout = timeout
