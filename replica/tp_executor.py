@@ -189,6 +189,18 @@ def start_local_workers(config: EngineConfig, device: torch.device) -> TPGroup:
     return group
 
 
+def rank_device(config: EngineConfig, rank: int) -> torch.device:
+    """This rank's device: with every GPU visible (local processes) rank r takes GPU r; a Ray
+    actor sees only its own GPU (index 0). An explicit ``cuda:N`` is kept."""
+    from replica.models import resolve_device
+
+    device = resolve_device(config.model.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", rank % max(1, torch.cuda.device_count()))
+        torch.cuda.set_device(device)  # NCCL's communicator and the default CUDA stream of this process
+    return device
+
+
 def _place(loaded: LoadedModel, device: torch.device) -> None:
     if next(loaded.model.parameters()).device != device:
         loaded.model.to(device)
@@ -199,11 +211,10 @@ def _build_runner(config: EngineConfig, loaded: LoadedModel, group: TPGroup, max
     alike: the runners' CUDA-graph captures meet in the same collectives)."""
     from replica.engine import kv_cache_num_blocks
     from replica.model_runner import ModelRunner
-    from replica.models import resolve_device
     from replica.tensor_parallel import shard_model
 
     shard_model(loaded.model, group.rank, group.world_size, group.device_group)
-    _place(loaded, resolve_device(config.model.device))
+    _place(loaded, rank_device(config, group.rank))
     max_model_len = group.share(max_model_len)
     num_blocks = group.agree_min(kv_cache_num_blocks(config, loaded.model, max_model_len))
     return ModelRunner(
@@ -225,12 +236,11 @@ def tp_runner(config: EngineConfig, loaded: LoadedModel, max_model_len: int) -> 
     ranks 1..N-1 are started here unless ``config.parallel.init_method`` names a rendezvous
     whose workers someone else started."""
     from replica.model_check import reference_logits
-    from replica.models import resolve_device
     from replica.tensor_parallel import check_shardable
 
     check_shardable(loaded.model, config.parallel.tensor_parallel_size)
     reference = reference_logits(loaded.model, int(loaded.model.config.get_text_config().vocab_size))
-    device = resolve_device(config.model.device)
+    device = rank_device(config, 0)
     p = config.parallel
     if p.init_method is None:
         group = start_local_workers(config, device)
@@ -246,12 +256,11 @@ def tp_runner(config: EngineConfig, loaded: LoadedModel, max_model_len: int) -> 
 
 def worker_main(config: EngineConfig, rank: int, init_method: str) -> None:
     """Rank ``rank`` (>= 1): load, shard, then run the steps rank 0 sends until it stops."""
-    from replica.models import resolve_device
     from replica.tensor_parallel import check_shardable, load_unsharded
 
     loaded = load_unsharded(config.model)
     check_shardable(loaded.model, config.parallel.tensor_parallel_size)
-    device = resolve_device(config.model.device)
+    device = rank_device(config, rank)
     group = init_group(rank, config.parallel.tensor_parallel_size, init_method, device, config.parallel.timeout_s)
     runner = _build_runner(config, loaded, group, 0)
     serve_steps(runner, group)
