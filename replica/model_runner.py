@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import chain
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
@@ -45,6 +45,19 @@ def kv_shape(hf_config: Any) -> tuple[int, int, int]:
     num_kv_heads = getattr(cfg, "num_key_value_heads", None) or num_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // num_heads
     return cfg.num_hidden_layers, num_kv_heads // tensor_parallel_size(hf_config), head_dim
+
+
+class HostStep(NamedTuple):
+    """Host arrays of one eager step (what tensor-parallel ranks receive, ``tp_executor``)."""
+
+    ids: np.ndarray  # [T]
+    positions: np.ndarray  # [T]
+    slots: np.ndarray  # [T]
+    qsl: np.ndarray  # [B+1] query start of each chunk
+    seq_lens: np.ndarray  # [B]
+    block_tables: np.ndarray  # [B, W]
+    max_query_len: int
+    max_seq_len: int
 
 
 @dataclass(frozen=True)
@@ -367,50 +380,32 @@ class ModelRunner:
             else self._row_with_history(c)
             for c in sampled
         )
+        host = HostStep(ids, positions, slots, qsl, seq_lens, block_tables, int(q_lens.max()), int(seq_lens.max()))
         if self.tp is not None:  # the other ranks start the same forward now
-            self.tp.send_step(ids, positions, slots, qsl, seq_lens, block_tables, len(rows))
-        return self._inputs(
-            ids,
-            positions,
-            slots,
-            qsl,
-            seq_lens,
-            block_tables,
-            int(q_lens.max()),
-            int(seq_lens.max()),
-            logits_indices,
-            rows,
-            tuple(c.request_id for c in sampled),
-        )
+            self.tp.send_step(host, len(rows))
+        return self._inputs(host, logits_indices, rows, tuple(c.request_id for c in sampled))
 
     def _inputs(
         self,
-        ids: np.ndarray,
-        positions: np.ndarray,
-        slots: np.ndarray,
-        qsl: np.ndarray,
-        seq_lens: np.ndarray,
-        block_tables: np.ndarray,
-        max_query_len: int,
-        max_seq_len: int,
+        host: HostStep,
         logits_indices: np.ndarray,
         rows: tuple[SamplingRow, ...] = (),
         request_ids: tuple[str, ...] = (),
     ) -> StepInputs:
         meta = AttentionMetadata(
-            slot_mapping=self._to_device(slots),
-            query_start_loc=self._to_device(qsl, torch.int32),
-            seq_lens=self._to_device(seq_lens, torch.int32),
-            block_tables=self._to_device(block_tables, torch.int32),
-            query_start_loc_host=qsl,
-            seq_lens_host=seq_lens,
-            max_query_len=max_query_len,
-            max_seq_len=max_seq_len,
+            slot_mapping=self._to_device(host.slots),
+            query_start_loc=self._to_device(host.qsl, torch.int32),
+            seq_lens=self._to_device(host.seq_lens, torch.int32),
+            block_tables=self._to_device(host.block_tables, torch.int32),
+            query_start_loc_host=host.qsl,
+            seq_lens_host=host.seq_lens,
+            max_query_len=host.max_query_len,
+            max_seq_len=host.max_seq_len,
             block_size=self.block_size,
         )
         return StepInputs(
-            input_ids=self._to_device(ids)[None],
-            position_ids=self._to_device(positions)[None],
+            input_ids=self._to_device(host.ids)[None],
+            position_ids=self._to_device(host.positions)[None],
             logits_indices=self._to_device(logits_indices),
             attn_metadata=meta,
             sample_rows=rows,
@@ -419,10 +414,10 @@ class ModelRunner:
 
     # -- tensor parallelism: ranks 1..N-1 (replica.tp_executor.serve_steps) -------------------
 
-    def worker_inputs(self, a: dict[str, Any]) -> StepInputs:
+    def worker_inputs(self, host: HostStep) -> StepInputs:
         """A worker's inputs of the step rank 0 sent (``tp_executor.unpack_step``): the same
         forward without logits (rank 0 alone samples)."""
-        return self._inputs(**a, logits_indices=np.zeros(0, np.int64))
+        return self._inputs(host, np.zeros(0, np.int64))
 
     def replay_graph_as_worker(self, batch_size: int) -> None:
         """A worker's half of rank 0's graph replay; the graph receives its inputs itself."""

@@ -32,7 +32,7 @@ import torch.distributed as dist
 from replica.config import EngineConfig
 
 if TYPE_CHECKING:
-    from replica.model_runner import ModelRunner
+    from replica.model_runner import HostStep, ModelRunner
     from replica.models import LoadedModel
 
 logger = logging.getLogger(__name__)
@@ -79,22 +79,11 @@ class TPGroup:
             self.control.broadcast(payload, 0).wait()
         return header, payload.numpy()
 
-    def send_step(
-        self,
-        ids: np.ndarray,
-        positions: np.ndarray,
-        slots: np.ndarray,
-        qsl: np.ndarray,
-        seq_lens: np.ndarray,
-        block_tables: np.ndarray,
-        num_samples: int,
-    ) -> None:
-        t, b = len(ids), len(seq_lens)
-        w = block_tables.shape[1]
-        payload = np.concatenate([ids, positions, slots, qsl, seq_lens, block_tables.reshape(-1)]).astype(np.int64)
-        q_max = int((qsl[1:] - qsl[:-1]).max())
-        header = np.array([STEP, len(payload), t, b, w, num_samples, q_max, int(seq_lens.max())], np.int64)
-        self.send(header, payload)
+    def send_step(self, s: HostStep, num_samples: int) -> None:
+        t, b, w = len(s.ids), len(s.seq_lens), s.block_tables.shape[1]
+        payload = np.concatenate([s.ids, s.positions, s.slots, s.qsl, s.seq_lens, s.block_tables.reshape(-1)])
+        header = np.array([STEP, len(payload), t, b, w, num_samples, s.max_query_len, s.max_seq_len], np.int64)
+        self.send(header, payload.astype(np.int64))
 
     def send_graph(self, batch_size: int) -> None:
         self.send(np.array([GRAPH, 0, 0, batch_size, 0, 0, 0, 0], np.int64))
@@ -132,21 +121,13 @@ def _min_opts() -> Any:
     return opts
 
 
-def unpack_step(header: np.ndarray, payload: np.ndarray) -> dict[str, Any]:
-    """The host arrays ``send_step`` packed, by name."""
+def unpack_step(header: np.ndarray, payload: np.ndarray) -> HostStep:
+    """The step ``send_step`` packed."""
+    from replica.model_runner import HostStep
+
     t, b, w = (int(x) for x in header[2:5])
-    cuts = np.cumsum([t, t, t, b + 1, b])
-    ids, positions, slots, qsl, seq_lens, tables = np.split(payload, cuts)
-    return dict(
-        ids=ids,
-        positions=positions,
-        slots=slots,
-        qsl=qsl,
-        seq_lens=seq_lens,
-        block_tables=tables.reshape(b, w),
-        max_query_len=int(header[6]),
-        max_seq_len=int(header[7]),
-    )
+    ids, positions, slots, qsl, seq_lens, tables = np.split(payload, np.cumsum([t, t, t, b + 1, b]))
+    return HostStep(ids, positions, slots, qsl, seq_lens, tables.reshape(b, w), int(header[6]), int(header[7]))
 
 
 def init_group(rank: int, world_size: int, init_method: str, device: torch.device, timeout_s: float) -> TPGroup:
