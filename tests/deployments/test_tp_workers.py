@@ -80,3 +80,47 @@ def test_tp2_replica_answers_the_openai_client_like_one_rank(app):
         [prompt], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True), use_tqdm=False
     )
     assert comp.choices[0].text == want.text
+
+
+def test_a_lost_rank_ends_the_open_stream_with_an_error_and_serve_replaces_the_replica(app):
+    import time
+
+    import httpx
+    import ray
+
+    def worker_names() -> list[str]:
+        return [
+            a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("cbserve_tp_")
+        ]
+
+    (name,) = worker_names()
+    (worker,) = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"] == name]
+    body = {"model": MODEL, "prompt": [5, 6, 7], "max_tokens": 480, "ignore_eos": True, "stream": True}
+    with httpx.Client(base_url=app, timeout=60) as client, client.stream("POST", "/v1/completions", json=body) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        first = next(line for line in lines if line.startswith("data: "))
+        assert '"text"' in first
+        ray.kill(ray.get_actor(name, namespace=worker["namespace"]))
+        rest = [line for line in lines if line.startswith("data: ")]  # ends: nothing hangs
+    assert any('"error"' in line and "rank" in line for line in rest), rest[-3:]
+    # The health check fails; Serve starts a new replica with a new placement group and worker rank.
+    deadline = time.monotonic() + 240
+    while True:
+        names = worker_names()
+        if names and names != [name]:
+            break
+        assert time.monotonic() < deadline, f"the replica was not replaced: {names}"
+        time.sleep(2)
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{app}/v1", api_key="unused", max_retries=3)
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            comp = client.completions.create(model=MODEL, prompt=[5, 6, 7], max_tokens=4, temperature=0.0)
+            break
+        except Exception:
+            assert time.monotonic() < deadline
+            time.sleep(2)
+    assert comp.usage.completion_tokens == 4
