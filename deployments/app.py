@@ -176,6 +176,16 @@ class AppArgs(_Args):
         default_factory=AuthSettings, description="Optional API keys (list, file or environment variable)."
     )
 
+    @model_validator(mode="after")
+    def _one_gpu_per_rank(self) -> AppArgs:
+        # A replica's engine drives one GPU per rank: more would be reserved and sit idle.
+        if self.num_gpus != "auto" and self.num_gpus > 1:
+            raise ValueError(
+                f"num_gpus {self.num_gpus:g} is per rank and a rank uses one GPU; to spread one replica over "
+                "several GPUs set engine.tensor_parallel_size (num_gpus: 1)"
+            )
+        return self
+
     def resolved_num_gpus(self) -> float:
         if self.num_gpus != "auto":
             return float(self.num_gpus)

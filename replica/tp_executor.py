@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime
 import logging
 import multiprocessing as mp
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -228,11 +229,14 @@ def tp_runner(config: EngineConfig, loaded: LoadedModel, max_model_len: int) -> 
     else:
         group = init_group(0, p.tensor_parallel_size, p.init_method, device, p.timeout_s)
     try:
-        return _build_runner(config, loaded, group, max_model_len), reference
+        runner = _build_runner(config, loaded, group, max_model_len)
     except BaseException:
         group.broken = "start failed"
         group.close(timeout_s=1.0)
         raise
+    # An engine dropped without close() still stops its ranks (at collection or interpreter exit).
+    weakref.finalize(runner, group.close, 1.0)
+    return runner, reference
 
 
 def worker_main(config: EngineConfig, rank: int, init_method: str) -> None:

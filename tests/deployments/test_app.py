@@ -134,6 +134,7 @@ def test_one_rank_replica_has_no_placement_group():
         ({"num_gpus": "lots"}, "num_gpus"),
         ({"engine": {"tensor_parallel_size": 0}}, "greater than 0"),
         ({"placement_strategy": "ANYWHERE"}, "STRICT_PACK"),
+        ({"num_gpus": 2}, "set engine.tensor_parallel_size"),
     ],
 )
 def test_bad_arguments_are_rejected_clearly(args, words):
