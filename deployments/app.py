@@ -21,7 +21,7 @@ from deployments.ingress import INGRESS_HEADROOM, IngressSettings, OpenAIIngress
 from deployments.limits import RequestLimits
 from deployments.llm import LLMReplica, ReplicaUserConfig
 from deployments.tool_calls import ToolParserName
-from replica.config import CacheConfig, EngineConfig, ModelConfig, RunnerConfig, SchedulerConfig
+from replica.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, RunnerConfig, SchedulerConfig
 
 
 class _Args(BaseModel):
@@ -62,6 +62,12 @@ class EngineArgs(_Args):
     )
     warmup: bool | None = Field(
         default=None, description="CUDA: run throwaway requests at start (kernel JIT, allocator)."
+    )
+    tensor_parallel_size: int | None = Field(
+        default=None,
+        gt=0,
+        description="GPUs (ranks) one replica's model is split over: heads and MLP columns per rank, one "
+        "placement group of that many bundles per replica.",
     )
 
     def _pick(self, cls: type, **extra: Any) -> Any:
@@ -128,7 +134,14 @@ class AppArgs(_Args):
     )
     num_cpus: float = Field(default=1, ge=0, description="CPUs reserved per LLMReplica.")
     accelerator_resource: str | None = Field(
-        default=None, description="Custom Ray resource (1 per replica) for placement, e.g. fake_gpu in tests."
+        default=None,
+        description="Custom Ray resource (1 per replica, per rank with tensor parallelism) for placement, "
+        "e.g. fake_gpu in tests.",
+    )
+    placement_strategy: Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"] = Field(
+        default="STRICT_PACK",
+        description="Placement group strategy of a tensor-parallel replica's bundles (STRICT_PACK: one node; "
+        "PACK lets ranks spill onto other nodes).",
     )
     max_ongoing_requests: int | None = Field(
         default=None,
@@ -163,6 +176,16 @@ class AppArgs(_Args):
         default_factory=AuthSettings, description="Optional API keys (list, file or environment variable)."
     )
 
+    @model_validator(mode="after")
+    def _one_gpu_per_rank(self) -> AppArgs:
+        # A replica's engine drives one GPU per rank: more would be reserved and sit idle.
+        if self.num_gpus != "auto" and self.num_gpus > 1:
+            raise ValueError(
+                f"num_gpus {self.num_gpus:g} is per rank and a rank uses one GPU; to spread one replica over "
+                "several GPUs set engine.tensor_parallel_size (num_gpus: 1)"
+            )
+        return self
+
     def resolved_num_gpus(self) -> float:
         if self.num_gpus != "auto":
             return float(self.num_gpus)
@@ -190,7 +213,21 @@ class AppArgs(_Args):
             cache=e._pick(CacheConfig),
             scheduler=e._pick(SchedulerConfig),
             runner=e._pick(RunnerConfig),
+            parallel=e._pick(ParallelConfig),
         )
+
+
+WORKER_NUM_CPUS = 1.0  # per tensor-parallel worker rank: its own process drives its GPU
+
+
+def tp_bundles(actor_options: dict[str, Any], tensor_parallel_size: int) -> list[dict[str, float]]:
+    """Placement group bundles of one tensor-parallel replica: the replica's own resources, then
+    one bundle per worker rank with the same accelerator share and ``WORKER_NUM_CPUS``."""
+    accel = {"GPU": float(actor_options.get("num_gpus") or 0), **actor_options.get("resources", {})}
+    accel = {k: float(v) for k, v in accel.items() if v}
+    first = {"CPU": float(actor_options.get("num_cpus") or 0), **accel}
+    worker = {"CPU": WORKER_NUM_CPUS, **accel}
+    return [{k: v for k, v in first.items() if v}] + [worker] * (tensor_parallel_size - 1)
 
 
 def _cluster_has_gpus() -> bool:
@@ -245,14 +282,24 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         user_config=a.replica.model_dump(),
         graceful_shutdown_timeout_s=a.graceful_shutdown_timeout_s,
     )
+    tp = engine_config.parallel.tensor_parallel_size
+    if tp > 1:
+        # One placement group per replica: bundle 0 holds the replica (rank 0), bundles 1..N-1
+        # the worker ranks it starts (deployments/tp_workers.py); Serve replaces the group as one.
+        options["placement_group_bundles"] = tp_bundles(actor_options, tp)
+        options["placement_group_strategy"] = a.placement_strategy
     if a.autoscaling is not None:
         options["autoscaling_config"] = a.autoscaling.serve_config()
         policy = options["autoscaling_config"].get("policy")
         if policy and policy["policy_function"].endswith(":QueueDepthAutoscalingPolicy"):
             # Named in its warning when replicas cannot be placed (too few CPUs/GPUs).
-            need = {"CPU": a.num_cpus, "GPU": num_gpus, **actor_options.get("resources", {})}
+            # A tensor-parallel replica needs all its bundles (every rank's accelerator).
+            need: dict[str, float] = {}
+            for bundle in tp_bundles(actor_options, tp):
+                for k, v in bundle.items():
+                    need[k] = need.get(k, 0.0) + v
             policy["policy_kwargs"] = {
-                "replica_resources": {k: v for k, v in need.items() if v},
+                "replica_resources": need,
                 **policy["policy_kwargs"],
             }
     else:

@@ -26,6 +26,7 @@ from ray import serve
 from deployments.errors import ReplicaError
 from deployments.metrics import ReplicaMetrics
 from deployments.mux import AbortRequest, Outboxes, PumpRequest, Submitted
+from deployments.tp_workers import TPWorkers
 from replica.config import EngineConfig
 from replica.errors import EngineError, EngineUnavailableError
 from replica.outputs import Delta, EngineStats
@@ -89,7 +90,7 @@ class ReplicaUserConfig(BaseModel):
 async def _default_engine(config: EngineConfig) -> Any:
     # Imported here: torch and the engine load only inside replicas, not in the ingress or router.
     from replica.engine import AsyncEngine
-    from replica.models import load_model
+    from replica.tensor_parallel import load_engine_model
 
     if config.model.device != "cpu" and _engine_process_wanted(config):
         # The step loop in its own process (replica/engine_process.py): no GIL shared with
@@ -98,7 +99,9 @@ async def _default_engine(config: EngineConfig) -> Any:
 
         return ProcessEngine(config)
 
-    loaded = await asyncio.to_thread(load_model, config.model)  # slow (weights); keep the loop alive
+    loaded = await asyncio.to_thread(load_engine_model, config)  # slow (weights); keep the loop alive
+    if config.parallel.tensor_parallel_size > 1:  # waits for the worker ranks to load theirs
+        return await asyncio.to_thread(AsyncEngine, config, loaded=loaded)
     return AsyncEngine(config, loaded=loaded)
 
 
@@ -129,12 +132,21 @@ class LLMServer:
         metrics_backend: Any = None,
     ) -> None:
         engine_config = _placed(engine_config)
+        # Tensor parallelism: worker ranks in this replica's placement group (rank 0 is the engine).
+        self._tp_workers = TPWorkers.start(engine_config)
+        if self._tp_workers is not None:
+            engine_config = self._tp_workers.config
         self._config = engine_config
         self._settings = ReplicaUserConfig.model_validate(user_config or {})
         factory = engine_factory or _default_engine
-        engine = factory(engine_config)
-        self._engine = await engine if asyncio.iscoroutine(engine) else engine
-        await self._engine.start()
+        try:
+            engine = factory(engine_config)
+            self._engine = await engine if asyncio.iscoroutine(engine) else engine
+            await self._engine.start()
+        except BaseException:
+            if self._tp_workers is not None:
+                self._tp_workers.stop()
+            raise
         stats = self._engine.stats()
         model_cfg = engine_config.model
         self._info = ModelInfo(
@@ -318,6 +330,8 @@ class LLMServer:
         broken device), so every request would fail."""
         if getattr(self._engine, "is_dead", False):
             raise RuntimeError(f"engine step loop is dead on replica {self._replica_id}")
+        if self._tp_workers is not None:
+            self._tp_workers.check()
 
     async def shutdown(self) -> None:
         """Refuse new requests, let running ones finish (bounded), stop the engine."""
@@ -327,6 +341,8 @@ class LLMServer:
         self._metrics_task.cancel()
         logger.info("replica %s draining (%d in flight)", self._replica_id, self._inflight + len(self._live))
         await self._engine.shutdown(drain_timeout_s=self._settings.drain_timeout_s)
+        if self._tp_workers is not None:
+            self._tp_workers.stop()
 
     async def _metrics_loop(self) -> None:
         while True:

@@ -10,7 +10,9 @@ GPU differences, e.g. ``num_gpus: 1`` per LLM replica). The cluster around it:
   by the app's ``limits``; deployments/front_proxy.py);
 - head: ``num-cpus: 0`` and ``num-gpus: 0``, so the Serve controller and proxy live there
   but no replica (every deployment asks for CPU or GPU) is ever scheduled on it;
-- one GPU worker group, ``nvidia.com/gpu: 1`` per pod, minReplicas/maxReplicas derived from
+- one GPU worker group, ``nvidia.com/gpu`` per pod = one replica's GPUs (``num_gpus`` x
+  ``engine.tensor_parallel_size``: a tensor-parallel replica's ranks share a node under
+  STRICT_PACK), minReplicas/maxReplicas derived from
   the GPU deployment's replica range (build_app's ``autoscaling`` args, or the deployment's
   own options) times its GPUs per replica, so Serve's autoscaler drives KubeRay's in-tree
   autoscaler (``enableInTreeAutoscaling: true``), which adds and removes GPU pods.
@@ -156,13 +158,16 @@ def replica_plan(serve_config: dict[str, Any], spec: ClusterSpec) -> ReplicaPlan
             f"no deployment {spec.gpu_deployment!r} in the Serve config (the GPU worker group is sized from it)"
         )
     args = None
-    if "ray_actor_options" in dep:
+    if isinstance(dep.get("placement_group_bundles"), list):  # all of a replica's bundles share its pod
+        gpus = sum(float((b or {}).get("GPU", 0)) for b in dep["placement_group_bundles"])
+    elif "ray_actor_options" in dep:
         gpus = float((dep["ray_actor_options"] or {}).get("num_gpus", 0))
     else:
         args = _app_args(app)
         if args.num_gpus == "auto":
             raise ValueError("num_gpus is 'auto': the manifest needs a number (set it in k8s/gpu_overrides.yaml)")
-        gpus = float(args.num_gpus)
+        # Tensor parallelism: num_gpus per rank, all ranks of a replica in one placement group.
+        gpus = float(args.num_gpus) * (args.engine.tensor_parallel_size or 1)
     if gpus <= 0:
         raise ValueError(f"deployment {spec.gpu_deployment!r} asks for no GPU; the overrides should set num_gpus")
     if isinstance(dep.get("autoscaling_config"), dict):

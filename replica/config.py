@@ -101,8 +101,30 @@ class RunnerConfig:
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    """Tensor parallelism inside one replica (``replica.tensor_parallel``).
+
+    With ``tensor_parallel_size`` N > 1 the engine is rank 0 of N processes, each holding 1/N of
+    every attention and MLP layer and its own paged KV cache of 1/N of the KV heads.
+    ``init_method`` (``tcp://host:port``) names a rendezvous whose ranks 1..N-1 were started by
+    someone else (Ray actors of the replica's placement group); None: the engine starts them as
+    local processes. ``timeout_s`` bounds every collective, so a dead rank fails a step instead
+    of hanging it.
+    """
+
+    tensor_parallel_size: int = 1
+    init_method: str | None = None
+    timeout_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        _require(self.tensor_parallel_size >= 1, "tensor_parallel_size must be >= 1")
+        _require(self.timeout_s > 0, "timeout_s must be > 0")
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     runner: RunnerConfig = field(default_factory=RunnerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)

@@ -8,19 +8,27 @@ staging buffers and from there into the device buffers (asynchronous copies), re
 graph of the smallest captured size >= batch, and reads the sampled ids back with one
 host copy. Padding rows have slot -1 (no KV write) and context length 0 (no attention
 work, a zero row), so they cost almost nothing and never touch real cache blocks.
+
+Tensor parallelism: every rank captures the same graphs, whose first device work broadcasts rank
+0's staged rows and then its input ids (the previous replay's sampled tokens live on rank 0 only)
+over the device group; the row-parallel layers' all-reduces are captured with the forward. Rank 0
+tells the others the batch size of each replay (``TPGroup.send_graph``), and they replay it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from replica.attention.metadata import AttentionMetadata
 from replica.outputs import RunnerOutput
+
+if TYPE_CHECKING:
+    from replica.tp_executor import TPGroup
 
 # Columns of a staged row (then the block table).
 _TOKEN, _POS, _SLOT, _LEN, _SRC = range(5)
@@ -93,8 +101,10 @@ class DecodeGraphs:
         block_size: int,
         max_batch_size: int,
         max_blocks_per_seq: int,
+        tp: TPGroup | None = None,
     ) -> None:
         self.forward = forward
+        self.tp = tp
         self.device = device
         self.block_size = block_size
         self.max_batch_size = max_batch_size
@@ -155,8 +165,12 @@ class DecodeGraphs:
         inputs the model reads, and each continuing row's token from the previous replay's
         sampled ids (source row >= 0). One replay instead of a handful of small launches."""
         dev = self._stage_dev[:bs]
+        if self.tp is not None:
+            self.tp.device_group.broadcast(dev, 0).wait()
         src = dev[:, _SRC]
         self.input_ids[:bs].copy_(torch.where(src >= 0, self.last_tokens[src.clamp(min=0)], dev[:, _TOKEN]))
+        if self.tp is not None:  # rank 0's last_tokens are the real ones
+            self.tp.device_group.broadcast(self.input_ids[:bs], 0).wait()
         self.positions[:bs].copy_(dev[:, _POS])
         self.slot_mapping[:bs].copy_(dev[:, _SLOT])
         self.seq_lens[:bs].copy_(dev[:, _LEN])
@@ -222,8 +236,15 @@ class DecodeGraphs:
         st[:b, _COLS + w :] = 0
         st[b:bs] = self._pad_row
         self._stage_dev[:bs].copy_(stage[:bs], non_blocking=True)  # the graph unpacks it (_unpack)
+        if self.tp is not None:
+            self.tp.send_graph(bs)
         self.graphs[bs].replay()
         return self.logits[bs][:b], self.tokens[bs][:b]
+
+    def replay_as_worker(self, batch_size: int) -> None:
+        """Tensor-parallel ranks 1..N-1: replay rank 0's graph of ``batch_size`` (its inputs
+        arrive by the captured broadcasts; the logits are not read)."""
+        self.graphs[batch_size].replay()
 
     def emit(self, request_ids: tuple[str, ...], tokens: torch.Tensor | None = None) -> GraphStep:
         """Record the last replay's sampled ids: ``tokens`` (device ``[B]``, from the sampler)

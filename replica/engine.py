@@ -121,9 +121,9 @@ class LLMEngine:
     ) -> None:
         self.config = config
         if loaded is None and (runner is None or tokenizer is None):
-            from replica.models import load_model
+            from replica.tensor_parallel import load_engine_model
 
-            loaded = load_model(config.model)
+            loaded = load_engine_model(config)
         self.tokenizer = tokenizer if tokenizer is not None else loaded.tokenizer  # type: ignore[union-attr]
         lens = [n for n in (config.model.max_model_len, getattr(loaded, "max_model_len", None)) if n]
         if not lens:
@@ -146,17 +146,28 @@ class LLMEngine:
             # Refuse, before any request, what the paged path cannot serve exactly (model_check).
             verdict = inspect_model(loaded.model)  # type: ignore[union-attr]
             self.max_model_len = verdict.cap(self.max_model_len, config.scheduler.max_num_batched_tokens)
-            num_blocks = kv_cache_num_blocks(config, loaded.model, self.max_model_len)  # type: ignore[union-attr]
-            runner = ModelRunner(
-                loaded.model,  # type: ignore[union-attr]
-                config.cache,
-                config.runner,
-                num_blocks,
-                seed=config.model.seed,
-                eos_token_ids=self.tokenizer.eos_token_ids,
-                max_model_len=self.max_model_len,
-            )
-            dry_run(runner)
+            if config.parallel.tensor_parallel_size > 1:
+                from replica.tp_executor import tp_runner
+
+                runner, reference = tp_runner(config, loaded, self.max_model_len)  # type: ignore[arg-type]
+                num_blocks = runner.num_blocks
+                try:
+                    dry_run(runner, reference)
+                except BaseException:
+                    runner.close()
+                    raise
+            else:
+                num_blocks = kv_cache_num_blocks(config, loaded.model, self.max_model_len)  # type: ignore[union-attr]
+                runner = ModelRunner(
+                    loaded.model,  # type: ignore[union-attr]
+                    config.cache,
+                    config.runner,
+                    num_blocks,
+                    seed=config.model.seed,
+                    eos_token_ids=self.tokenizer.eos_token_ids,
+                    max_model_len=self.max_model_len,
+                )
+                dry_run(runner)
         else:
             runner_blocks = getattr(runner, "num_blocks", None)
             num_blocks = int(config.cache.num_blocks or runner_blocks or 0)
@@ -638,6 +649,17 @@ class LLMEngine:
     def cached_block_hashes(self, limit: int = 4096) -> list[int]:
         return self.scheduler.kv.cached_block_hashes(limit)
 
+    @property
+    def alive(self) -> bool:
+        """False once the runner lost a tensor-parallel rank: no step can run any more."""
+        return bool(getattr(self.runner, "alive", True))
+
+    def close(self) -> None:
+        """Release what the runner holds beyond this process (tensor-parallel ranks)."""
+        close = getattr(self.runner, "close", None)
+        if close is not None:
+            close()
+
 
 async def coalesced(queue: asyncio.Queue[Delta], interval: int = 1) -> AsyncIterator[Delta]:
     """One request's deltas from ``queue`` until its last: what queued up while the consumer
@@ -717,7 +739,7 @@ class AsyncEngine:
 
     @property
     def is_dead(self) -> bool:
-        return self._dead is not None
+        return self._dead is not None or not self.engine.alive
 
     async def start(self) -> None:
         self._ensure_started(asyncio.get_running_loop())
@@ -816,6 +838,7 @@ class AsyncEngine:
         the rest, stop the step loop."""
         self._closed = True
         if self._thread is None:
+            await asyncio.to_thread(self.engine.close)
             return
         deadline = time.monotonic() + drain_timeout_s
         while self._thread.is_alive() and (self._streams or self._inbox) and time.monotonic() < deadline:
@@ -824,6 +847,7 @@ class AsyncEngine:
             self._stop = True
         self._wake.set()
         await asyncio.to_thread(self._thread.join)
+        await asyncio.to_thread(self.engine.close)
         await asyncio.sleep(0)  # let the last call_soon_threadsafe deliveries run
         self._end_streams(FinishReason.ABORT, None)
 
@@ -917,7 +941,7 @@ class AsyncEngine:
         deltas = eng.fail_requests(blamed or eng.unfinished_request_ids(), msg)
         try:
             eng.scheduler.kv.check_invariants()
-            broken = self._failures >= self._MAX_CONSECUTIVE_FAILURES
+            broken = self._failures >= self._MAX_CONSECUTIVE_FAILURES or not eng.alive
         except AssertionError:
             broken = True
         if broken:

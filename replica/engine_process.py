@@ -56,9 +56,9 @@ def _child_main(config: EngineConfig, conn: Any) -> None:
 
 async def _child(config: EngineConfig, conn: Any) -> None:
     from replica.engine import AsyncEngine
-    from replica.models import load_model
+    from replica.tensor_parallel import load_engine_model
 
-    engine = AsyncEngine(config, loaded=load_model(config.model))
+    engine = AsyncEngine(config, loaded=load_engine_model(config))
     await engine.start()
     loop = asyncio.get_running_loop()
     out: list[tuple[Any, ...]] = []

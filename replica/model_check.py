@@ -245,11 +245,33 @@ _TOLERANCE = {torch.float64: 1e-5, torch.float32: 1e-3}
 _HALF_TOLERANCE = 5e-2
 
 
+def _dry_run_prompts(vocab: int) -> tuple[list[int], list[int]]:
+    a = [3 + (17 + 131 * i) % max(1, min(vocab, 4096) - 3) for i in range(6)]
+    b = [3 + (5 + 71 * i) % max(1, min(vocab, 4096) - 3) for i in range(5)]
+    return a, b
+
+
 @torch.inference_mode()
-def dry_run(runner: ModelRunner) -> None:
-    """Two requests through ``runner``'s paged path vs the eager forward; raises
-    ``UnsupportedModelError`` on a crash or a difference. Writes only the first blocks of the
-    runner's cache, so call it before any request is served."""
+def reference_logits(model: Any, vocab: int, device: torch.device | None = None) -> torch.Tensor:
+    """The logits ``dry_run`` expects, from the model's own eager forward on each request alone.
+    A tensor-parallel engine takes them from the whole model before it is sharded."""
+    a, b = _dry_run_prompts(vocab)
+    device = device or next(model.parameters()).device
+    name = model.config._attn_implementation
+    try:
+        model.set_attn_implementation("eager")
+        ref_a = model(input_ids=torch.tensor([a], device=device), use_cache=False).logits[0]
+        ref_b = model(input_ids=torch.tensor([b], device=device), use_cache=False).logits[0]
+    finally:
+        model.set_attn_implementation(name)
+    return torch.stack([ref_a[4], ref_b[2], ref_a[5], ref_b[4]]).double()
+
+
+@torch.inference_mode()
+def dry_run(runner: ModelRunner, reference: torch.Tensor | None = None) -> None:
+    """Two requests through ``runner``'s paged path vs the eager forward (or ``reference``, its
+    logits computed earlier); raises ``UnsupportedModelError`` on a crash or a difference. Writes
+    only the first blocks of the runner's cache, so call it before any request is served."""
     from replica.attention import install
     from replica.outputs import ScheduledChunk, SchedulerOutput
     from replica.request import SamplingParams
@@ -260,8 +282,7 @@ def dry_run(runner: ModelRunner) -> None:
     need = -(-6 // bs) * 2
     if runner.num_blocks < need:
         raise ValueError(f"the dry run needs {need} KV blocks, the runner has {runner.num_blocks}")
-    a = [3 + (17 + 131 * i) % max(1, min(vocab, 4096) - 3) for i in range(6)]
-    b = [3 + (5 + 71 * i) % max(1, min(vocab, 4096) - 3) for i in range(5)]
+    a, b = _dry_run_prompts(vocab)
     table_a, table_b = tuple(range(need // 2)), tuple(range(need // 2, need))
     p = SamplingParams(max_tokens=1, temperature=0.0)
 
@@ -273,7 +294,6 @@ def dry_run(runner: ModelRunner) -> None:
         SchedulerOutput((chunk("a", a[:5], 0, table_a), chunk("b", b[:3], 0, table_b)), 8),
         SchedulerOutput((chunk("a", a[5:], 5, table_a), chunk("b", b[3:], 3, table_b)), 3),
     ]
-    paged_name = model.config._attn_implementation
     try:
         got = torch.cat([runner.compute_logits(s) for s in steps]).double()
     except Exception as e:  # the model's first request would crash the same way
@@ -284,15 +304,11 @@ def dry_run(runner: ModelRunner) -> None:
         raise _refuse(
             "paged path differs from HF", f"the dry run through the paged path failed: {type(e).__name__}: {e}"
         ) from e
-    try:
-        model.set_attn_implementation("eager")
-        ref_a = model(input_ids=torch.tensor([a], device=runner.device), use_cache=False).logits[0]
-        ref_b = model(input_ids=torch.tensor([b], device=runner.device), use_cache=False).logits[0]
-    finally:
-        model.set_attn_implementation(paged_name)
-    if model.config._attn_implementation != paged_name:
-        install(model, runner.backend)
-    want = torch.stack([ref_a[4], ref_b[2], ref_a[5], ref_b[4]]).double()
+    if reference is None:
+        reference = reference_logits(model, vocab, runner.device)
+        if model.config._attn_implementation != runner.attn_implementation:
+            install(model, runner.backend)
+    want = reference.to(got.device)
     tol = _TOLERANCE.get(runner.dtype, _HALF_TOLERANCE) * max(1.0, float(want.abs().max()))
     diff = float((got - want).abs().max())
     if not diff <= tol:  # NaN fails too

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import chain
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
@@ -27,6 +27,10 @@ from replica.outputs import PLACEHOLDER_TOKEN, RunnerOutput, ScheduledChunk, Sch
 from replica.pending_step import DeferredStep, PendingStep
 from replica.request import SamplingParams
 from replica.sampler import Sampler, SamplingRow
+from replica.tensor_parallel import tensor_parallel_size
+
+if TYPE_CHECKING:
+    from replica.tp_executor import TPGroup
 
 
 def _text_config(hf_config: Any) -> Any:
@@ -34,12 +38,26 @@ def _text_config(hf_config: Any) -> Any:
 
 
 def kv_shape(hf_config: Any) -> tuple[int, int, int]:
-    """(num_layers, num_kv_heads, head_dim) of a decoder config."""
+    """(num_layers, num_kv_heads, head_dim) of a decoder config; the KV heads of one rank when
+    the model is sharded for tensor parallelism."""
     cfg = _text_config(hf_config)
     num_heads = cfg.num_attention_heads
     num_kv_heads = getattr(cfg, "num_key_value_heads", None) or num_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // num_heads
-    return cfg.num_hidden_layers, num_kv_heads, head_dim
+    return cfg.num_hidden_layers, num_kv_heads // tensor_parallel_size(hf_config), head_dim
+
+
+class HostStep(NamedTuple):
+    """Host arrays of one eager step (what tensor-parallel ranks receive, ``tp_executor``)."""
+
+    ids: np.ndarray  # [T]
+    positions: np.ndarray  # [T]
+    slots: np.ndarray  # [T]
+    qsl: np.ndarray  # [B+1] query start of each chunk
+    seq_lens: np.ndarray  # [B]
+    block_tables: np.ndarray  # [B, W]
+    max_query_len: int
+    max_seq_len: int
 
 
 @dataclass(frozen=True)
@@ -65,11 +83,14 @@ class ModelRunner:
         seed: int = 0,
         eos_token_ids: Iterable[int] | None = None,
         max_model_len: int | None = None,
+        tp: TPGroup | None = None,
     ) -> None:
         if num_blocks <= 0:
             raise ValueError(f"num_blocks must be > 0, got {num_blocks}")
         self.model = model.eval()
         self.config = runner
+        # Tensor parallelism (replica.tp_executor): rank 0 sends each step to the other ranks.
+        self.tp = tp
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.block_size = cache.block_size
@@ -104,6 +125,7 @@ class ModelRunner:
             block_size=self.block_size,
             max_batch_size=max_batch_size,
             max_blocks_per_seq=min(self.num_blocks, -(-max_len // self.block_size)),
+            tp=self.tp,
         )
         graphs.capture()
         return graphs
@@ -358,26 +380,58 @@ class ModelRunner:
             else self._row_with_history(c)
             for c in sampled
         )
+        host = HostStep(ids, positions, slots, qsl, seq_lens, block_tables, int(q_lens.max()), int(seq_lens.max()))
+        if self.tp is not None:  # the other ranks start the same forward now
+            self.tp.send_step(host, len(rows))
+        return self._inputs(host, logits_indices, rows, tuple(c.request_id for c in sampled))
 
+    def _inputs(
+        self,
+        host: HostStep,
+        logits_indices: np.ndarray,
+        rows: tuple[SamplingRow, ...] = (),
+        request_ids: tuple[str, ...] = (),
+    ) -> StepInputs:
         meta = AttentionMetadata(
-            slot_mapping=self._to_device(slots),
-            query_start_loc=self._to_device(qsl, torch.int32),
-            seq_lens=self._to_device(seq_lens, torch.int32),
-            block_tables=self._to_device(block_tables, torch.int32),
-            query_start_loc_host=qsl,
-            seq_lens_host=seq_lens,
-            max_query_len=int(q_lens.max()),
-            max_seq_len=int(seq_lens.max()),
-            block_size=bs,
+            slot_mapping=self._to_device(host.slots),
+            query_start_loc=self._to_device(host.qsl, torch.int32),
+            seq_lens=self._to_device(host.seq_lens, torch.int32),
+            block_tables=self._to_device(host.block_tables, torch.int32),
+            query_start_loc_host=host.qsl,
+            seq_lens_host=host.seq_lens,
+            max_query_len=host.max_query_len,
+            max_seq_len=host.max_seq_len,
+            block_size=self.block_size,
         )
         return StepInputs(
-            input_ids=self._to_device(ids)[None],
-            position_ids=self._to_device(positions)[None],
+            input_ids=self._to_device(host.ids)[None],
+            position_ids=self._to_device(host.positions)[None],
             logits_indices=self._to_device(logits_indices),
             attn_metadata=meta,
             sample_rows=rows,
-            sample_request_ids=tuple(c.request_id for c in sampled),
+            sample_request_ids=request_ids,
         )
+
+    # -- tensor parallelism: ranks 1..N-1 (replica.tp_executor.serve_steps) -------------------
+
+    def worker_inputs(self, host: HostStep) -> StepInputs:
+        """A worker's inputs of the step rank 0 sent (``tp_executor.unpack_step``): the same
+        forward without logits (rank 0 alone samples)."""
+        return self._inputs(host, np.zeros(0, np.int64))
+
+    def replay_graph_as_worker(self, batch_size: int) -> None:
+        """A worker's half of rank 0's graph replay; the graph receives its inputs itself."""
+        self._graphs.replay_as_worker(batch_size)
+
+    @property
+    def alive(self) -> bool:
+        """False once a tensor-parallel rank is lost (then no step can run)."""
+        return self.tp is None or self.tp.alive()
+
+    def close(self) -> None:
+        """Stop the other tensor-parallel ranks (nothing to do without them)."""
+        if self.tp is not None:
+            self.tp.close()
 
     def _banned(self, params: SamplingParams, num_output_tokens: int) -> tuple[int, ...]:
         # min_tokens: no EOS / stop token may be sampled before that many outputs exist.

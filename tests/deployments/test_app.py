@@ -94,6 +94,34 @@ def test_autoscaling_and_router_options_reach_serve():
     assert router.request_routing_stats_period_s == 1
 
 
+def test_tensor_parallel_replica_is_one_placement_group_of_n_bundles():
+    args = {
+        "engine": {"tensor_parallel_size": 4},
+        "num_gpus": 1,
+        "num_cpus": 2,
+        "accelerator_resource": "fake_gpu",
+        "placement_strategy": "PACK",
+        "autoscaling": {"policy": "deployments.autoscaling:QueueDepthAutoscalingPolicy"},
+    }
+    _, llm, _ = llm_deployment(build_app(args))
+    (cfg,) = llm.init_args
+    assert cfg.parallel.tensor_parallel_size == 4 and cfg.parallel.init_method is None
+    replica = {"CPU": 2.0, "GPU": 1.0, "fake_gpu": 1.0}
+    worker = {"CPU": 1.0, "GPU": 1.0, "fake_gpu": 1.0}
+    assert llm._replica_config.placement_group_bundles == [replica, worker, worker, worker]
+    assert llm._replica_config.placement_group_strategy == "PACK"
+    # The autoscaler's "cannot place" warning names a whole replica's needs: every rank's GPU.
+    policy = llm._deployment_config.autoscaling_config.policy
+    assert policy.policy_kwargs["replica_resources"] == {"CPU": 5.0, "GPU": 4.0, "fake_gpu": 4.0}
+
+
+def test_one_rank_replica_has_no_placement_group():
+    _, llm, _ = llm_deployment(build_app({"num_gpus": 1}))
+    (cfg,) = llm.init_args
+    assert cfg.parallel.tensor_parallel_size == 1
+    assert llm._replica_config.placement_group_bundles is None
+
+
 @pytest.mark.parametrize(
     "args, words",
     [
@@ -104,6 +132,9 @@ def test_autoscaling_and_router_options_reach_serve():
         ({"autoscaling": {"min_replicas": 5, "max_replicas": 2}}, "min_replicas must be <= max_replicas"),
         ({"replica": {"drain_timeout_s": -1}}, "greater than or equal"),
         ({"num_gpus": "lots"}, "num_gpus"),
+        ({"engine": {"tensor_parallel_size": 0}}, "greater than 0"),
+        ({"placement_strategy": "ANYWHERE"}, "STRICT_PACK"),
+        ({"num_gpus": 2}, "set engine.tensor_parallel_size"),
     ],
 )
 def test_bad_arguments_are_rejected_clearly(args, words):

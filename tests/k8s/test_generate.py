@@ -153,6 +153,20 @@ def test_worker_bounds_from_build_app_args():
         gpu_worker_bounds(two_apps, ClusterSpec())
 
 
+def test_tensor_parallel_replicas_get_pods_of_n_gpus():
+    pytest.importorskip("ray")
+    tp = apply_overrides(ARGS_APP, _args_over(num_gpus=1, engine={"tensor_parallel_size": 4}))
+    assert replica_plan(tp, ClusterSpec()) == ReplicaPlan(4.0, 2, 2)
+    assert gpu_worker_bounds(tp, ClusterSpec()) == (2, 2)  # one pod of 4 GPUs per replica
+    (group,) = build_rayservice(tp, ClusterSpec())["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    assert group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "4"
+    bundles = [{"CPU": 1, "GPU": 1}, {"CPU": 1, "GPU": 1}]
+    serve_level = apply_overrides(
+        tp, {"applications": {"cbserve": {"deployments": {"LLMReplica": {"placement_group_bundles": bundles}}}}}
+    )
+    assert replica_plan(serve_level, ClusterSpec()).gpus_per_replica == 2.0
+
+
 def test_built_manifest_shape():
     cfg = apply_overrides(SAMPLE, OVERRIDES)
     rs = build_rayservice(cfg, ClusterSpec(image="registry.example/cbserve:1"))
