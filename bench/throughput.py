@@ -264,6 +264,28 @@ class StepProbe:
             r.pop("ev_end", None)
 
 
+# A schema whose random-weight outputs stay long (an open array of strings), so the JSON variant's
+# requests run for about as many tokens as W1's; they end when the grammar does, or at max_tokens.
+W1_SCHEMA = {
+    "type": "object",
+    "properties": {"notes": {"type": "array", "items": {"type": "string", "maxLength": 64}}},
+    "required": ["notes"],
+}
+
+
+def variant_params(variant: str) -> dict:
+    """W1 variants (issue 14): every request uses the feature. ``plain``: none (the W1 figure)."""
+    if variant == "plain":
+        return {}
+    if variant == "penalties":
+        return dict(presence_penalty=0.5, frequency_penalty=0.5, repetition_penalty=1.1)
+    if variant == "json_schema":
+        from replica.grammar import GrammarSpec
+
+        return dict(guided=GrammarSpec("json_schema", json.dumps(W1_SCHEMA)))
+    raise SystemExit(f"unknown --variant {variant!r}")
+
+
 def run_engine(name: str, seed: int, prompts, outs, args) -> tuple[dict, list[dict], object]:
     from replica.engine import LLMEngine
 
@@ -292,8 +314,9 @@ def run_engine(name: str, seed: int, prompts, outs, args) -> tuple[dict, list[di
     # The engine's own warm-up (a full-budget prefill chunk, mixed and decode steps), not timed.
     warmup_s = engine.warmup() if not args.no_warmup else 0.0
     probe = StepProbe(engine)
+    extra = variant_params(args.variant)
     for i, (p, o) in enumerate(zip(prompts, outs)):
-        engine.add_request(f"r{i}", p, SamplingParams(max_tokens=o, temperature=0.0, ignore_eos=True))
+        engine.add_request(f"r{i}", p, SamplingParams(max_tokens=o, temperature=0.0, ignore_eos=True, **extra))
     torch.cuda.synchronize()
     t = time.perf_counter()
     n_tok = 0
@@ -351,6 +374,12 @@ def main() -> int:
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-batched-tokens", type=int, default=8192)
     ap.add_argument("--max-model-len", type=int, default=4096)
+    ap.add_argument(
+        "--variant",
+        default="plain",
+        choices=["plain", "penalties", "json_schema"],
+        help="every request with penalties or a JSON schema (issue 14's W1 variants)",
+    )
     ap.add_argument("--no-graphs", action="store_true")
     ap.add_argument("--no-async", action="store_true", help="synchronous steps (no host/device overlap)")
     ap.add_argument("--no-warmup", action="store_true")
