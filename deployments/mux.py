@@ -25,6 +25,7 @@ replica died) ends each of its requests with a ``ReplicaError``.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 import uuid
@@ -268,7 +269,7 @@ class MuxLLMClient:
     def _ensure_pump(self, replica_id: str) -> None:
         task = self._pumps.get(replica_id)
         if task is None or task.done():
-            self._pumps[replica_id] = asyncio.get_running_loop().create_task(self._run_pump(replica_id))
+            self._pumps[replica_id] = _detached(self._run_pump(replica_id))
 
     async def _run_pump(self, replica_id: str) -> None:
         gen = self._stream.pump.remote(PumpRequest(replica_id, self._channel))
@@ -283,7 +284,12 @@ class MuxLLMClient:
                     if inbox is not None:
                         inbox.put(d)
         except asyncio.CancelledError:
+            # The replica aborts this channel's requests when its pump is cancelled: end them here
+            # too, or their clients would wait forever.
             gen.cancel()
+            self._pumps.pop(replica_id, None)
+            for inbox in [i for i in self._inboxes.values() if i.replica_id == replica_id]:
+                inbox.put(ReplicaError("engine_unavailable", "the stream from the model replica was cancelled"))
             raise
         except Exception as exc:  # the replica died, or the pump never opened
             gen.cancel()
@@ -309,7 +315,15 @@ class MuxLLMClient:
             except Exception as exc:  # the replica is gone: nothing left to free there
                 logger.info("request %s: abort on replica %s failed: %s", request_id, replica_id, exc)
 
-        asyncio.get_running_loop().create_task(send())
+        _detached(send())
+
+
+def _detached(coro: Any) -> asyncio.Task[Any]:
+    """A task outside the current request's context. Serve cancels the handle calls a request
+    made when that request is cancelled (its client left), and a task inherits its creator's
+    context: a pump opened by one request carries every request of this ingress, and an abort
+    is sent exactly when its request was cancelled, so neither may be tied to one request."""
+    return contextvars.Context().run(asyncio.get_running_loop().create_task, coro)
 
 
 def _enough(items: list[Delta | ReplicaError], interval: int) -> bool:

@@ -5,6 +5,7 @@ they name, as router.kv_router does."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import itertools
 from typing import Any
 
@@ -233,3 +234,54 @@ async def test_a_client_gone_while_its_submit_is_in_flight_is_still_aborted(two_
     assert [a.request_id for a in aborts] == ["early"]
     owner = handle.by_id[aborts[0].target_replica_id]
     assert not owner._live and "early" in owner._engine.aborted
+
+
+REQUEST = contextvars.ContextVar("request", default=None)  # stands in for Serve's request context
+
+
+async def test_pump_and_aborts_are_not_tied_to_the_request_that_opened_them(two_replicas, monkeypatch):
+    """Serve cancels the handle calls a request made once that request is cancelled (its client
+    left), and tasks inherit their creator's context: a pump opened by one request carries the
+    others' deltas, so it must not run in that request's context (nor must aborts)."""
+    handle, engines = two_replicas
+    seen: list[tuple[str, Any]] = []
+    real_call = FakeHandle.call
+
+    def call(self: FakeHandle, method: str, args: tuple) -> Any:
+        seen.append((method, REQUEST.get()))
+        return real_call(self, method, args)
+
+    monkeypatch.setattr(FakeHandle, "call", call)  # the streaming handle (options) is another instance
+    client = MuxLLMClient(handle)
+    for e in engines:
+        e.pause.clear()
+
+    async def as_request(rid: str) -> Any:
+        REQUEST.set(rid)
+        agen = client.generate(greq(rid, max_tokens=50))
+        first = asyncio.ensure_future(agen.__anext__())
+        await asyncio.sleep(0.05)
+        first.cancel()
+        await asyncio.gather(first, return_exceptions=True)
+        await agen.aclose()
+
+    await asyncio.create_task(as_request("opener"))
+    await asyncio.sleep(0.05)
+    by_method = {m: {r for mm, r in seen if mm == m} for m, _ in seen}
+    assert by_method["submit"] == {"opener"}  # the submit itself belongs to its request
+    assert by_method["pump"] == {None} and by_method["abort_request"] == {None}
+
+
+async def test_a_cancelled_pump_ends_its_requests_instead_of_leaving_them_waiting(two_replicas):
+    handle, engines = two_replicas
+    for e in engines:
+        e.pause.clear()
+    client = MuxLLMClient(handle)
+    reqs = [asyncio.ensure_future(collect(client, greq(f"r{i}", max_tokens=50))) for i in range(4)]
+    await asyncio.sleep(0.05)
+    assert client._pumps
+    for task in list(client._pumps.values()):
+        task.cancel()  # e.g. Serve cancelled it along with a request
+    results = await asyncio.wait_for(asyncio.gather(*reqs), 5)
+    for _, items in results:
+        assert isinstance(items[-1], ReplicaError) and items[-1].code == "engine_unavailable"
