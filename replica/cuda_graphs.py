@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from replica.attention.metadata import AttentionMetadata
+from replica.logprobs import DeviceLogprobs
 from replica.outputs import RunnerOutput
 
 # Columns of a staged row (then the block table).
@@ -55,9 +56,15 @@ class GraphStep:
     """The tokens of one replay on their way to pinned host memory (see ``DecodeGraphs.emit``)."""
 
     def __init__(
-        self, graphs: DecodeGraphs, request_ids: tuple[str, ...], host: torch.Tensor, event: torch.cuda.Event
+        self,
+        graphs: DecodeGraphs,
+        request_ids: tuple[str, ...],
+        host: torch.Tensor,
+        event: torch.cuda.Event,
+        logprobs: DeviceLogprobs | None = None,
     ) -> None:
         self._graphs = graphs
+        self._logprobs = logprobs  # pinned copies, complete with the event
         self._index = graphs.num_emitted  # its host buffer and event serve again two emits later
         self._ids = request_ids
         self._host = host
@@ -74,7 +81,11 @@ class GraphStep:
                 raise RuntimeError("a replay's tokens must be read before the replay after next")
             self._event.synchronize()  # releases the GIL while the device works
             self._tokens = self._host.tolist()
-        return RunnerOutput(request_ids=self._ids, token_ids=self._tokens)
+        logprobs = None
+        if self._logprobs is not None:
+            rows, ids, toks = self._logprobs.rows, self._ids, self._tokens
+            logprobs = dict(zip((ids[r] for r in rows), self._logprobs.to_host([toks[r] for r in rows])))
+        return RunnerOutput(request_ids=self._ids, token_ids=self._tokens, logprobs=logprobs)
 
 
 class DecodeGraphs:
@@ -225,18 +236,21 @@ class DecodeGraphs:
         self.graphs[bs].replay()
         return self.logits[bs][:b], self.tokens[bs][:b]
 
-    def emit(self, request_ids: tuple[str, ...], tokens: torch.Tensor | None = None) -> GraphStep:
+    def emit(
+        self, request_ids: tuple[str, ...], tokens: torch.Tensor | None = None, logprobs: DeviceLogprobs | None = None
+    ) -> GraphStep:
         """Record the last replay's sampled ids: ``tokens`` (device ``[B]``, from the sampler)
         or, with None, the graph's own argmax (already in ``last_tokens``). They stay on the
         device for the next replay's placeholders and are copied to pinned host memory
-        without waiting."""
+        without waiting; so are ``logprobs`` (rows that asked), behind the same event."""
         b = len(request_ids)
         if tokens is not None:
             self.last_tokens[:b].copy_(tokens)
         host = self._out_host[self._turn][:b]
         host.copy_(self.last_tokens[:b], non_blocking=True)
+        pinned = logprobs.to_pinned() if logprobs is not None else None
         event = self._events[self._turn]
         event.record()
-        step = GraphStep(self, request_ids, host, event)
+        step = GraphStep(self, request_ids, host, event, pinned)
         self.num_emitted += 1
         return step

@@ -22,7 +22,16 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 from replica.config import EngineConfig
 from replica.errors import EngineError, EngineUnavailableError, InvalidRequestError, QueueFullError, RequestTooLongError
 from replica.grammar import GrammarCache
-from replica.outputs import CompletionOutput, Delta, EngineStats, RunnerOutput, SchedulerOutput, Usage, merge_deltas
+from replica.outputs import (
+    CompletionOutput,
+    Delta,
+    EngineStats,
+    RunnerOutput,
+    SchedulerOutput,
+    TokenLogprobs,
+    Usage,
+    merge_deltas,
+)
 from replica.pending_step import PendingStep
 from replica.request import FinishReason, Request, RequestStatus, SamplingParams
 from replica.scheduler import Scheduler
@@ -230,6 +239,8 @@ class LLMEngine:
         if params.guided is not None:
             # Compiled here, when the request is made (cached per spec), never in the step loop.
             req.grammar = self.grammars.state(params.guided)
+        if params.prompt_logprobs is not None:
+            req.prompt_logprobs = [None]  # nothing predicts the first prompt token
         return req
 
     @property
@@ -320,6 +331,8 @@ class LLMEngine:
         return deltas + new
 
     def _apply(self, out: SchedulerOutput, res: RunnerOutput, started: float) -> list[Delta]:
+        if res.prompt_logprobs:
+            self._store_prompt_logprobs(res.prompt_logprobs)
         got = self.scheduler.update(out, res)
         self._num_steps += 1
         self._generation_tokens_total += len(got)
@@ -327,21 +340,27 @@ class LLMEngine:
         new: list[Delta] = []
         live = self._live
         finished = RequestStatus.FINISHED
+        logprobs = res.logprobs  # None unless a request of this step asked
         try:
             for req in got:
                 try:
+                    # A stop token (EOS, a stop id, a grammar's end) adds no text: nor logprobs.
+                    silent = req.status is finished and req.finish_reason is FinishReason.STOP
                     if req.status is finished:
-                        new.append(self._last_delta(req))
-                        continue
-                    # The common case, once per request per step: one more token of text.
-                    rid = req.request_id
-                    token = req.output_token_ids[-1]
-                    text, hit = live[rid][1].add((token,))
-                    if hit:  # a stop string
-                        self.scheduler.finish(rid, FinishReason.STOP)
-                        new.append(self._final(req, text, (token,)))
+                        d = self._last_delta(req)
                     else:
-                        new.append(_new_tuple(Delta, (rid, text, (token,), None, None, None)))
+                        # The common case, once per request per step: one more token of text.
+                        rid = req.request_id
+                        token = req.output_token_ids[-1]
+                        text, hit = live[rid][1].add((token,))
+                        if hit:  # a stop string
+                            self.scheduler.finish(rid, FinishReason.STOP)
+                            d = self._final(req, text, (token,))
+                        else:
+                            d = _new_tuple(Delta, (rid, text, (token,), None, None, None, None, None))
+                    if logprobs is not None and req.params.logprobs is not None:
+                        d = self._with_logprobs(req, d, None if silent else logprobs.get(req.request_id))
+                    new.append(d)
                 except Exception as e:  # this request's text failed (a tokenizer bug): only it ends
                     logger.exception("request %s: building its output failed", req.request_id)
                     new.append(self._fail_one(req, f"output decoding failed: {type(e).__name__}: {e}"))
@@ -349,6 +368,22 @@ class LLMEngine:
             self._pending.extend(new)  # final deltas already built must still go out
             raise
         return new
+
+    def _store_prompt_logprobs(self, found: dict[str, tuple[int, list[TokenLogprobs]]]) -> None:
+        """Extend each request's prompt logprobs with a chunk's; positions it already has (a
+        recompute after preemption) are skipped."""
+        for rid, (first, entries) in found.items():
+            live = self._live.get(rid)
+            have = live[0].prompt_logprobs if live is not None else None
+            if have is not None and first <= len(have) < first + len(entries):
+                have.extend(entries[len(have) - first :])
+
+    @staticmethod
+    def _with_logprobs(req: Request, d: Delta, sampled: TokenLogprobs | None) -> Delta:
+        """``d`` with its token's logprobs (``sampled``; None for a stop token) and, with the
+        first output token, the prompt's."""
+        prompt = tuple(req.prompt_logprobs) if req.prompt_logprobs is not None and req.num_output_tokens == 1 else None
+        return d._replace(logprobs=() if sampled is None else (sampled,), prompt_logprobs=prompt)
 
     def _fail_one(self, req: Request, error: str) -> Delta:
         self.scheduler.finish(req.request_id, FinishReason.ERROR)  # a no-op if this step finished it

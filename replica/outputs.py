@@ -18,6 +18,16 @@ if TYPE_CHECKING:
 PLACEHOLDER_TOKEN = -1
 
 
+class TokenLogprobs(NamedTuple):
+    """One token's log-probability and its most likely alternatives (replica/logprobs.py says
+    which distribution). Plain ints and floats: it crosses processes and Ray as it is."""
+
+    token_id: int
+    logprob: float
+    top_ids: tuple[int, ...]  # most likely first
+    top_logprobs: tuple[float, ...]
+
+
 class ScheduledChunk(NamedTuple):
     """One request's share of a step: compute ``token_ids`` at positions
     ``start_pos .. start_pos + len(token_ids) - 1`` and, if ``sample`` is set,
@@ -74,9 +84,11 @@ class SchedulerOutput:
 class RunnerOutput:
     """The token sampled for each request that had ``sample`` set, in chunk order: as a dict
     (``sampled``), or as two row-ordered sequences that a decode step reads without building
-    the dict (``request_ids`` / ``token_ids``)."""
+    the dict (``request_ids`` / ``token_ids``). Only for requests that asked (else None):
+    ``logprobs`` of the sampled tokens, and ``prompt_logprobs`` as request -> (index of the
+    first prompt token scored, one entry per prompt token from there)."""
 
-    __slots__ = ("_sampled", "request_ids", "token_ids")
+    __slots__ = ("_sampled", "logprobs", "prompt_logprobs", "request_ids", "token_ids")
 
     def __init__(
         self,
@@ -84,6 +96,8 @@ class RunnerOutput:
         *,
         request_ids: Sequence[str] | None = None,
         token_ids: Sequence[int] | None = None,
+        logprobs: dict[str, TokenLogprobs] | None = None,
+        prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] | None = None,
     ) -> None:
         if (request_ids is None) != (token_ids is None):
             raise ValueError("give request_ids and token_ids together")
@@ -94,6 +108,8 @@ class RunnerOutput:
         self._sampled = sampled
         self.request_ids = request_ids
         self.token_ids = token_ids
+        self.logprobs = logprobs
+        self.prompt_logprobs = prompt_logprobs
 
     @property
     def sampled(self) -> dict[str, int]:
@@ -134,6 +150,11 @@ class Delta(NamedTuple):
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
     error: str | None = None  # set with FinishReason.ERROR
+    # Only for requests that asked (SamplingParams.logprobs / prompt_logprobs), else None:
+    # one entry per token of ``text`` in order (a stop token, whose text is not output, has none),
+    # and the prompt's, once, in the delta of the first output token (None for the first prompt token).
+    logprobs: tuple[TokenLogprobs, ...] | None = None
+    prompt_logprobs: tuple[TokenLogprobs | None, ...] | None = None
 
     @property
     def finished(self) -> bool:
@@ -192,6 +213,9 @@ def merge_deltas(deltas: Sequence[Delta]) -> Delta:
             raise ValueError(f"cannot merge deltas of different requests: {first.request_id!r} and {d.request_id!r}")
     if any(d.finished for d in deltas[:-1]):
         raise ValueError(f"request {first.request_id!r}: a finished delta can only be the last one merged")
+    logprobs = None
+    if any(d.logprobs is not None for d in deltas):
+        logprobs = tuple(lp for d in deltas if d.logprobs for lp in d.logprobs)
     return Delta(
         request_id=first.request_id,
         text="".join(d.text for d in deltas),
@@ -199,4 +223,6 @@ def merge_deltas(deltas: Sequence[Delta]) -> Delta:
         finish_reason=last.finish_reason,
         usage=last.usage,
         error=last.error,
+        logprobs=logprobs,
+        prompt_logprobs=next((d.prompt_logprobs for d in deltas if d.prompt_logprobs is not None), None),
     )

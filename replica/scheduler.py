@@ -144,7 +144,8 @@ class Scheduler:
         # the freed blocks are for the running requests that needed them.
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
-            hits, num_hit = self.kv.get_computed_prefix(req)
+            # Prompt logprobs (echo) need every prompt position's logits: no prefix reuse for them.
+            hits, num_hit = self.kv.get_computed_prefix(req) if req.params.prompt_logprobs is None else ([], 0)
             needed = self.kv.blocks_for(req.num_tokens) - len(hits) + self.kv.num_unreferenced(hits)
             if not self.admission.can_start(needed, idle=not self.running):
                 break
