@@ -34,6 +34,7 @@ from deployments.errors import APIError, ReplicaError, backpressure_error
 from deployments.failover import FailoverClient
 from deployments.limits import BodySizeLimitMiddleware, DeadlineClient, RequestLimits
 from deployments.llm import GenerateRequest, ModelInfo
+from deployments.logprobs import CompletionLogprobsBuilder, TokenTexts, chat_logprobs
 from deployments.metrics import IngressMetrics
 from deployments.mux import MuxLLMClient
 from deployments.protocol import (
@@ -59,7 +60,7 @@ from deployments.protocol import (
 )
 from deployments.tool_calls import Event, ToolCall, ToolParser, ToolParserName, parser_for
 from replica.errors import EngineError
-from replica.outputs import Delta, Usage
+from replica.outputs import Delta, Usage, merge_deltas
 from replica.request import FinishReason
 
 logger = logging.getLogger("ray.serve")
@@ -229,6 +230,16 @@ def _usage(usage: Usage | None, prompt_tokens: int, completion_tokens: int) -> U
     )
 
 
+def _with_chat_logprobs(content: Callable[[Delta], BaseModel], texts: TokenTexts) -> Callable[[Delta], BaseModel]:
+    def with_logprobs(d: Delta) -> BaseModel:
+        chunk = content(d)
+        assert isinstance(chunk, ChatCompletionChunk)
+        chunk.choices[0].logprobs = chat_logprobs(d.logprobs or (), texts)
+        return chunk
+
+    return with_logprobs
+
+
 def _sse(model: BaseModel) -> bytes:
     return b"data: " + model.model_dump_json().encode() + b"\n\n"
 
@@ -293,6 +304,7 @@ class OpenAIService:
         self._info_lock = asyncio.Lock()
         self._healthy_at = -HEALTH_TTL_S
         self._tools_supported: bool | None = None  # probed on the first request with tools
+        self._token_texts: TokenTexts | None = None  # built on the first request with logprobs
         self._metrics = IngressMetrics(backend=metrics_backend)
 
     @property
@@ -352,13 +364,24 @@ class OpenAIService:
         else:
             token_ids = self._check_token_ids(prompt)
         greq = await self._request(rid, token_ids, body, body.max_tokens, "prompt")
+        echo = (prompt if isinstance(prompt, str) else self._tokenizer.decode(token_ids)) if body.echo else None
         if body.stream:
-            return await self._stream(greq, body.include_usage, self._completion_chunks(greq, body.continuous_usage))
+            return await self._stream(
+                greq, body.include_usage, self._completion_chunks(greq, body.continuous_usage, echo)
+            )
         text, final = await self._collect(greq)
+        logprobs = None
+        if greq.params.logprobs is not None:
+            entries = (final.prompt_logprobs or ()) + (final.logprobs or ())
+            logprobs = CompletionLogprobsBuilder(self.token_texts)(entries, token_ids)
         resp = CompletionResponse(
             id=rid,
             model=self.served_name,
-            choices=[CompletionChoice(text=text, finish_reason=_finish_reason(final.finish_reason))],
+            choices=[
+                CompletionChoice(
+                    text=(echo or "") + text, logprobs=logprobs, finish_reason=_finish_reason(final.finish_reason)
+                )
+            ],
             usage=_usage(final.usage, len(token_ids), 0),
         )
         return JSONResponse(resp.model_dump(), headers={"x-request-id": rid})
@@ -395,13 +418,20 @@ class OpenAIService:
             if calls:
                 message = ChatResponseMessage(content=parsed.content, tool_calls=calls)
         finish = _finish_reason(final.finish_reason, tool_calls=bool(message.tool_calls))
+        logprobs = chat_logprobs(final.logprobs or (), self.token_texts) if body.logprobs else None
         resp = ChatCompletionResponse(
             id=rid,
             model=self.served_name,
-            choices=[ChatChoice(message=message, finish_reason=finish)],
+            choices=[ChatChoice(message=message, logprobs=logprobs, finish_reason=finish)],
             usage=_usage(final.usage, len(token_ids), 0),
         )
         return JSONResponse(resp.model_dump(), headers={"x-request-id": rid})
+
+    @property
+    def token_texts(self) -> TokenTexts:
+        if self._token_texts is None:
+            self._token_texts = TokenTexts(self._tokenizer)
+        return self._token_texts
 
     # ---------------------------------------------------------------- validation
 
@@ -467,7 +497,9 @@ class OpenAIService:
     # ---------------------------------------------------------------- generation
 
     async def _collect(self, greq: GenerateRequest) -> tuple[str, Delta]:
+        """The whole output, and the last delta (with the logprobs of all, when asked)."""
         parts: list[str] = []
+        with_logprobs: list[Delta] | None = [] if greq.params.logprobs is not None else None
         agen = self._client.generate(greq)
         try:
             async for item in agen:
@@ -476,8 +508,10 @@ class OpenAIService:
                 if item.finish_reason is FinishReason.ERROR:
                     raise _generation_failed(item)
                 parts.append(item.text)
+                if with_logprobs is not None:
+                    with_logprobs.append(item)
                 if item.finished:
-                    return "".join(parts), item
+                    return "".join(parts), merge_deltas(with_logprobs) if with_logprobs else item
         finally:
             await agen.aclose()  # on cancel (client gone) this cancels the replica call
         raise APIError.from_code("internal_error", "the replica ended the stream without finishing the request")
@@ -515,16 +549,24 @@ class OpenAIService:
             if isinstance(item, ReplicaError) or item.finished:
                 return
 
-    def _completion_chunks(self, greq: GenerateRequest, continuous_usage: bool = False):
+    def _completion_chunks(self, greq: GenerateRequest, continuous_usage: bool = False, echo: str | None = None):
         rid, name, created = greq.request_id, self.served_name, int(time.time())
+        logprobs = CompletionLogprobsBuilder(self.token_texts) if greq.params.logprobs is not None else None
+        echoing = [echo]  # the prompt goes out once, in front of the first chunk
+
+        def content(d: Delta) -> BaseModel:
+            text, entries = d.text, d.logprobs or ()
+            if echoing[0] is not None:
+                text, echoing[0] = echoing[0] + text, None
+                entries = (d.prompt_logprobs or ()) + entries
+            lp = logprobs(entries, greq.prompt_token_ids) if logprobs is not None else None
+            choice = CompletionChoice(text=text, logprobs=lp, finish_reason=_finish_reason(d.finish_reason))
+            return CompletionResponse(id=rid, created=created, model=name, choices=[choice])
+
         return self._chunk_stream(
             greq,
-            content=lambda d: CompletionResponse(
-                id=rid,
-                created=created,
-                model=name,
-                choices=[CompletionChoice(text=d.text, finish_reason=_finish_reason(d.finish_reason))],
-            ),
+            content=content,
+            every_delta=echo is not None or logprobs is not None,
             text=_TextChunk(
                 lambda t: CompletionResponse(id=rid, created=created, model=name, choices=[CompletionChoice(text=t)])
             ),
@@ -556,12 +598,16 @@ class OpenAIService:
                 delta = tools.delta(t, False)
                 return _sse(chunk(delta)) if delta.content is not None or delta.tool_calls else b""
 
+        if greq.params.logprobs is not None:  # every chunk carries its tokens' logprobs
+            content = _with_chat_logprobs(content, self.token_texts)
+
         return self._chunk_stream(
             greq,
             head=chunk(ChatDelta(role="assistant", content="")),
             content=content,
             text=text,
             usage=lambda u: ChatCompletionChunk(id=rid, created=created, model=name, choices=[], usage=u),
+            every_delta=greq.params.logprobs is not None,
             continuous_usage=continuous_usage,
         )
 
@@ -573,11 +619,13 @@ class OpenAIService:
         text: Callable[[str], bytes],
         usage: Callable[[UsageInfo], BaseModel],
         head: BaseModel | None = None,
+        every_delta: bool = False,
         continuous_usage: bool = False,
     ):
         """SSE bytes for one request: an optional head chunk, a chunk per delta with text (or
         the finish), the usage chunk when asked, then [DONE]; an error ends it with an error event.
-        ``continuous_usage`` (vLLM's stream_options.continuous_usage_stats): usage so far in every chunk."""
+        ``continuous_usage`` (vLLM's stream_options.continuous_usage_stats): usage so far in every chunk.
+        ``every_delta``: each delta with tokens is a ``content`` chunk (logprobs, echo), none the fast text path."""
 
         async def gen(first: Delta, agen: Any, include_usage: bool) -> AsyncIterator[bytes]:
             try:
@@ -594,7 +642,7 @@ class OpenAIService:
                         yield _error_event(_generation_failed(d), greq.request_id)
                         break
                     n_out += len(d.token_ids)
-                    if d.finished or (d.text and continuous_usage):
+                    if d.finished or (d.text and continuous_usage) or (every_delta and (d.text or d.token_ids)):
                         chunk = content(d)
                         if continuous_usage:
                             chunk.usage = _usage(d.usage, n_prompt, n_out)

@@ -372,7 +372,8 @@ class ModelRunner:
 
         sample_mask = np.fromiter((c.sample for c in chunks), bool, b)
         logits_indices = qsl[1:][sample_mask] - 1
-        spans, targets = (), None
+        spans: tuple[tuple[str, int, int, int], ...] = ()
+        targets = None
         if any(c.params.prompt_logprobs is not None for c in chunks):
             spans, extra, targets = _prompt_positions(chunks, qsl)
             if spans:
@@ -448,7 +449,9 @@ def _prompt_positions(
     """Prompt logprobs of a step: for each chunk of a request that asks (before its first output),
     the flat token indices whose logits score the next prompt token, and those tokens. A chunk at
     prompt positions s..e-1 scores prompt tokens s+1..min(e, P-1) (the logits at P-1 sample)."""
-    spans, idx, targets = [], [], []
+    spans: list[tuple[str, int, int, int]] = []
+    idx: list[np.ndarray] = []
+    targets: list[int] = []
     for i, c in enumerate(chunks):
         k = c.params.prompt_logprobs
         if k is None or c.num_output_tokens or not c.prompt_token_ids:

@@ -79,7 +79,9 @@ class Sampler:
             [rows[i].params.temperature or 1.0 for i in asking], dtype=x.dtype, device=x.device
         ).clamp_min(torch.finfo(x.dtype).tiny)
         x = (x - x.amax(dim=-1, keepdim=True)) / temp[:, None]
-        return tokens, lp.compute(x, tokens.index_select(0, idx), [rows[i].params.logprobs or 0 for i in asking], asking)
+        return tokens, lp.compute(
+            x, tokens.index_select(0, idx), [rows[i].params.logprobs or 0 for i in asking], asking
+        )
 
     def _sample(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> tuple[torch.Tensor, torch.Tensor]:
         """(the processed logits, the sampled ids)."""

@@ -99,8 +99,8 @@ def test_sampled_and_prompt_logprobs_equal_hf_log_softmax(tiny, async_scheduling
             check(plp[j], raw[j - 1], prompt[j], sp.prompt_logprobs)
 
 
-def test_a_stop_token_has_no_logprob_and_text_lines_up(tiny):
-    arch, loaded, reference = tiny
+def test_a_stop_token_has_no_logprob(tiny):
+    arch, loaded, _ = tiny
     engine = LLMEngine(_config(arch), loaded=loaded)
     prompt = [5, 6, 7, 8]
     (free,) = run(engine, [prompt], [SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)]).values()
