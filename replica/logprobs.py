@@ -75,6 +75,15 @@ def compute(x: torch.Tensor, tokens: torch.Tensor, num_top: Sequence[int], rows:
     )
 
 
+def to_device(values: Sequence[float] | Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list on ``device`` without a stream sync: a pageable host-to-device copy waits for
+    the work queued before it (the CUDA-graph step in flight); a pinned, non-blocking one does not."""
+    t = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def float_dtype(logits: torch.Tensor) -> torch.dtype:
     """float32 for half-precision logits; float64 logits stay float64 (exact tests)."""
     return torch.float64 if logits.dtype == torch.float64 else torch.float32

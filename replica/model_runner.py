@@ -471,7 +471,7 @@ def _prompt_positions(
 def _prompt_logprobs(logits: torch.Tensor, inputs: StepInputs) -> dict[str, tuple[int, list[TokenLogprobs]]]:
     """Raw-logit logprobs of the prompt targets (the rows after the sampled ones)."""
     assert inputs.prompt_targets is not None
-    targets = torch.from_numpy(inputs.prompt_targets).to(logits.device)
+    targets = lp.to_device(inputs.prompt_targets.tolist(), torch.int64, logits.device)
     ks = [k for _, _, n, k in inputs.prompt_spans for _ in range(n)]
     host = lp.compute(logits.to(lp.float_dtype(logits)), targets, ks, range(len(ks))).to_host(
         inputs.prompt_targets.tolist()
@@ -487,7 +487,7 @@ def _greedy_logprobs(
     logits: torch.Tensor, tokens: torch.Tensor, asking: np.ndarray, num_top: np.ndarray
 ) -> lp.DeviceLogprobs:
     """Logprobs of plain greedy rows (no processing, temperature 1) for the graph's own argmax."""
-    idx = torch.from_numpy(asking).to(logits.device)
+    idx = lp.to_device(asking.tolist(), torch.int64, logits.device)
     x = logits.index_select(0, idx).to(lp.float_dtype(logits))
     return lp.compute(x, tokens.index_select(0, idx), num_top[asking].tolist(), asking.tolist())
 

@@ -73,11 +73,10 @@ class Sampler:
             return tokens, None
         # The processed logits the tokens were drawn from, under each row's temperature. Shifted by
         # the row max first, like the draw, so that a tiny temperature gives -inf, never NaN.
-        idx = torch.tensor(asking, device=logits.device)
+        idx = lp.to_device(asking, torch.int64, logits.device)
         x = logits.index_select(0, idx).to(lp.float_dtype(logits))
-        temp = torch.tensor(
-            [rows[i].params.temperature or 1.0 for i in asking], dtype=x.dtype, device=x.device
-        ).clamp_min(torch.finfo(x.dtype).tiny)
+        temp = lp.to_device([rows[i].params.temperature or 1.0 for i in asking], x.dtype, x.device)
+        temp = temp.clamp_min(torch.finfo(x.dtype).tiny)
         x = (x - x.amax(dim=-1, keepdim=True)) / temp[:, None]
         return tokens, lp.compute(
             x, tokens.index_select(0, idx), [rows[i].params.logprobs or 0 for i in asking], asking
