@@ -199,8 +199,8 @@ class EngineStats:
 
 
 def merge_deltas(deltas: Sequence[Delta]) -> Delta:
-    """One Delta for several consecutive deltas of the same request, in order: text and token
-    ids concatenated; ``finish_reason``, ``usage`` and ``error`` from the last one. Streams use
+    """One Delta for several consecutive deltas of the same request, in order: text, token ids
+    and logprobs concatenated (the prompt's logprobs kept); ``finish_reason``, ``usage`` and ``error`` from the last one. Streams use
     it to send what queued up while the consumer was busy as one item (fewer Ray items and SSE
     events per token at high token rates). Only the last delta may be finished."""
     if not deltas:

@@ -4,11 +4,15 @@ against a log_softmax of Hugging Face's logits of the same model; and the 400s f
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import json
+from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import pytest
 import torch
+
+from replica.outputs import Delta, TokenLogprobs, Usage
+from replica.request import FinishReason
 
 pytest.importorskip("openai")
 
@@ -162,3 +166,107 @@ def test_out_of_range_values_answer_400_with_param(url, path, body, param):
     assert r.status_code == 400
     err = r.json()["error"]
     assert err["param"] == param and param in err["message"]
+
+
+class ScriptedClient:
+    """An LLMClient whose replica sends fixed deltas: two tokens merged in one item, a masked
+    alternative (-inf), then a stop token (no entry)."""
+
+    def __init__(self) -> None:
+        self.requests: list = []
+
+    async def model_info(self):
+        from deployments.llm import ModelInfo
+
+        return ModelInfo(name="m", model="m", max_model_len=64, block_size=16)
+
+    async def generate(self, req) -> AsyncIterator:
+        self.requests.append(req)
+        lp = req.params.logprobs is not None
+        a = TokenLogprobs(ord("h") + 3, -0.25, (ord("h") + 3, ord("j") + 3), (-0.25, -float("inf")))
+        b = TokenLogprobs(ord("i") + 3, -1.5, (ord("i") + 3,), (-1.5,))
+        prompt = (None, TokenLogprobs(ord("k") + 3, -2.0, (5,), (-0.1,))) if req.params.prompt_logprobs else None
+        yield Delta(req.request_id, "hi", (a.token_id, b.token_id), None, None, None, (a, b) if lp else None, prompt)
+        yield Delta(req.request_id, "", (2,), FinishReason.STOP, Usage(2, 3), None, () if lp else None)
+
+
+@pytest.fixture
+def scripted():
+    pytest.importorskip("ray")
+    from deployments.ingress import IngressSettings, OpenAIService, build_api
+    from tests.deployments.fakes import FakeTokenizer
+
+    client = ScriptedClient()
+    service = OpenAIService(client, FakeTokenizer(), IngressSettings(model="m"))
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=build_api(service)), base_url="http://t"), client
+
+
+def _events(text: str) -> list[dict]:
+    return [json.loads(e[6:]) for e in text.split("\n\n") if e.startswith("data: {")]
+
+
+async def test_a_merged_item_carries_its_tokens_entries_and_inf_is_finite(scripted):
+    http, _ = scripted
+    body = {"model": "m", "messages": MESSAGES, "logprobs": True, "top_logprobs": 2, "stream": True}
+    chunks = [c for e in _events((await http.post("/v1/chat/completions", json=body)).text) for c in e["choices"]]
+    with_lp = [c["logprobs"]["content"] for c in chunks if c["logprobs"] is not None]
+    assert with_lp[0] == [
+        {
+            "token": "h",
+            "logprob": -0.25,
+            "bytes": [104],
+            "top_logprobs": [
+                {"token": "h", "logprob": -0.25, "bytes": [104]},
+                {"token": "j", "logprob": -9999.0, "bytes": [106]},
+            ],
+        },
+        {
+            "token": "i",
+            "logprob": -1.5,
+            "bytes": [105],
+            "top_logprobs": [{"token": "i", "logprob": -1.5, "bytes": [105]}],
+        },
+    ]
+    assert with_lp[1:] == [[]]  # the finishing chunk: the stop token has no entry
+    r = await http.post("/v1/chat/completions", json={**body, "stream": False})
+    assert r.json()["choices"][0]["logprobs"] == {"content": with_lp[0], "refusal": None}
+
+
+async def test_completion_echo_entries_and_offsets(scripted):
+    http, client = scripted
+    body = {"model": "m", "prompt": "k", "logprobs": 1, "echo": True}
+    choice = (await http.post("/v1/completions", json=body)).json()["choices"][0]
+    assert client.requests[-1].params.prompt_logprobs == 1
+    assert choice["text"] == "khi"
+    prompt_ids = client.requests[-1].prompt_token_ids  # FakeTokenizer: BOS 1 (no text), then "k"
+    assert len(prompt_ids) == 2
+    assert choice["logprobs"] == {
+        "tokens": ["", "k", "h", "i"],
+        "token_logprobs": [None, -2.0, -0.25, -1.5],
+        "top_logprobs": [None, {"\x02": -0.1, "k": -2.0}, {"h": -0.25, "j": -9999.0}, {"i": -1.5}],
+        "text_offset": [0, 0, 1, 2],
+    }
+
+
+async def test_tool_calls_stream_with_logprobs():
+    """The tool-call parser's chunks carry logprobs too (the scripted replica sends none: empty lists)."""
+    from replica.models import load_tokenizer
+    from tests.deployments.test_ingress_tools import OUTPUT, TOOLS, ScriptedClient, hermes_tokenizer, sdk
+
+    oa = sdk(hermes_tokenizer(load_tokenizer("default")), ScriptedClient(OUTPUT, 3))
+    stream = await oa.chat.completions.create(
+        model="m",
+        messages=MESSAGES,
+        tools=TOOLS,
+        logprobs=True,
+        stream=True,  # type: ignore[arg-type]
+    )
+    calls, finish, chunks = 0, None, 0
+    async for chunk in stream:
+        choice = chunk.choices[0]
+        calls += len(choice.delta.tool_calls or [])
+        finish = choice.finish_reason or finish
+        if choice.delta.role is None:
+            chunks += 1
+            assert choice.logprobs is not None and choice.logprobs.content == []
+    assert calls == 2 and finish == "tool_calls" and chunks > 3

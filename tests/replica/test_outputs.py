@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from replica.outputs import Delta, RunnerOutput, Usage, merge_deltas
+from replica.outputs import Delta, RunnerOutput, TokenLogprobs, Usage, merge_deltas
 from replica.request import FinishReason
 
 
@@ -71,3 +71,17 @@ def test_runner_output_rows_and_dict_agree():
 def test_runner_output_refuses_inconsistent_rows(kwargs):
     with pytest.raises(ValueError):
         RunnerOutput(**kwargs)
+
+
+def test_merge_concatenates_logprobs_and_keeps_the_prompts():
+    a, b = TokenLogprobs(1, -0.5, (1,), (-0.5,)), TokenLogprobs(2, -1.0, (3,), (-0.2,))
+    prompt = (None, TokenLogprobs(9, -3.0, (), ()))
+    merged = merge_deltas(
+        [
+            Delta("r", "x", (1,), logprobs=(a,), prompt_logprobs=prompt),
+            Delta("r", "", (2,), logprobs=(b,)),
+            Delta("r", "", (7,), FinishReason.STOP, Usage(2, 3), logprobs=()),  # a stop token: no entry
+        ]
+    )
+    assert merged.logprobs == (a, b) and merged.prompt_logprobs == prompt and merged.token_ids == (1, 2, 7)
+    assert merge_deltas([Delta("r", "a", (1,)), Delta("r", "b", (2,))]).logprobs is None  # nobody asked
