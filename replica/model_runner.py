@@ -232,7 +232,8 @@ class ModelRunner:
                 asking = np.flatnonzero(d.static[:, LOGPROBS] >= 0)
                 if not len(asking):
                     return graphs.emit(rids)
-                return graphs.emit(rids, logprobs=_greedy_logprobs(logits, greedy, asking, d.static[:, LOGPROBS]))
+                idx = graphs.rows_on_device(asking)
+                return graphs.emit(rids, logprobs=_greedy_logprobs(logits, greedy, idx, asking, d.static[:, LOGPROBS]))
             params, n_out = [r.params for r in d.requests], d.num_output_tokens.tolist()
         else:
             rids = tuple(c.request_id for c in out.chunks)
@@ -484,10 +485,10 @@ def _prompt_logprobs(logits: torch.Tensor, inputs: StepInputs) -> dict[str, tupl
 
 
 def _greedy_logprobs(
-    logits: torch.Tensor, tokens: torch.Tensor, asking: np.ndarray, num_top: np.ndarray
+    logits: torch.Tensor, tokens: torch.Tensor, idx: torch.Tensor, asking: np.ndarray, num_top: np.ndarray
 ) -> lp.DeviceLogprobs:
-    """Logprobs of plain greedy rows (no processing, temperature 1) for the graph's own argmax."""
-    idx = lp.to_device(asking.tolist(), torch.int64, logits.device)
+    """Logprobs of plain greedy rows ``asking`` (``idx`` on the device; no processing, temperature 1)
+    for the graph's own argmax."""
     x = logits.index_select(0, idx).to(lp.float_dtype(logits))
     return lp.compute(x, tokens.index_select(0, idx), num_top[asking].tolist(), asking.tolist())
 
