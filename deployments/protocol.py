@@ -2,9 +2,9 @@
 
 Unknown request fields are rejected (OpenAI answers 400 "Unrecognized request argument"),
 and parameters this server does not implement are rejected with a clear message rather
-than silently ignored (n != 1, best_of, suffix, tool_choice "required"...). Logprobs: chat
-``logprobs``/``top_logprobs`` and completions ``logprobs`` (with ``echo``) up to ``MAX_LOGPROBS``
-alternatives (deployments/logprobs.py builds the response objects). Engine extras used by
+than silently ignored (n != 1, best_of, suffix...). Logprobs: chat ``logprobs``/``top_logprobs``
+and completions ``logprobs`` (with ``echo``) up to ``MAX_LOGPROBS`` alternatives
+(deployments/logprobs.py builds the response objects). Engine extras used by
 benchmarks are accepted: ignore_eos, min_tokens, top_k, stop_token_ids.
 
 What vLLM-compatible load generators send by default is accepted unchanged (guidellm 0.8,
@@ -374,13 +374,30 @@ class ChatCompletionRequest(_SamplingFields):
     def _tool_choice(cls, v: Any, info: ValidationInfo) -> Any:
         if v is None or v == "none":
             return v
-        if not info.data.get("tools"):
+        tools: list[ChatTool] | None = info.data.get("tools")
+        if not tools:
             raise ValueError("tool_choice is only allowed when tools are given")
-        if v != "auto":
-            # Forcing a call needs constrained decoding (a grammar engine), which is not integrated yet.
-            what = v if isinstance(v, str) else "a named function"
-            raise ValueError(f"tool_choice {what!r} is not supported yet by this server; use 'auto' or 'none'")
+        if isinstance(v, NamedToolChoice) and v.function.name not in {t.function.name for t in tools}:
+            raise ValueError(f"tool_choice names the function {v.function.name!r}, which is not among the tools")
         return v
+
+    @property
+    def forced_tools(self) -> list[FunctionDefinition] | None:
+        """The functions the output must call (a grammar forces it): any of the tools for
+        tool_choice "required", the named one for a named choice; None when text may answer."""
+        if not self.tools:
+            return None
+        if self.tool_choice == "required":
+            return [t.function for t in self.tools]
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return [t.function for t in self.tools if t.function.name == self.tool_choice.function.name][:1]
+        return None
+
+    @property
+    def parallel_forced_calls(self) -> bool:
+        """Whether a forced output may hold several calls: only for "required", and unless
+        parallel_tool_calls is false (a named choice is one call to that function, as OpenAI's)."""
+        return self.tool_choice == "required" and self.parallel_tool_calls is not False
 
     @property
     def template_tools(self) -> list[dict[str, Any]] | None:
@@ -404,7 +421,14 @@ class ChatCompletionRequest(_SamplingFields):
         fmt = self.response_format.grammar_spec() if self.response_format is not None else None
         if fmt is not None and extra is not None:
             raise InvalidRequestError(f"{extra.param} and response_format cannot both be given", param=extra.param)
-        return fmt or extra
+        spec = fmt or extra
+        if spec is not None and self.forced_tools:
+            # Both would constrain the whole output; the ingress adds the tool-call grammar itself.
+            raise InvalidRequestError(
+                f"{spec.param} cannot be given with a tool_choice that forces a call (the call is the whole output)",
+                param=spec.param,
+            )
+        return spec
 
     @property
     def requested_max_tokens(self) -> int | None:

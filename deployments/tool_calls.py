@@ -19,14 +19,22 @@ deltas into events (``stream``): content text to pass on, and each ``ToolCall`` 
 complete. Text that may open a call is held back until it is known to be one; a call whose
 JSON is malformed (or has no name) stays content, so nothing the model wrote is lost. The
 streamed events, wherever the deltas split the text, give the same calls as ``parse``.
+
+tool_choice "required" or a named function forces calls with a grammar: ``forced_calls_grammar``
+writes an xgrammar structural tag that admits only calls in the parser's own format
+(``CallFormat``), each to one of the given tools with arguments matching its ``parameters``
+schema, so whatever the model's weights the output parses back into calls that validate.
 """
 
 from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
+
+from replica.grammar import GrammarSpec
 
 ToolParserName = Literal["auto", "hermes", "llama3_json"]
 
@@ -61,12 +69,35 @@ class ToolStream(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class CallFormat:
+    """How a parser's format writes one call, compactly: ``{"name": <name>, "<args_key>": <object>}``
+    between ``open`` and ``close``; calls one after another are joined by ``separator``."""
+
+    open: str
+    args_key: str
+    close: str
+    separator: str
+
+    def begin(self, name: str) -> str:
+        return f'{self.open}{{"name": {json.dumps(name)}, "{self.args_key}": '
+
+    @property
+    def end(self) -> str:
+        return "}" + self.close
+
+
 class ToolParser(Protocol):
     name: str
+    call_format: CallFormat
 
     def parse(self, text: str) -> ParsedOutput: ...
 
     def stream(self) -> ToolStream: ...
+
+
+# Decoding is not strict: a raw control character inside a string is kept (xgrammar 0.2.9 lets a
+# forced call write one in a string with maxLength), and the arguments' re-encoding escapes it.
 
 
 def _call(obj: Any, arg_keys: tuple[str, ...]) -> ToolCall | None:
@@ -80,7 +111,7 @@ def _call(obj: Any, arg_keys: tuple[str, ...]) -> ToolCall | None:
             break
     if isinstance(args, str):  # some models write the arguments as a JSON string
         try:
-            args = json.loads(args)
+            args = json.loads(args, strict=False)
         except ValueError:
             return None
     if not isinstance(args, dict):
@@ -90,7 +121,7 @@ def _call(obj: Any, arg_keys: tuple[str, ...]) -> ToolCall | None:
 
 def _json_call(text: str, arg_keys: tuple[str, ...]) -> ToolCall | None:
     try:
-        return _call(json.loads(text), arg_keys)
+        return _call(json.loads(text, strict=False), arg_keys)
     except ValueError:
         return None
 
@@ -133,6 +164,7 @@ def _partial_suffix(text: str, marker: str) -> int:
 
 class HermesParser:
     name = "hermes"
+    call_format = CallFormat(HERMES_OPEN + "\n", "arguments", "\n" + HERMES_CLOSE, "\n")
 
     def parse(self, text: str) -> ParsedOutput:
         segments: list[str] = []
@@ -208,6 +240,7 @@ _LLAMA_ARGS = ("parameters", "arguments")
 
 class Llama3JsonParser:
     name = "llama3_json"
+    call_format = CallFormat("", "parameters", "", "; ")
 
     def parse(self, text: str) -> ParsedOutput:
         calls = self._calls(text)
@@ -218,7 +251,7 @@ class Llama3JsonParser:
         s = text.strip().removeprefix(PYTHON_TAG).strip()
         if not s.startswith(("{", "[")):
             return []
-        dec = json.JSONDecoder()
+        dec = json.JSONDecoder(strict=False)
         objs: list[Any] = []
         pos = 0
         try:
@@ -290,3 +323,45 @@ def parser_for(name: ToolParserName, chat_template: str | None) -> ToolParser:
     if PYTHON_TAG in template or "ipython" in template:
         return PARSERS["llama3_json"]
     return PARSERS["hermes"]
+
+
+# ----------------------------------------------------------------------------- forced calls
+
+# Blanks in a row allowed inside forced arguments: a random-weight model could otherwise pad the
+# JSON with whitespace until max_tokens (xgrammar needs at least 1).
+MAX_ARGUMENT_WHITESPACE = 1
+# A function without parameters has an empty parameter list (OpenAI's definition).
+NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
+
+
+def forced_calls_grammar(
+    fmt: CallFormat, tools: Sequence[tuple[str, dict[str, Any] | None]], *, parallel: bool
+) -> GrammarSpec:
+    """An xgrammar structural tag admitting only calls written in ``fmt`` to ``tools``
+    ((name, parameters schema) pairs; no schema: no arguments), each call's arguments matching its
+    tool's schema: one call, or with ``parallel`` one or more joined by the format's separator."""
+    tags = [
+        {
+            "type": "tag",
+            "begin": fmt.begin(name),
+            "content": {
+                "type": "json_schema",
+                "json_schema": NO_PARAMETERS if params is None else params,
+                "max_whitespace_cnt": MAX_ARGUMENT_WHITESPACE,
+            },
+            "end": fmt.end,
+        }
+        for name, params in tools
+    ]
+    tag = {
+        "type": "structural_tag",
+        "format": {
+            "type": "tags_with_separator",
+            "tags": tags,
+            "separator": fmt.separator,
+            "at_least_one": True,
+            "stop_after_first": not parallel,
+        },
+    }
+    # A schema that cannot be compiled is a 400 naming the tools (raised on the replica).
+    return GrammarSpec("structural_tag", json.dumps(tag, separators=(",", ":"), ensure_ascii=False), param="tools")

@@ -6,6 +6,8 @@
 serveConfigV2 is deployments.yaml deep-merged with k8s/gpu_overrides.yaml (the documented
 GPU differences, e.g. ``num_gpus: 1`` per LLM replica). The cluster around it:
 
+- every container: the HTTP front's environment (HAProxy before the ingress replicas, bounded
+  by the app's ``limits``; deployments/front_proxy.py);
 - head: ``num-cpus: 0`` and ``num-gpus: 0``, so the Serve controller and proxy live there
   but no replica (every deployment asks for CPU or GPU) is ever scheduled on it;
 - one GPU worker group, ``nvidia.com/gpu: 1`` per pod, minReplicas/maxReplicas derived from
@@ -201,8 +203,24 @@ def gpu_worker_bounds(serve_config: dict[str, Any], spec: ClusterSpec) -> tuple[
 # ---------------------------------------------------------------- manifest
 
 
+def front_env_of(serve_config: dict[str, Any]) -> dict[str, str]:
+    """HAProxy before the ingress replicas, bounded by the first app's ``limits``
+    (deployments/front_proxy.py); Ray reads it when each node starts."""
+    from deployments.front_proxy import front_env
+    from deployments.limits import RequestLimits
+
+    apps = serve_config.get("applications") or [{}]
+    return front_env(RequestLimits.model_validate((apps[0].get("args") or {}).get("limits") or {}))
+
+
 def _container(
-    spec: ClusterSpec, name: str, cpu: str, memory: str, gpus: int, ports: list[dict[str, Any]]
+    spec: ClusterSpec,
+    name: str,
+    cpu: str,
+    memory: str,
+    gpus: int,
+    ports: list[dict[str, Any]],
+    env: dict[str, str],
 ) -> dict[str, Any]:
     limits: dict[str, str] = {"cpu": cpu, "memory": memory}
     if gpus:
@@ -215,6 +233,7 @@ def _container(
         "env": [
             {"name": "RAY_USAGE_STATS_ENABLED", "value": "0"},
             {"name": "TOKENIZERS_PARALLELISM", "value": "false"},
+            *({"name": k, "value": v} for k, v in env.items()),
         ],
         # Ray's object store and NCCL want a large /dev/shm; the container default is 64 MiB.
         "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
@@ -234,8 +253,15 @@ def build_rayservice(serve_config_v2: dict[str, Any], spec: ClusterSpec) -> dict
         {"containerPort": 8000, "name": "serve"},
     ]
     per_pod = gpus_per_pod(replica_plan(serve_config_v2, spec))
+    env = front_env_of(serve_config_v2)
     worker = _container(
-        spec, "ray-worker", spec.worker_cpu, spec.worker_memory, per_pod, [{"containerPort": 8000, "name": "serve"}]
+        spec,
+        "ray-worker",
+        spec.worker_cpu,
+        spec.worker_memory,
+        per_pod,
+        [{"containerPort": 8000, "name": "serve"}],
+        env,
     )
     worker["lifecycle"] = {"preStop": {"exec": {"command": ["/bin/sh", "-c", "ray stop"]}}}
     return {
@@ -261,7 +287,7 @@ def build_rayservice(serve_config_v2: dict[str, Any], spec: ClusterSpec) -> dict
                     "template": {
                         "spec": {
                             "containers": [
-                                _container(spec, "ray-head", spec.head_cpu, spec.head_memory, 0, head_ports)
+                                _container(spec, "ray-head", spec.head_cpu, spec.head_memory, 0, head_ports, env)
                             ],
                             "volumes": shm,
                         }

@@ -1,12 +1,13 @@
 """Structured outputs (constrained decoding) through xgrammar.
 
-A request's ``SamplingParams.guided`` (a ``GrammarSpec``: a JSON schema, any JSON object, a regex
-or a list of choices) is compiled once per distinct spec by the engine's ``GrammarCache`` when the
-request is made (off the step loop; an LRU keyed by the spec's canonical text), and the request
-gets its own ``GrammarState`` (an ``xgrammar.GrammarMatcher``). At each sampling step the sampler
-masks that row's logits with the matcher's token bitmask (rows without a grammar cost nothing);
-the scheduler's ``update`` accepts the sampled token into the matcher and finishes the request
-(``stop``) once the matcher terminates.
+A request's ``SamplingParams.guided`` (a ``GrammarSpec``: a JSON schema, any JSON object, a regex,
+a list of choices, or an xgrammar structural tag: how tool_choice "required" or a named function
+forces the model's own tool-call format) is compiled once per distinct spec by the engine's
+``GrammarCache`` when the request is made (off the step loop; an LRU keyed by the spec's
+canonical text), and the request gets its own ``GrammarState`` (an ``xgrammar.GrammarMatcher``).
+At each sampling step the sampler masks that row's logits with the matcher's token bitmask (rows
+without a grammar cost nothing); the scheduler's ``update`` accepts the sampled token into the
+matcher and finishes the request (``stop``) once the matcher terminates.
 
 The bitmask of step N+1 needs step N's token accepted first: grammar rows never take the CUDA-graph
 decode path (see ``model_runner._needs_eager``), and an eager step is computed at ``result()``,
@@ -28,14 +29,15 @@ import torch
 
 from replica.errors import InvalidRequestError
 
-GRAMMAR_KINDS = ("json_schema", "json_object", "regex", "choice")
+GRAMMAR_KINDS = ("json_schema", "json_object", "regex", "choice", "structural_tag")
 
 
 @dataclass(frozen=True)
 class GrammarSpec:
     """What the output must match. ``spec``: the canonical JSON of a schema (``json_schema``),
-    ``""`` (``json_object``: any JSON object), a regex (``regex``), or the canonical JSON list of
-    allowed strings (``choice``). ``param``: the request field it came from, named in a 400."""
+    ``""`` (``json_object``: any JSON object), a regex (``regex``), the canonical JSON list of
+    allowed strings (``choice``), or an xgrammar structural tag's JSON (``structural_tag``).
+    ``param``: the request field it came from, named in a 400."""
 
     kind: str
     spec: str = ""
@@ -137,6 +139,8 @@ class GrammarCache:
                     )
                 elif spec.kind == "regex":
                     compiled = compiler.compile_regex(spec.spec)
+                elif spec.kind == "structural_tag":
+                    compiled = compiler.compile_structural_tag(spec.spec)
                 else:
                     compiled = compiler.compile_regex(_choice_regex(spec.spec))
             except Exception as e:  # xgrammar raises RuntimeError / ValueError with its parser's message

@@ -12,11 +12,34 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _front_env() -> None:
+    """The HTTP front the app ships with (deployments/front_proxy.py: HAProxy before the ingress
+    replicas), unless CBSERVE_TEST_FRONT=serve-proxy asks for Serve's own proxy. HAProxy's stats,
+    metrics and fallback ports are fixed by default: free ones, so test runs side by side do not clash."""
+    from deployments.front_proxy import front_env
+    from deployments.limits import RequestLimits
+
+    if os.environ.get("CBSERVE_TEST_FRONT", "haproxy") != "haproxy":
+        return
+    os.environ.update(front_env(RequestLimits()))
+    for var in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"):
+        os.environ.setdefault(var, str(_free_port()))
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """Start Ray once for the whole test session (CPU, with fake GPU resources for placement)."""
     ray = pytest.importorskip("ray")
     if not ray.is_initialized():
+        _front_env()
         ray.init(
             num_cpus=8,  # logical CPUs: replicas and proxies reserve CPUs, the box has 2 real cores
             num_gpus=0,
@@ -40,15 +63,10 @@ def ray_session():
 def serve_url(ray_session) -> str:
     """Serve's HTTP proxy for this session, on a free port (pytest runs side by side must not
     fight over 8000); returns its base URL. Modules deploy their own apps and delete them."""
-    import socket
-
     from ray import serve
     from ray.serve.context import _get_global_client
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.start(http_options={"host": "127.0.0.1", "port": _free_port()})
     return f"http://127.0.0.1:{_get_global_client().http_config.port}"
 
 

@@ -1,10 +1,10 @@
 """Tool calls through the ingress, seen by the openai SDK: tools rendered by the model's own chat
-template (a tiny Hermes-style one on the real SmolLM2 tokenizer), a scripted model output parsed
-back into ``tool_calls``, streamed and not; a template without tool support answers 400."""
+template (tiny Hermes and Llama 3 style ones on the real SmolLM2 tokenizer), a scripted model output
+parsed back into ``tool_calls``, streamed and not; tool_choice "required" / named sends the grammar of
+the template's call format; a template without tool support answers 400."""
 
 from __future__ import annotations
 
-import copy
 import json
 from collections.abc import AsyncIterator
 
@@ -15,37 +15,15 @@ from openai import AsyncOpenAI, BadRequestError
 from deployments.errors import ReplicaError
 from deployments.ingress import IngressSettings, OpenAIService, build_api, template_supports_tools
 from deployments.llm import GenerateRequest, ModelInfo
+from deployments.tool_calls import NO_PARAMETERS
 from replica.models import load_tokenizer
 from replica.outputs import Delta, Usage
 from replica.request import FinishReason
 from replica.tokenizer import Tokenizer
 from tests.deployments.fakes import FakeMetricsBackend
+from tests.deployments.tool_fixtures import hermes_tokenizer, llama3_tokenizer
 
 pytestmark = pytest.mark.timeout(60)
-
-HERMES_TEMPLATE = """\
-{%- if tools %}<|im_start|>system
-You may call functions:
-<tools>
-{%- for tool in tools %}
-{{ tool | tojson }}
-{%- endfor %}
-</tools>
-Answer with <tool_call>{"name": ..., "arguments": ...}</tool_call><|im_end|>
-{% endif %}
-{%- for message in messages %}
-{%- if message.role == "assistant" and message.tool_calls %}<|im_start|>assistant
-{%- for tc in message.tool_calls %}
-<tool_call>{"name": "{{ tc.function.name }}", "arguments": {{ tc.function.arguments | tojson }}}</tool_call>
-{%- endfor %}<|im_end|>
-{% elif message.role == "tool" %}<|im_start|>user
-<tool_response>{{ message.content }}</tool_response><|im_end|>
-{% else %}<|im_start|>{{ message.role }}
-{{ message.content }}<|im_end|>
-{% endif %}
-{%- endfor %}
-{%- if add_generation_prompt %}<|im_start|>assistant
-{% endif %}"""
 
 TOOLS = [
     {
@@ -90,12 +68,6 @@ class ScriptedClient:
 @pytest.fixture(scope="module")
 def smollm2() -> Tokenizer:
     return load_tokenizer("default")
-
-
-def hermes_tokenizer(base: Tokenizer) -> Tokenizer:
-    hf = copy.deepcopy(base.hf)
-    hf.chat_template = HERMES_TEMPLATE
-    return Tokenizer(hf, eos_token_ids=base.eos_token_ids, name="hermes-test")
 
 
 def sdk(tokenizer: Tokenizer, client: ScriptedClient) -> AsyncOpenAI:
@@ -218,3 +190,101 @@ async def test_a_template_without_tool_support_is_a_400_on_tools(smollm2):
         tool_choice="none",  # type: ignore[arg-type]
     )
     assert r.choices[0].message.content == OUTPUT
+
+
+FORCED_OUTPUT = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+CLOCK = {"type": "function", "function": {"name": "get_time", "description": "The time"}}
+
+
+def forced_grammar(client: ScriptedClient) -> dict:
+    guided = client.requests[-1].params.guided
+    assert guided is not None and guided.kind == "structural_tag" and guided.param == "tools"
+    return json.loads(guided.spec)["format"]
+
+
+@pytest.mark.parametrize(
+    "tool_choice, parallel, names, one_call",
+    [
+        ("required", None, ["get_weather", "get_time"], False),
+        ("required", False, ["get_weather", "get_time"], True),
+        ({"type": "function", "function": {"name": "get_weather"}}, None, ["get_weather"], True),
+        ({"type": "function", "function": {"name": "get_time"}}, True, ["get_time"], True),  # named: one call
+    ],
+)
+async def test_forcing_choices_send_a_grammar_of_the_models_call_format(
+    smollm2, tool_choice, parallel, names, one_call
+):
+    client = ScriptedClient(FORCED_OUTPUT)
+    oa = sdk(hermes_tokenizer(smollm2), client)
+    extra = {} if parallel is None else {"parallel_tool_calls": parallel}
+    r = await oa.chat.completions.create(
+        model="m",
+        messages=[{"role": "user", "content": "Weather?"}],
+        tools=[*TOOLS, CLOCK],  # type: ignore[list-item]
+        tool_choice=tool_choice,
+        **extra,
+    )
+    fmt = forced_grammar(client)
+    assert fmt["type"] == "tags_with_separator" and fmt["at_least_one"] and fmt["stop_after_first"] == one_call
+    assert [t["begin"] for t in fmt["tags"]] == [f'<tool_call>\n{{"name": "{n}", "arguments": ' for n in names]
+    schemas = [t["content"]["json_schema"] for t in fmt["tags"]]
+    by_name = {"get_weather": TOOLS[0]["function"]["parameters"], "get_time": NO_PARAMETERS}
+    assert schemas == [by_name[n] for n in names]
+    # Every tool is still shown to the model; the (scripted) call comes back as tool_calls.
+    prompt = smollm2.decode(client.requests[-1].prompt_token_ids)
+    assert "get_weather" in prompt and "get_time" in prompt
+    calls = r.choices[0].message.tool_calls
+    assert calls is not None and [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [
+        ("get_weather", {"city": "Paris"})
+    ]
+
+
+async def test_forcing_uses_the_llama3_format_for_a_llama3_template(smollm2):
+    client = ScriptedClient('{"name": "get_weather", "parameters": {"city": "Oslo"}}')
+    oa = sdk(llama3_tokenizer(smollm2), client)
+    r = await oa.chat.completions.create(
+        model="m",
+        messages=[{"role": "user", "content": "Weather?"}],
+        tools=TOOLS,  # type: ignore[arg-type]
+        tool_choice="required",
+    )
+    fmt = forced_grammar(client)
+    assert [t["begin"] for t in fmt["tags"]] == ['{"name": "get_weather", "parameters": '] and fmt["separator"] == "; "
+    calls = r.choices[0].message.tool_calls
+    assert calls is not None and json.loads(calls[0].function.arguments) == {"city": "Oslo"}
+    assert r.choices[0].finish_reason == "tool_calls"
+
+
+async def test_auto_and_none_send_no_grammar(smollm2):
+    client = ScriptedClient("Hello.")
+    oa = sdk(hermes_tokenizer(smollm2), client)
+    for choice in ("auto", "none"):
+        await oa.chat.completions.create(
+            model="m",
+            messages=[{"role": "user", "content": "hi"}],
+            tools=TOOLS,  # type: ignore[arg-type]
+            tool_choice=choice,  # type: ignore[arg-type]
+        )
+        assert client.requests[-1].params.guided is None
+
+
+@pytest.mark.parametrize(
+    "extra, param",
+    [
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"guided_regex": "a+"}, "guided_regex"),
+    ],
+)
+async def test_a_forced_call_with_another_grammar_is_a_400(smollm2, extra, param):
+    client = ScriptedClient(FORCED_OUTPUT)
+    oa = sdk(hermes_tokenizer(smollm2), client)
+    with pytest.raises(BadRequestError) as e:
+        await oa.chat.completions.create(
+            model="m",
+            messages=[{"role": "user", "content": "hi"}],
+            tools=TOOLS,  # type: ignore[arg-type]
+            tool_choice="required",
+            extra_body=extra,
+        )
+    assert e.value.body["param"] == param and "forces a call" in e.value.body["message"]  # type: ignore[index]
+    assert client.requests == []

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -254,3 +256,71 @@ def test_one_request_id_through_serves_proxy_and_models_retrieve(app):
     assert r.status_code == 400 and len(r.headers.get_list("x-request-id")) == 1
     client = OpenAI(base_url=f"{app}/v1", api_key="unused", max_retries=0)
     assert client.models.retrieve(MODEL).id == MODEL
+
+
+def _haproxy_front() -> bool:
+    from deployments.front_proxy import Front
+
+    return Front.of(os.environ).haproxy
+
+
+@pytest.mark.skipif("not _haproxy_front()", reason="CBSERVE_TEST_FRONT=serve-proxy: Serve's own proxy in front")
+def test_haproxy_front_drops_stalled_clients_and_keeps_serving(app):
+    """What ./dev serve ships (deployments/front_proxy.py): HAProxy before the ingress replicas.
+    Clients that stall their headers or their body are dropped after limits.client_timeout_s
+    (HAProxy answers, never the app with a 5xx), while normal requests keep being served."""
+    import glob
+    import socket
+    import threading
+
+    from deployments.limits import RequestLimits
+
+    lim = RequestLimits()
+    # This session's HAProxy wrote the newest config (older runs may have left theirs).
+    cfg = max(glob.glob("/tmp/haproxy-serve/*/haproxy.cfg"), key=os.path.getmtime)
+    text = Path(cfg).read_text()
+    assert f"timeout client {lim.client_timeout_s}s" in text and f"maxconn {lim.max_connections}" in text, cfg
+    host, port = app.removeprefix("http://").split(":")
+    body = {"model": MODEL, "prompt": "hi", "max_tokens": 2}
+
+    def normal() -> float:
+        t = time.monotonic()
+        r = httpx.post(f"{app}/v1/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        return time.monotonic() - t
+
+    baseline = max(normal() for _ in range(3))
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+    stalled = []
+    t0 = time.monotonic()
+    for i in range(200):
+        s = socket.create_connection((host, int(port)))
+        s.settimeout(lim.client_timeout_s + 20)
+        if i % 2:  # the body stalls
+            s.sendall(head + b'Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"mod')
+        else:  # the headers stall
+            s.sendall(head + b"Content-Ty")
+        stalled.append(s)
+    during = [normal() for _ in range(3)]
+    assert max(during) < 5 * baseline + 2, (baseline, during)
+    ended: dict[int, tuple[float, bytes]] = {}
+
+    def wait(i: int, s: socket.socket) -> None:
+        try:
+            data = s.recv(64)
+        except OSError as e:
+            data = repr(e).encode()
+        ended[i] = (time.monotonic() - t0, data)
+        s.close()
+
+    threads = [threading.Thread(target=wait, args=(i, s)) for i, s in enumerate(stalled)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    times = [t for t, _ in ended.values()]
+    assert lim.client_timeout_s - 0.5 <= min(times) and max(times) < lim.client_timeout_s + 15, sorted(times)[::20]
+    statuses = {data.split(b"\r\n")[0] for _, data in ended.values()}
+    assert {ended[i][1].split(b"\r\n")[0] for i in range(0, 200, 2)} == {b"HTTP/1.1 408 Request Time-out"}
+    assert not any(b" 5" in s[:13] for s in statuses), statuses
+    assert normal() < 5 * baseline + 2

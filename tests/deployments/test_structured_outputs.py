@@ -91,18 +91,20 @@ def test_json_schema_outputs_validate(url, schema, sampling):
     assert choice["finish_reason"] == "stop"
 
 
-def test_streamed_equals_non_streamed_for_greedy(url):
+@pytest.mark.parametrize("schema", [PERSON, NESTED, FLAGS], ids=["person", "nested", "flags"])
+@pytest.mark.parametrize("sampling", [{"temperature": 0}, {"temperature": 1.0, "seed": 7}], ids=["greedy", "seeded"])
+def test_streamed_outputs_validate_and_equal_non_streamed(url, schema, sampling):
     body = {
         "model": MODEL,
         "messages": [{"role": "user", "content": "JSON please"}],
         "max_tokens": 60,
-        "temperature": 0,
-        "response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON}},
+        "response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": schema}},
+        **sampling,
     }
-    whole = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120).json()["choices"][0]
     text, reason = _stream_text(url, body)
+    jsonschema.validate(json.loads(text), schema)
+    whole = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120).json()["choices"][0]
     assert text == whole["message"]["content"] and reason == whole["finish_reason"] == "stop"
-    jsonschema.validate(json.loads(text), PERSON)
 
 
 def test_json_object_parses(url):

@@ -1,4 +1,6 @@
-"""Tool-call parsers: whole outputs, malformed calls kept as content, and streams split anywhere."""
+"""Tool-call parsers: whole outputs, malformed calls kept as content, and streams split anywhere;
+the grammar that forces calls (tool_choice "required" / named): whatever tokens it lets through,
+the output parses into calls to the allowed tools whose arguments validate."""
 
 from __future__ import annotations
 
@@ -8,14 +10,17 @@ import random
 import pytest
 
 from deployments.tool_calls import (
+    NO_PARAMETERS,
     PARSERS,
     HermesParser,
     Llama3JsonParser,
     ParsedOutput,
     ToolCall,
     ToolParser,
+    forced_calls_grammar,
     parser_for,
 )
+from tests.deployments.tool_fixtures import PICK_PARAMS, WEATHER_PARAMS
 
 WEATHER = '{"name": "get_weather", "arguments": {"city": "Paris", "unit": "°C"}}'
 
@@ -43,6 +48,7 @@ def call(name: str, **args: object) -> ToolCall:
             [call("a")],
         ),
         ('<tool_call>{"name": "a", "arguments": "{\\"k\\": 1}"}</tool_call>', None, [call("a", k=1)]),  # str args
+        ('<tool_call>{"name": "a", "arguments": {"k": "x\x08"}}</tool_call>', None, [call("a", k="x\x08")]),  # raw ctrl
     ],
 )
 def test_hermes_parse(text, content, calls):
@@ -134,3 +140,90 @@ def test_call_ids_are_unique_and_not_part_of_equality():
 def test_parser_for_template(template, expected):
     assert parser_for("auto", template).name == expected
     assert parser_for("llama3_json", template).name == "llama3_json"
+
+
+# ----------------------------------------------------------------------------- forced calls
+
+FORCED_TOOLS = [("get_weather", WEATHER_PARAMS), ("pick", PICK_PARAMS), ("no_args", None)]
+
+
+@pytest.fixture(scope="module")
+def grammars():
+    pytest.importorskip("xgrammar")
+    from replica.grammar import GrammarCache
+    from replica.models import load_tokenizer
+
+    tok = load_tokenizer("tiny:llama")
+    return tok, GrammarCache(tok.hf, tok.hf.vocab_size, tok.eos_token_ids)
+
+
+def random_walk(cache, spec, rng: random.Random, max_steps: int = 400) -> list[int]:
+    """Tokens drawn uniformly from those the grammar allows, until it terminates (the EOS it
+    ended on dropped): the worst a random-weight model can do under the mask."""
+    import numpy as np
+    import xgrammar
+
+    state = cache.state(spec)
+    bitmask = xgrammar.allocate_token_bitmask(1, cache.vocab_size)
+    out: list[int] = []
+    for _ in range(max_steps):
+        if state.is_terminated():
+            return out[:-1]
+        assert state.fill(bitmask, 0, len(out))
+        bits = np.unpackbits(bitmask[0].numpy().view(np.uint8), bitorder="little")  # bit i: token i
+        allowed = np.flatnonzero(bits[: cache.vocab_size])
+        token = int(allowed[rng.randrange(len(allowed))])
+        assert state.accept(token)
+        out.append(token)
+    raise AssertionError("the grammar did not terminate")
+
+
+@pytest.mark.parametrize("parser_name", sorted(PARSERS))
+@pytest.mark.parametrize("choice", ["required", "required_single", "named"])
+def test_forced_calls_always_parse_and_validate(grammars, parser_name, choice):
+    jsonschema = pytest.importorskip("jsonschema")
+    tok, cache = grammars
+    parser = PARSERS[parser_name]
+    tools = FORCED_TOOLS[:1] if choice == "named" else FORCED_TOOLS
+    spec = forced_calls_grammar(parser.call_format, tools, parallel=choice == "required")
+    assert spec.kind == "structural_tag" and spec.param == "tools"
+    schemas = dict(tools)
+    rng = random.Random(f"{parser_name}-{choice}")
+    counts = set()
+    for _ in range(12):
+        text = tok.decode(random_walk(cache, spec, rng))
+        parsed = parser.parse(text)
+        assert parsed.content is None and parsed.tool_calls, text
+        for c in parsed.tool_calls:
+            assert c.name in schemas, text
+            jsonschema.validate(json.loads(c.arguments), schemas[c.name] or NO_PARAMETERS)
+        content, streamed = run_stream(parser, random_split(text, rng))
+        assert streamed == parsed.tool_calls and not content.strip()
+        counts.add(len(parsed.tool_calls))
+    if choice == "required":
+        assert max(counts) > 1  # several calls are reachable
+    else:
+        assert counts == {1}
+    if choice == "named":
+        assert {c.name for c in parsed.tool_calls} == {"get_weather"}
+
+
+@pytest.mark.parametrize("parser_name", sorted(PARSERS))
+def test_forced_calls_grammar_rejects_other_tools_text_and_bad_arguments(grammars, parser_name):
+    _, cache = grammars
+    fmt = PARSERS[parser_name].call_format
+    spec = forced_calls_grammar(fmt, FORCED_TOOLS[:2], parallel=True)
+
+    def accepts(text: str) -> bool:
+        return bool(cache.state(spec).matcher.accept_string(text))
+
+    good = fmt.begin("get_weather") + '{"city": "Paris", "unit": "C"}' + fmt.end
+    assert accepts(good) and accepts(good + fmt.separator + fmt.begin("pick") + '{"ok": true, "tags": []}' + fmt.end)
+    assert not accepts("Sure! " + good)  # no text before the call
+    assert not accepts(fmt.begin("no_args") + "{}")  # not among the forced tools
+    no_args = forced_calls_grammar(fmt, FORCED_TOOLS[2:], parallel=True)
+    assert cache.state(no_args).matcher.accept_string(fmt.begin("no_args") + "{}" + fmt.end)
+    assert not cache.state(no_args).matcher.accept_string(fmt.begin("no_args") + '{"a"')  # no parameters
+    assert not accepts(fmt.begin("get_weather") + '{"city": "Paris", "unit": "K"}')  # not in the enum
+    assert not accepts(fmt.begin("get_weather") + '{"city": "Paris", "unit": "C", "x": 1}')  # no extra keys
+    assert not accepts(fmt.begin("get_weather") + '{"city": "Paris"}')  # "unit" is required

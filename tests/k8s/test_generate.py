@@ -171,6 +171,24 @@ def test_built_manifest_shape():
     assert worker["image"] == head["image"] == "registry.example/cbserve:1"
 
 
+def test_every_node_starts_with_the_haproxy_front_of_the_apps_limits():
+    """Ray reads the HTTP front's settings when a node starts: head and workers carry them, from
+    the first app's limits (deployments/front_proxy.py)."""
+    cfg = copy.deepcopy(apply_overrides(SAMPLE, OVERRIDES))
+    cfg["applications"][0]["args"]["limits"] = {"client_timeout_s": 7, "max_connections": 900}
+    rc = build_rayservice(cfg, ClusterSpec(image="x"))["spec"]["rayClusterConfig"]
+    pods = [rc["headGroupSpec"], *rc["workerGroupSpecs"]]
+    for pod in pods:
+        env = {e["name"]: e["value"] for e in pod["template"]["spec"]["containers"][0]["env"]}
+        assert env["RAY_SERVE_ENABLE_HA_PROXY"] == env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1"
+        assert (env["RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S"], env["RAY_SERVE_HAPROXY_MAXCONN"]) == ("7", "900")
+    default = build_rayservice(apply_overrides(SAMPLE, OVERRIDES), ClusterSpec(image="x"))["spec"]["rayClusterConfig"][
+        "headGroupSpec"
+    ]
+    env = {e["name"]: e["value"] for e in default["template"]["spec"]["containers"][0]["env"]}
+    assert env["RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S"] == "10" and env["RAY_SERVE_HAPROXY_MAXCONN"] == "4096"
+
+
 def test_rendered_manifest_round_trips_and_validates(rayservice_validator):
     rs = build_rayservice(apply_overrides(SAMPLE, OVERRIDES), ClusterSpec())
     text = render(rs)

@@ -158,8 +158,9 @@ def openai_server() -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def engine_server(model: str = "tiny:llama", *, num_blocks: int = 256) -> Iterator[str]:
-    """The ingress over a real engine on CPU (no Ray started), serving ``model``; yields its URL."""
+def engine_server(model: str = "tiny:llama", *, num_blocks: int = 256, tokenizer=None) -> Iterator[str]:
+    """The ingress over a real engine on CPU (no Ray started), serving ``model``; yields its URL.
+    ``tokenizer``: the ingress's (e.g. the model's with another chat template), else the model's."""
     from deployments.ingress import IngressSettings, OpenAIService, build_api
     from replica.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
     from replica.models import load_tokenizer
@@ -171,7 +172,7 @@ def engine_server(model: str = "tiny:llama", *, num_blocks: int = 256) -> Iterat
             scheduler=SchedulerConfig(max_num_seqs=8),
         )
     )
-    service = OpenAIService(replica, load_tokenizer(model), IngressSettings(model=model))
+    service = OpenAIService(replica, tokenizer or load_tokenizer(model), IngressSettings(model=model))
     url, server, thread = serve_in_thread(build_api(service))
     try:
         yield url
