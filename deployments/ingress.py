@@ -19,7 +19,7 @@ import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, NamedTuple, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -37,6 +37,7 @@ from deployments.failover import FailoverClient
 from deployments.front_proxy import Front, describe_front
 from deployments.limits import BodySizeLimitMiddleware, DeadlineClient, RequestLimits
 from deployments.llm import GenerateRequest, ModelInfo
+from deployments.logprobs import CompletionLogprobsBuilder, TokenTexts, chat_logprobs
 from deployments.metrics import IngressMetrics
 from deployments.mux import MuxLLMClient
 from deployments.protocol import (
@@ -49,6 +50,7 @@ from deployments.protocol import (
     ChatResponseMessage,
     ChatToolCall,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
     DeltaFunction,
@@ -62,7 +64,7 @@ from deployments.protocol import (
 )
 from deployments.tool_calls import Event, ToolCall, ToolParser, ToolParserName, forced_calls_grammar, parser_for
 from replica.errors import EngineError
-from replica.outputs import ChoiceDelta, Delta, Usage
+from replica.outputs import ChoiceDelta, Delta, TokenLogprobs, Usage
 from replica.request import FinishReason
 
 logger = logging.getLogger("ray.serve")
@@ -230,6 +232,15 @@ def _parts(d: Delta) -> Iterable[tuple[int, Part]]:
     return ((c.index, c) for c in d.choices) if d.choices else ((0, d),)
 
 
+class _Collected(NamedTuple):
+    """One choice's whole output (``OpenAIService._collect``); the logprobs empty unless asked."""
+
+    text: str
+    finish_reason: FinishReason | None
+    logprobs: tuple[TokenLogprobs, ...]
+    prompt_logprobs: tuple[TokenLogprobs | None, ...]  # with echo
+
+
 # Per choice index: how a part becomes a chunk (its finish, or text with usage) and how text does.
 ChunkRender = tuple[Callable[[Part], BaseModel], Callable[[str], bytes]]
 
@@ -243,6 +254,16 @@ def _usage(usage: Usage | None, prompt_tokens: int, completion_tokens: int) -> U
         total_tokens=usage.total_tokens,
         prompt_tokens_details=PromptTokensDetails(cached_tokens=usage.cached_tokens),
     )
+
+
+def _with_chat_logprobs(content: Callable[[Part], BaseModel], texts: TokenTexts) -> Callable[[Part], BaseModel]:
+    def with_logprobs(d: Part) -> BaseModel:
+        chunk = content(d)
+        assert isinstance(chunk, ChatCompletionChunk)
+        chunk.choices[0].logprobs = chat_logprobs(d.logprobs or (), texts)
+        return chunk
+
+    return with_logprobs
 
 
 def _sse(model: BaseModel) -> bytes:
@@ -309,6 +330,7 @@ class OpenAIService:
         self._info_lock = asyncio.Lock()
         self._healthy_at = -HEALTH_TTL_S
         self._tools_supported: bool | None = None  # probed on the first request with tools
+        self._token_texts: TokenTexts | None = None  # built on the first request with logprobs
         self._metrics = IngressMetrics(backend=metrics_backend)
 
     @property
@@ -368,15 +390,25 @@ class OpenAIService:
         else:
             token_ids = self._check_token_ids(prompt)
         greq = await self._request(rid, token_ids, body, body.max_tokens, "prompt")
+        echo = (prompt if isinstance(prompt, str) else self._tokenizer.decode(token_ids)) if body.echo else None
         if body.stream:
-            return await self._stream(greq, body.include_usage, self._completion_chunks(greq, body.continuous_usage))
-        texts, reasons, final = await self._collect(greq)
+            return await self._stream(
+                greq, body.include_usage, self._completion_chunks(greq, body.continuous_usage, echo)
+            )
+        choices, final = await self._collect(greq)
+        builder = CompletionLogprobsBuilder if greq.params.logprobs is not None else None
         resp = CompletionResponse(
             id=rid,
             model=self.served_name,
             choices=[
-                CompletionChoice(index=i, text=text, finish_reason=_finish_reason(reason))
-                for i, (text, reason) in enumerate(zip(texts, reasons))
+                CompletionChoice(
+                    index=i,
+                    text=(echo or "") + c.text,
+                    # with echo and n > 1 every choice has the prompt's logprobs too (as vLLM)
+                    logprobs=builder(self.token_texts)(c.prompt_logprobs + c.logprobs, token_ids) if builder else None,
+                    finish_reason=_finish_reason(c.finish_reason),
+                )
+                for i, c in enumerate(choices)
             ],
             usage=_usage(final.usage, len(token_ids), 0),
         )
@@ -409,24 +441,31 @@ class OpenAIService:
             greq = dataclasses.replace(greq, params=dataclasses.replace(greq.params, guided=guided))
         if body.stream:
             return await self._stream(greq, body.include_usage, self._chat_chunks(greq, body.continuous_usage, parser))
-        texts, reasons, final = await self._collect(greq)
+        collected, final = await self._collect(greq)
         choices = []
-        for i, (text, reason) in enumerate(zip(texts, reasons)):
-            message = ChatResponseMessage(content=text)
+        for i, c in enumerate(collected):
+            message = ChatResponseMessage(content=c.text)
             if parser is not None:
-                parsed = parser.parse(text)
+                parsed = parser.parse(c.text)
                 calls = [
-                    ChatToolCall(id=c.id, function=ToolCallFunction(name=c.name, arguments=c.arguments))
-                    for c in parsed.tool_calls
+                    ChatToolCall(id=t.id, function=ToolCallFunction(name=t.name, arguments=t.arguments))
+                    for t in parsed.tool_calls
                 ]
                 if calls:
                     message = ChatResponseMessage(content=parsed.content, tool_calls=calls)
-            finish = _finish_reason(reason, tool_calls=bool(message.tool_calls))
-            choices.append(ChatChoice(index=i, message=message, finish_reason=finish))
+            finish = _finish_reason(c.finish_reason, tool_calls=bool(message.tool_calls))
+            logprobs = chat_logprobs(c.logprobs, self.token_texts) if body.logprobs else None
+            choices.append(ChatChoice(index=i, message=message, logprobs=logprobs, finish_reason=finish))
         resp = ChatCompletionResponse(
             id=rid, model=self.served_name, choices=choices, usage=_usage(final.usage, len(token_ids), 0)
         )
         return JSONResponse(resp.model_dump(), headers={"x-request-id": rid})
+
+    @property
+    def token_texts(self) -> TokenTexts:
+        if self._token_texts is None:
+            self._token_texts = TokenTexts(self._tokenizer)
+        return self._token_texts
 
     # ---------------------------------------------------------------- validation
 
@@ -491,11 +530,14 @@ class OpenAIService:
 
     # ---------------------------------------------------------------- generation
 
-    async def _collect(self, greq: GenerateRequest) -> tuple[list[str], list[FinishReason | None], Delta]:
-        """Each choice's text and finish reason, and the request's last delta (its usage)."""
+    async def _collect(self, greq: GenerateRequest) -> tuple[list[_Collected], Delta]:
+        """Each choice's whole output (with its logprobs, when asked), and the request's last
+        delta (its usage)."""
         n = greq.params.n
         texts: list[list[str]] = [[] for _ in range(n)]
         reasons: list[FinishReason | None] = [None] * n
+        logprobs: list[list[TokenLogprobs]] = [[] for _ in range(n)]
+        prompts: list[tuple[TokenLogprobs | None, ...]] = [()] * n
         agen = self._client.generate(greq)
         try:
             async for item in agen:
@@ -506,8 +548,16 @@ class OpenAIService:
                 for i, part in _parts(item):
                     texts[i].append(part.text)
                     reasons[i] = part.finish_reason or reasons[i]
+                    if part.logprobs:
+                        logprobs[i].extend(part.logprobs)
+                    if part.prompt_logprobs is not None:
+                        prompts[i] = part.prompt_logprobs
                 if item.finished:
-                    return ["".join(t) for t in texts], [r or item.finish_reason for r in reasons], item
+                    choices = [
+                        _Collected("".join(texts[i]), reasons[i] or item.finish_reason, tuple(logprobs[i]), prompts[i])
+                        for i in range(n)
+                    ]
+                    return choices, item
         finally:
             await agen.aclose()  # on cancel (client gone) this cancels the replica call
         raise APIError.from_code("internal_error", "the replica ended the stream without finishing the request")
@@ -545,19 +595,34 @@ class OpenAIService:
             if isinstance(item, ReplicaError) or item.finished:
                 return
 
-    def _completion_chunks(self, greq: GenerateRequest, continuous_usage: bool = False):
+    def _completion_chunks(self, greq: GenerateRequest, continuous_usage: bool = False, echo: str | None = None):
         rid, name, created = greq.request_id, self.served_name, int(time.time())
+        asked = greq.params.logprobs is not None
 
         def render(index: int) -> ChunkRender:
-            def chunk(text: str, finish_reason: str | None = None) -> CompletionResponse:
-                choice = CompletionChoice(index=index, text=text, finish_reason=finish_reason)
+            logprobs = CompletionLogprobsBuilder(self.token_texts) if asked else None  # text_offset per choice
+            echoing = [echo]  # the prompt goes out once per choice, in front of its first chunk
+
+            def chunk(
+                text: str, finish_reason: str | None = None, lp: CompletionLogprobs | None = None
+            ) -> CompletionResponse:
+                choice = CompletionChoice(index=index, text=text, logprobs=lp, finish_reason=finish_reason)
                 return CompletionResponse(id=rid, created=created, model=name, choices=[choice])
 
-            return lambda d: chunk(d.text, _finish_reason(d.finish_reason)), _TextChunk(chunk)
+            def content(d: Part) -> BaseModel:
+                text, entries = d.text, d.logprobs or ()
+                if echoing[0] is not None:
+                    text, echoing[0] = echoing[0] + text, None
+                    entries = (d.prompt_logprobs or ()) + entries
+                lp = logprobs(entries, greq.prompt_token_ids) if logprobs is not None else None
+                return chunk(text, _finish_reason(d.finish_reason), lp)
+
+            return content, _TextChunk(chunk)
 
         return self._chunk_stream(
             greq,
             render=render,
+            every_delta=echo is not None or asked,
             usage=lambda u: CompletionResponse(id=rid, created=created, model=name, choices=[], usage=u),
             continuous_usage=continuous_usage,
         )
@@ -586,6 +651,8 @@ class OpenAIService:
                     delta = tools.delta(t, False)
                     return _sse(chunk(delta, index=index)) if delta.content is not None or delta.tool_calls else b""
 
+            if greq.params.logprobs is not None:  # every chunk carries its tokens' logprobs
+                content = _with_chat_logprobs(content, self.token_texts)
             return content, text
 
         return self._chunk_stream(
@@ -593,6 +660,7 @@ class OpenAIService:
             head=lambda index: chunk(ChatDelta(role="assistant", content=""), index=index),
             render=render,
             usage=lambda u: ChatCompletionChunk(id=rid, created=created, model=name, choices=[], usage=u),
+            every_delta=greq.params.logprobs is not None,
             continuous_usage=continuous_usage,
         )
 
@@ -603,12 +671,14 @@ class OpenAIService:
         render: Callable[[int], ChunkRender],
         usage: Callable[[UsageInfo], BaseModel],
         head: Callable[[int], BaseModel] | None = None,
+        every_delta: bool = False,
         continuous_usage: bool = False,
     ):
         """SSE bytes for one request: an optional head chunk per choice, a chunk per choice's
         delta with text (or its finish; each chunk names its choice's ``index``), the usage
         chunk when asked, then [DONE]; an error ends it with an error event.
-        ``continuous_usage`` (vLLM's stream_options.continuous_usage_stats): usage so far in every chunk."""
+        ``continuous_usage`` (vLLM's stream_options.continuous_usage_stats): usage so far in every chunk.
+        ``every_delta``: each part with tokens is a ``content`` chunk (logprobs, echo), none the fast text path."""
 
         async def gen(first: Delta, agen: Any, include_usage: bool) -> AsyncIterator[bytes]:
             try:
@@ -630,7 +700,11 @@ class OpenAIService:
                     n_out += d.num_tokens
                     for i, part in _parts(d):
                         content, text = renders[i]
-                        if part.finish_reason is not None or (part.text and continuous_usage):
+                        if (
+                            part.finish_reason is not None
+                            or (part.text and continuous_usage)
+                            or (every_delta and (part.text or part.token_ids))
+                        ):
                             chunk = content(part)
                             if continuous_usage:
                                 chunk.usage = _usage(d.usage, n_prompt, n_out)

@@ -2,7 +2,9 @@
 
 Unknown request fields are rejected (OpenAI answers 400 "Unrecognized request argument"),
 and parameters this server does not implement are rejected with a clear message rather
-than silently ignored (best_of > n, logprobs...). Engine extras used by
+than silently ignored (best_of > n, suffix...). Logprobs: chat ``logprobs``/``top_logprobs``
+and completions ``logprobs`` (with ``echo``) up to ``MAX_LOGPROBS`` alternatives, per choice
+(deployments/logprobs.py builds the response objects). Engine extras used by
 benchmarks are accepted: ignore_eos, min_tokens, top_k, stop_token_ids.
 
 What vLLM-compatible load generators send by default is accepted unchanged (guidellm 0.8,
@@ -30,7 +32,7 @@ from pydantic import (
 
 from replica.errors import InvalidRequestError
 from replica.grammar import GrammarSpec
-from replica.request import MAX_LOGIT_BIAS, MAX_N, MAX_REPETITION_PENALTY, SamplingParams
+from replica.request import MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_N, MAX_REPETITION_PENALTY, SamplingParams
 
 MAX_GUIDED_CHOICES = 256
 
@@ -168,9 +170,14 @@ class _SamplingFields(_Strict):
         """Usage in every chunk; as in vLLM, only together with include_usage."""
         return self.include_usage and bool(self.stream_options and self.stream_options.continuous_usage_stats)
 
+    def logprob_params(self) -> tuple[int | None, int | None]:
+        """(logprobs, prompt_logprobs) for the engine: alternatives per output / prompt token, None = none."""
+        return None, None
+
     def sampling_params(self, max_tokens: int) -> SamplingParams:
         """Engine sampling parameters; raises InvalidRequestError on a bad combination."""
         stop = () if self.stop is None else (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        logprobs, prompt_logprobs = self.logprob_params()
         return SamplingParams(
             max_tokens=max_tokens,
             min_tokens=self.min_tokens,
@@ -188,6 +195,8 @@ class _SamplingFields(_Strict):
             logit_bias=tuple((int(k), float(b)) for k, b in (self.logit_bias or {}).items()),
             min_p=self.min_p or 0.0,
             guided=self.grammar_spec(),
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
         )
 
 
@@ -196,12 +205,16 @@ class CompletionRequest(_SamplingFields):
 
     prompt: Text | list[Text] | TokenIds | list[TokenIds]
     max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for completions
-    echo: bool | None = False
-    logprobs: int | None = None
+    echo: bool | None = False  # the prompt text (and with logprobs, its tokens' logprobs) first
+    # The sampled token's logprob and the N most likely alternatives' (vLLM's cap, not legacy OpenAI's 5).
+    logprobs: StrictInt | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     best_of: int | None = None
     suffix: str | None = None
 
-    @field_validator("echo", "logprobs", "suffix")
+    def logprob_params(self) -> tuple[int | None, int | None]:
+        return self.logprobs, self.logprobs if self.echo else None
+
+    @field_validator("suffix")
     @classmethod
     def _completion_unsupported(cls, v: Any, info: ValidationInfo) -> Any:
         if v:  # null, false, 0 and "" mean "not asked for"
@@ -348,7 +361,7 @@ class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = False
-    top_logprobs: int | None = None
+    top_logprobs: StrictInt | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     response_format: ResponseFormat | None = None
     tools: list[ChatTool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
@@ -391,12 +404,15 @@ class ChatCompletionRequest(_SamplingFields):
             return None
         return [t.model_dump(exclude_none=True) for t in self.tools]
 
-    @field_validator("logprobs", "top_logprobs")
+    @field_validator("top_logprobs")
     @classmethod
-    def _no_logprobs(cls, v: Any, info: ValidationInfo) -> Any:
-        if v:
-            raise ValueError(f"{info.field_name} is not supported by this server")
+    def _top_logprobs(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v is not None and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs set to true")
         return v
+
+    def logprob_params(self) -> tuple[int | None, int | None]:
+        return (self.top_logprobs or 0, None) if self.logprobs else (None, None)
 
     def grammar_spec(self) -> GrammarSpec | None:
         extra = super().grammar_spec()
@@ -435,10 +451,19 @@ class UsageInfo(BaseModel):
     prompt_tokens_details: PromptTokensDetails | None = None
 
 
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy shape: parallel lists, one entry per token (an echoed prompt's first)."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
 
 
@@ -474,10 +499,25 @@ class DeltaToolCall(BaseModel):
     function: DeltaFunction
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None  # the token's UTF-8 bytes (a token may hold part of a character)
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob] | None = None
+    refusal: list[TokenLogprob] | None = None
+
+
 class ChatChoice(BaseModel):
     index: int = 0
     message: ChatResponseMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 
 
@@ -499,7 +539,7 @@ class ChatDelta(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: ChatDelta
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 
 

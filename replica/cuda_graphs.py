@@ -25,7 +25,9 @@ import numpy as np
 import torch
 
 from replica.attention.metadata import AttentionMetadata
+from replica.logprobs import DeviceLogprobs
 from replica.outputs import RunnerOutput
+from replica.request import MAX_LOGPROBS
 
 if TYPE_CHECKING:
     from replica.tp_executor import TPGroup
@@ -63,26 +65,38 @@ class GraphStep:
     """The tokens of one replay on their way to pinned host memory (see ``DecodeGraphs.emit``)."""
 
     def __init__(
-        self, graphs: DecodeGraphs, request_ids: tuple[str, ...], host: torch.Tensor, event: torch.cuda.Event
+        self,
+        graphs: DecodeGraphs,
+        request_ids: tuple[str, ...],
+        host: torch.Tensor,
+        event: torch.cuda.Event,
+        logprobs: DeviceLogprobs | None = None,
     ) -> None:
         self._graphs = graphs
+        self._logprobs = logprobs  # pinned copies, complete with the event
         self._index = graphs.num_emitted  # its host buffer and event serve again two emits later
         self._ids = request_ids
         self._host = host
         self._event = event
         self._tokens: list[int] | None = None
+        self._output: RunnerOutput | None = None
 
     @property
     def request_ids(self) -> tuple[str, ...]:
         return self._ids
 
     def result(self) -> RunnerOutput:
-        if self._tokens is None:
+        if self._output is None:
             if self._graphs.num_emitted - self._index > 2:
                 raise RuntimeError("a replay's tokens must be read before the replay after next")
             self._event.synchronize()  # releases the GIL while the device works
-            self._tokens = self._host.tolist()
-        return RunnerOutput(request_ids=self._ids, token_ids=self._tokens)
+            self._tokens = tokens = self._host.tolist()
+            logprobs = None
+            if self._logprobs is not None:
+                rows, ids = self._logprobs.rows, self._ids
+                logprobs = dict(zip((ids[r] for r in rows), self._logprobs.to_host([tokens[r] for r in rows])))
+            self._output = RunnerOutput(request_ids=self._ids, token_ids=tokens, logprobs=logprobs)
+        return self._output
 
 
 class DecodeGraphs:
@@ -137,6 +151,12 @@ class DecodeGraphs:
         # Blocking: the waiting host thread sleeps instead of spinning a core (cudaEventBlockingSync);
         # a spinning waiter per replica steals CPU from the proxy, ingress and other replicas.
         self._events = [torch.cuda.Event(blocking=True) for _ in range(2)]
+        # Logprobs of the rows that ask (replica/logprobs.py): their row indices in, values and ids
+        # out, through pinned buffers alternating like the staging ones (a pinned allocation per
+        # step cost ~0.2 ms of host time each).
+        self._lp_rows = [torch.zeros(n, dtype=torch.int64, pin_memory=True) for _ in range(2)]
+        self._lp_values = [torch.zeros(n, 1 + MAX_LOGPROBS, dtype=torch.float32, pin_memory=True) for _ in range(2)]
+        self._lp_ids = [torch.zeros(n, MAX_LOGPROBS, dtype=torch.int64, pin_memory=True) for _ in range(2)]
         self.num_emitted = 0
         self._turn = 0
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -246,18 +266,38 @@ class DecodeGraphs:
         arrive by the captured broadcasts; the logits are not read)."""
         self.graphs[batch_size].replay()
 
-    def emit(self, request_ids: tuple[str, ...], tokens: torch.Tensor | None = None) -> GraphStep:
+    def rows_on_device(self, rows: np.ndarray) -> torch.Tensor:
+        """``rows`` of the last replay (those asking for logprobs) as a device index, copied
+        without a stream sync or an allocation."""
+        host = self._lp_rows[self._turn][: len(rows)]
+        host.numpy()[:] = rows
+        return host.to(self.device, non_blocking=True)
+
+    def _logprobs_to_host(self, lp: DeviceLogprobs) -> DeviceLogprobs:
+        r, k = lp.top_ids.shape
+        if lp.values.dtype != torch.float32 or k > MAX_LOGPROBS:
+            return lp.to_pinned()
+        values = self._lp_values[self._turn][:r, : 1 + k]
+        ids = self._lp_ids[self._turn][:r, :k]
+        values.copy_(lp.values, non_blocking=True)
+        ids.copy_(lp.top_ids, non_blocking=True)
+        return DeviceLogprobs(lp.rows, lp.num_top, values, ids)
+
+    def emit(
+        self, request_ids: tuple[str, ...], tokens: torch.Tensor | None = None, logprobs: DeviceLogprobs | None = None
+    ) -> GraphStep:
         """Record the last replay's sampled ids: ``tokens`` (device ``[B]``, from the sampler)
         or, with None, the graph's own argmax (already in ``last_tokens``). They stay on the
         device for the next replay's placeholders and are copied to pinned host memory
-        without waiting."""
+        without waiting; so are ``logprobs`` (rows that asked), behind the same event."""
         b = len(request_ids)
         if tokens is not None:
             self.last_tokens[:b].copy_(tokens)
         host = self._out_host[self._turn][:b]
         host.copy_(self.last_tokens[:b], non_blocking=True)
+        pinned = self._logprobs_to_host(logprobs) if logprobs is not None else None
         event = self._events[self._turn]
         event.record()
-        step = GraphStep(self, request_ids, host, event)
+        step = GraphStep(self, request_ids, host, event, pinned)
         self.num_emitted += 1
         return step

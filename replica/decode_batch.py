@@ -24,7 +24,9 @@ from replica.outputs import PLACEHOLDER_TOKEN, ScheduledChunk
 from replica.request import Request
 
 # Columns of ``DecodeBatch.static``: per-request values that never change while it decodes.
-LIMIT, MIN_TOKENS, GREEDY, CHECK_STOP_IDS, PROMPT_LEN = range(5)
+# LOGPROBS: the alternatives a row asks for, -1 for none (most rows: a vectorised check per step).
+LIMIT, MIN_TOKENS, GREEDY, CHECK_STOP_IDS, PROMPT_LEN, LOGPROBS = range(6)
+_NUM_STATIC = 6
 
 
 def pack_block_tables(tables: Sequence[Sequence[int]], num_blocks: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -41,7 +43,7 @@ def pack_block_tables(tables: Sequence[Sequence[int]], num_blocks: int | None = 
     return out, lens
 
 
-def static_row(req: Request, max_model_len: int) -> tuple[int, int, int, int, int]:
+def static_row(req: Request, max_model_len: int) -> tuple[int, int, int, int, int, int]:
     p = req.params
     prompt_len = len(req.prompt_token_ids)
     # The output count at which LENGTH ends the request (max_tokens, or a full context).
@@ -49,7 +51,8 @@ def static_row(req: Request, max_model_len: int) -> tuple[int, int, int, int, in
     # GREEDY: the graph's argmax is the token (a greedy row with penalties or a bias is not).
     # CHECK_STOP_IDS: also a grammar row (its matcher may terminate it on any token).
     check = int(bool(p.stop_token_ids) or p.guided is not None)
-    return limit, p.min_tokens, int(p.greedy and not p.processes_logits), check, prompt_len
+    logprobs = -1 if p.logprobs is None else p.logprobs
+    return limit, p.min_tokens, int(p.greedy and not p.processes_logits), check, prompt_len, logprobs
 
 
 @dataclass(frozen=True, eq=False)
@@ -66,7 +69,7 @@ class DecodeBatch(Sequence[ScheduledChunk]):
     prev_rows: np.ndarray  # int64 [B]
     block_tables: np.ndarray  # int32 [B, W], rows padded with 0 after num_blocks
     num_blocks: np.ndarray  # int64 [B]
-    static: np.ndarray  # int64 [B, 5]: LIMIT, MIN_TOKENS, GREEDY, CHECK_STOP_IDS, PROMPT_LEN
+    static: np.ndarray  # int64 [B, 6]: LIMIT, MIN_TOKENS, GREEDY, CHECK_STOP_IDS, PROMPT_LEN, LOGPROBS
     # Every EOS id some row checks (a superset once rows leave): candidates for an exact check.
     eos_ids: np.ndarray  # int64 [E]
 
@@ -134,7 +137,7 @@ class DecodeBatch(Sequence[ScheduledChunk]):
             prev_rows=np.asarray(prev_rows, np.int64),
             block_tables=tables,
             num_blocks=nblocks,
-            static=np.array([static_row(r, max_model_len) for r in requests], np.int64).reshape(b, 5),
+            static=np.array([static_row(r, max_model_len) for r in requests], np.int64).reshape(b, _NUM_STATIC),
             eos_ids=np.array(
                 sorted(set().union(*(r.eos_token_ids for r in requests if not r.params.ignore_eos))), np.int64
             ),

@@ -21,7 +21,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 from replica.config import EngineConfig
 from replica.errors import EngineError, EngineUnavailableError, InvalidRequestError, QueueFullError, RequestTooLongError
@@ -33,6 +33,7 @@ from replica.outputs import (
     EngineStats,
     RunnerOutput,
     SchedulerOutput,
+    TokenLogprobs,
     Usage,
     merge_deltas,
 )
@@ -50,6 +51,7 @@ Prompt = str | Sequence[int]
 # Builds a NamedTuple from a full tuple of its fields: a Delta per request per step on the host's
 # critical path, and the generated __new__ (a Python-level call filling defaults) costs ~2x more.
 _new_tuple = tuple.__new__
+_D = TypeVar("_D", Delta, ChoiceDelta)  # what carries a token's logprobs
 _RATE_WINDOW_S = 10.0  # output tokens/s is measured over this recent window
 
 
@@ -258,6 +260,12 @@ class LLMEngine:
             # Compiled here, when the request is made (cached per spec), never in the step loop.
             for seq in req.children or (req,):  # each choice its own matcher
                 seq.grammar = self.grammars.state(params.guided)
+        if params.prompt_logprobs is not None:
+            # Nothing predicts the first prompt token. One list for the request and its choices:
+            # they score the same prompt, whichever computes a position first fills it in.
+            shared: list[TokenLogprobs | None] = [None]
+            for seq in (req, *req.children):
+                seq.prompt_logprobs = shared
         return req
 
     @property
@@ -359,6 +367,8 @@ class LLMEngine:
         return deltas + new
 
     def _apply(self, out: SchedulerOutput, res: RunnerOutput, started: float) -> list[Delta]:
+        if res.prompt_logprobs:
+            self._store_prompt_logprobs(res.prompt_logprobs)
         got = self.scheduler.update(out, res)
         self._num_steps += 1
         self._generation_tokens_total += len(got)
@@ -367,28 +377,38 @@ class LLMEngine:
         live = self._live
         finished = RequestStatus.FINISHED
         groups: dict[Request, list[ChoiceDelta]] | None = None  # n > 1 requests' choices this step
+        logprobs = res.logprobs  # None unless a request of this step asked
         try:
             for req in got:
                 try:
+                    # A stop token (EOS, a stop id, a grammar's end) adds no text: nor logprobs.
+                    silent = req.status is finished and req.finish_reason is FinishReason.STOP
+                    asked = logprobs if req.params.logprobs is not None else None
                     parent = req.parent
                     if parent is not None:  # a choice of an n > 1 request
                         if parent.request_id in self._groups:  # else the request failed meanwhile
                             if groups is None:
                                 groups = {}
-                            groups.setdefault(parent, []).append(self._choice_delta(req))
+                            c = self._choice_delta(req)
+                            if asked is not None:
+                                c = self._with_logprobs(req, c, None if silent else asked.get(req.request_id))
+                            groups.setdefault(parent, []).append(c)
                         continue
                     if req.status is finished:
-                        new.append(self._last_delta(req))
-                        continue
-                    # The common case, once per request per step: one more token of text.
-                    rid = req.request_id
-                    token = req.output_token_ids[-1]
-                    text, hit = live[rid][1].add((token,))
-                    if hit:  # a stop string
-                        self.scheduler.finish(rid, FinishReason.STOP)
-                        new.append(self._final(req, text, (token,)))
+                        d = self._last_delta(req)
                     else:
-                        new.append(_new_tuple(Delta, (rid, text, (token,), None, None, None, ())))
+                        # The common case, once per request per step: one more token of text.
+                        rid = req.request_id
+                        token = req.output_token_ids[-1]
+                        text, hit = live[rid][1].add((token,))
+                        if hit:  # a stop string
+                            self.scheduler.finish(rid, FinishReason.STOP)
+                            d = self._final(req, text, (token,))
+                        else:
+                            d = _new_tuple(Delta, (rid, text, (token,), None, None, None, (), None, None))
+                    if asked is not None:
+                        d = self._with_logprobs(req, d, None if silent else asked.get(req.request_id))
+                    new.append(d)
                 except Exception as e:  # this request's text failed (a tokenizer bug): only it ends
                     logger.exception("request %s: building its output failed", req.request_id)
                     new.append(self._fail_one(req, f"output decoding failed: {type(e).__name__}: {e}"))
@@ -407,7 +427,7 @@ class LLMEngine:
         else:
             text, hit = self._live[req.request_id][1].add((token,))
             if not hit:
-                return _new_tuple(ChoiceDelta, (req.index, text, (token,), None))
+                return _new_tuple(ChoiceDelta, (req.index, text, (token,), None, None, None))
             self.scheduler.finish(req.request_id, FinishReason.STOP)  # a stop string
         self._live.pop(req.request_id, None)
         return ChoiceDelta(req.index, text, (token,), req.finish_reason)
@@ -433,6 +453,23 @@ class LLMEngine:
         outputs = sum(c.num_output_tokens for c in parent.children)
         usage = Usage(parent.num_prompt_tokens, outputs, parent.num_cached_tokens)
         return Delta(parent.request_id, "", (), reason, usage, error, tuple(sorted(choices)))
+
+    def _store_prompt_logprobs(self, found: dict[str, tuple[int, list[TokenLogprobs]]]) -> None:
+        """Extend each request's prompt logprobs with a chunk's; positions it already has (a
+        recompute after preemption) are skipped."""
+        for rid, (first, entries) in found.items():
+            live = self._live.get(rid)
+            req = live[0] if live is not None else self._groups.get(rid)  # an n > 1 request before its fork
+            have = req.prompt_logprobs if req is not None else None
+            if have is not None and first <= len(have) < first + len(entries):
+                have.extend(entries[len(have) - first :])
+
+    @staticmethod
+    def _with_logprobs(req: Request, d: _D, sampled: TokenLogprobs | None) -> _D:
+        """``d`` with its token's logprobs (``sampled``; None for a stop token) and, with the
+        first output token, the prompt's (a ``Delta``, or one choice's ``ChoiceDelta``)."""
+        prompt = tuple(req.prompt_logprobs) if req.prompt_logprobs is not None and req.num_output_tokens == 1 else None
+        return d._replace(logprobs=() if sampled is None else (sampled,), prompt_logprobs=prompt)
 
     def _fail_one(self, req: Request, error: str) -> Delta:
         if req.parent is not None:  # a choice failing fails its whole request

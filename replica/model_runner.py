@@ -4,12 +4,13 @@ Every step is one flat ragged batch: all scheduled chunks concatenated into ``in
 with explicit ``position_ids`` (no padding, no HF cache object). Attention goes through a backend
 registered with ``transformers.AttentionInterface`` (see ``replica.attention``); the per-step
 ``AttentionMetadata`` and the ``PagedKVCache`` reach it as forward kwargs. Logits are computed only
-for the last token of each chunk that samples.
+for the last token of each chunk that samples, and for the prompt positions of a request that asks
+for prompt logprobs (echo).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import chain
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -18,12 +19,13 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
+from replica import logprobs as lp
 from replica.attention import AttentionMetadata, PagedKVCache, install, resolve_backend
 from replica.config import CacheConfig, RunnerConfig
 from replica.cuda_graphs import DecodeGraphs, DecodeInputs
-from replica.decode_batch import DecodeBatch, pack_block_tables
+from replica.decode_batch import LOGPROBS, DecodeBatch, pack_block_tables
 from replica.models import DTYPES
-from replica.outputs import PLACEHOLDER_TOKEN, RunnerOutput, ScheduledChunk, SchedulerOutput
+from replica.outputs import PLACEHOLDER_TOKEN, RunnerOutput, ScheduledChunk, SchedulerOutput, TokenLogprobs
 from replica.pending_step import DeferredStep, PendingStep
 from replica.request import SamplingParams
 from replica.sampler import Sampler, SamplingRow
@@ -70,6 +72,10 @@ class StepInputs:
     attn_metadata: AttentionMetadata
     sample_rows: tuple[SamplingRow, ...]
     sample_request_ids: tuple[str, ...]
+    # Prompt logprobs (echo): logits rows after the sampled ones score ``prompt_targets`` (the prompt
+    # token after each position); per request (id, index of its first target, count, alternatives).
+    prompt_spans: tuple[tuple[str, int, int, int], ...] = ()
+    prompt_targets: np.ndarray | None = None
 
 
 class ModelRunner:
@@ -197,10 +203,17 @@ class ModelRunner:
     def _run_eager(self, out: SchedulerOutput) -> RunnerOutput:
         inputs = self.prepare(out)
         logits = self.forward(inputs)
-        if not inputs.sample_rows:
-            return RunnerOutput(sampled={})
-        tokens = self._host_ids(self.sampler(logits, inputs.sample_rows))  # the step's one host sync
-        return RunnerOutput(request_ids=inputs.sample_request_ids, token_ids=tokens)
+        n = len(inputs.sample_rows)
+        prompt = _prompt_logprobs(logits[n:], inputs) if inputs.prompt_spans else None
+        if not n:
+            return RunnerOutput(sampled={}, prompt_logprobs=prompt)
+        ids, dev_lp = self.sampler.sample(logits[:n], inputs.sample_rows)
+        tokens = self._host_ids(ids)  # the step's one host sync (a second small one only for logprobs)
+        rids = inputs.sample_request_ids
+        logprobs = None
+        if dev_lp is not None:
+            logprobs = {rids[r]: x for r, x in zip(dev_lp.rows, dev_lp.to_host([tokens[r] for r in dev_lp.rows]))}
+        return RunnerOutput(request_ids=rids, token_ids=tokens, logprobs=logprobs, prompt_logprobs=prompt)
 
     def _host_ids(self, ids: torch.Tensor) -> list[int]:
         if ids.device.type != "cuda":
@@ -233,20 +246,29 @@ class ModelRunner:
         inp = self._batch_inputs(d, prev) if d is not None else self._chunk_inputs(out, prev)
         if inp is None:
             return None
-        logits, _greedy = graphs.replay(inp)
+        logits, greedy = graphs.replay(inp)
         if d is not None:
             rids = d.request_ids
             if d.plain_greedy:
-                return graphs.emit(rids)  # the graph's argmax
+                # The graph's argmax; rows asking for logprobs score it (one vectorised check per step).
+                asking = np.flatnonzero(d.static[:, LOGPROBS] >= 0)
+                if not len(asking):
+                    return graphs.emit(rids)
+                idx = graphs.rows_on_device(asking)
+                return graphs.emit(rids, logprobs=_greedy_logprobs(logits, greedy, idx, asking, d.static[:, LOGPROBS]))
             params, n_out = [r.params for r in d.requests], d.num_output_tokens.tolist()
         else:
             rids = tuple(c.request_id for c in out.chunks)
             params, n_out = [c.params for c in out.chunks], [c.num_output_tokens for c in out.chunks]
         # Plain greedy rows (no min_tokens ban left) take the graph's argmax: no rows to build.
         rows = [SamplingRow(p, n, self._banned(p, n)) for p, n in zip(params, n_out)]
-        if all(r.params.greedy and not r.banned_token_ids and not r.params.processes_logits for r in rows):
+        if all(
+            r.params.greedy and not r.banned_token_ids and not r.params.processes_logits and r.params.logprobs is None
+            for r in rows
+        ):
             return graphs.emit(rids)  # the graph's argmax
-        return graphs.emit(rids, self.sampler(logits, rows))
+        tokens, dev_lp = self.sampler.sample(logits, rows)
+        return graphs.emit(rids, tokens, dev_lp)
 
     def _batch_inputs(self, d: DecodeBatch, prev: PendingStep | None) -> DecodeInputs | None:
         """Graph inputs of a ``DecodeBatch``: its arrays as they are; every row's token is
@@ -373,6 +395,12 @@ class ModelRunner:
 
         sample_mask = np.fromiter((c.sample for c in chunks), bool, b)
         logits_indices = qsl[1:][sample_mask] - 1
+        spans: tuple[tuple[str, int, int, int], ...] = ()
+        targets = None
+        if any(c.params.prompt_logprobs is not None for c in chunks):
+            spans, extra, targets = _prompt_positions(chunks, qsl)
+            if spans:
+                logits_indices = np.concatenate([logits_indices, extra])
         sampled = [c for c in chunks if c.sample]
         rows = tuple(
             SamplingRow(c.params, c.num_output_tokens, self._banned(c.params, c.num_output_tokens), grammar=c.grammar)
@@ -383,7 +411,7 @@ class ModelRunner:
         host = HostStep(ids, positions, slots, qsl, seq_lens, block_tables, int(q_lens.max()), int(seq_lens.max()))
         if self.tp is not None:  # the other ranks start the same forward now
             self.tp.send_step(host, len(rows))
-        return self._inputs(host, logits_indices, rows, tuple(c.request_id for c in sampled))
+        return self._inputs(host, logits_indices, rows, tuple(c.request_id for c in sampled), spans, targets)
 
     def _inputs(
         self,
@@ -391,6 +419,8 @@ class ModelRunner:
         logits_indices: np.ndarray,
         rows: tuple[SamplingRow, ...] = (),
         request_ids: tuple[str, ...] = (),
+        spans: tuple[tuple[str, int, int, int], ...] = (),
+        targets: np.ndarray | None = None,
     ) -> StepInputs:
         meta = AttentionMetadata(
             slot_mapping=self._to_device(host.slots),
@@ -410,6 +440,8 @@ class ModelRunner:
             attn_metadata=meta,
             sample_rows=rows,
             sample_request_ids=request_ids,
+            prompt_spans=spans,
+            prompt_targets=targets,
         )
 
     # -- tensor parallelism: ranks 1..N-1 (replica.tp_executor.serve_steps) -------------------
@@ -466,6 +498,55 @@ def _needs_eager(out: SchedulerOutput) -> bool:
     if d is not None:  # a plain greedy batch has none (no per-row check on that fast path)
         return not d.plain_greedy and any(r.params.uses_penalties or r.params.guided is not None for r in d.requests)
     return any(c.params.uses_penalties or c.params.guided is not None for c in out.chunks)
+
+
+def _prompt_positions(
+    chunks: Sequence[ScheduledChunk], qsl: np.ndarray
+) -> tuple[tuple[tuple[str, int, int, int], ...], np.ndarray, np.ndarray]:
+    """Prompt logprobs of a step: for each chunk of a request that asks (before its first output),
+    the flat token indices whose logits score the next prompt token, and those tokens. A chunk at
+    prompt positions s..e-1 scores prompt tokens s+1..min(e, P-1) (the logits at P-1 sample)."""
+    spans: list[tuple[str, int, int, int]] = []
+    idx: list[np.ndarray] = []
+    targets: list[int] = []
+    for i, c in enumerate(chunks):
+        k = c.params.prompt_logprobs
+        if k is None or c.num_output_tokens or not c.prompt_token_ids:
+            continue
+        p = len(c.prompt_token_ids)
+        first, last = c.start_pos + 1, min(c.start_pos + len(c.token_ids), p - 1)
+        if last < first:
+            continue
+        spans.append((c.request_id, first, last - first + 1, k))
+        idx.append(np.arange(first, last + 1) - c.start_pos - 1 + qsl[i])
+        targets.extend(c.prompt_token_ids[first : last + 1])
+    if not spans:
+        return (), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return tuple(spans), np.concatenate(idx), np.asarray(targets, np.int64)
+
+
+def _prompt_logprobs(logits: torch.Tensor, inputs: StepInputs) -> dict[str, tuple[int, list[TokenLogprobs]]]:
+    """Raw-logit logprobs of the prompt targets (the rows after the sampled ones)."""
+    assert inputs.prompt_targets is not None
+    targets = lp.to_device(inputs.prompt_targets.tolist(), torch.int64, logits.device)
+    ks = [k for _, _, n, k in inputs.prompt_spans for _ in range(n)]
+    host = lp.compute(logits.to(lp.float_dtype(logits)), targets, ks, range(len(ks))).to_host(
+        inputs.prompt_targets.tolist()
+    )
+    out, at = {}, 0
+    for rid, first, n, _ in inputs.prompt_spans:
+        out[rid] = (first, host[at : at + n])
+        at += n
+    return out
+
+
+def _greedy_logprobs(
+    logits: torch.Tensor, tokens: torch.Tensor, idx: torch.Tensor, asking: np.ndarray, num_top: np.ndarray
+) -> lp.DeviceLogprobs:
+    """Logprobs of plain greedy rows ``asking`` (``idx`` on the device; no processing, temperature 1)
+    for the graph's own argmax."""
+    x = logits.index_select(0, idx).to(lp.float_dtype(logits))
+    return lp.compute(x, tokens.index_select(0, idx), num_top[asking].tolist(), asking.tolist())
 
 
 def _patch_fused(model: PreTrainedModel) -> int:

@@ -18,6 +18,16 @@ if TYPE_CHECKING:
 PLACEHOLDER_TOKEN = -1
 
 
+class TokenLogprobs(NamedTuple):
+    """One token's log-probability and its most likely alternatives (replica/logprobs.py says
+    which distribution). Plain ints and floats: it crosses processes and Ray as it is."""
+
+    token_id: int
+    logprob: float
+    top_ids: tuple[int, ...]  # most likely first
+    top_logprobs: tuple[float, ...]
+
+
 class ScheduledChunk(NamedTuple):
     """One request's share of a step: compute ``token_ids`` at positions
     ``start_pos .. start_pos + len(token_ids) - 1`` and, if ``sample`` is set,
@@ -74,9 +84,11 @@ class SchedulerOutput:
 class RunnerOutput:
     """The token sampled for each request that had ``sample`` set, in chunk order: as a dict
     (``sampled``), or as two row-ordered sequences that a decode step reads without building
-    the dict (``request_ids`` / ``token_ids``)."""
+    the dict (``request_ids`` / ``token_ids``). Only for requests that asked (else None):
+    ``logprobs`` of the sampled tokens, and ``prompt_logprobs`` as request -> (index of the
+    first prompt token scored, one entry per prompt token from there)."""
 
-    __slots__ = ("_sampled", "request_ids", "token_ids")
+    __slots__ = ("_sampled", "logprobs", "prompt_logprobs", "request_ids", "token_ids")
 
     def __init__(
         self,
@@ -84,6 +96,8 @@ class RunnerOutput:
         *,
         request_ids: Sequence[str] | None = None,
         token_ids: Sequence[int] | None = None,
+        logprobs: dict[str, TokenLogprobs] | None = None,
+        prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] | None = None,
     ) -> None:
         if (request_ids is None) != (token_ids is None):
             raise ValueError("give request_ids and token_ids together")
@@ -94,6 +108,8 @@ class RunnerOutput:
         self._sampled = sampled
         self.request_ids = request_ids
         self.token_ids = token_ids
+        self.logprobs = logprobs
+        self.prompt_logprobs = prompt_logprobs
 
     @property
     def sampled(self) -> dict[str, int]:
@@ -131,6 +147,10 @@ class ChoiceDelta(NamedTuple):
     text: str
     token_ids: tuple[int, ...]
     finish_reason: FinishReason | None = None
+    # As ``Delta``'s (only when the request asked): this choice's tokens' logprobs, and the
+    # prompt's with the choice's first token (every choice carries them, as vLLM's echo).
+    logprobs: tuple[TokenLogprobs, ...] | None = None
+    prompt_logprobs: tuple[TokenLogprobs | None, ...] | None = None
 
 
 class Delta(NamedTuple):
@@ -150,6 +170,11 @@ class Delta(NamedTuple):
     usage: Usage | None = None
     error: str | None = None  # set with FinishReason.ERROR
     choices: tuple[ChoiceDelta, ...] = ()
+    # Only for requests that asked (SamplingParams.logprobs / prompt_logprobs), else None:
+    # one entry per token of ``text`` in order (a stop token, whose text is not output, has none),
+    # and the prompt's, once, in the delta of the first output token (None for the first prompt token).
+    logprobs: tuple[TokenLogprobs, ...] | None = None
+    prompt_logprobs: tuple[TokenLogprobs | None, ...] | None = None
 
     @property
     def finished(self) -> bool:
@@ -204,8 +229,8 @@ class EngineStats:
 
 
 def merge_deltas(deltas: Sequence[Delta]) -> Delta:
-    """One Delta for several consecutive deltas of the same request, in order: text and token
-    ids concatenated; ``finish_reason``, ``usage`` and ``error`` from the last one. Streams use
+    """One Delta for several consecutive deltas of the same request, in order: text, token ids
+    and logprobs concatenated (the prompt's logprobs kept); ``finish_reason``, ``usage`` and ``error`` from the last one. Streams use
     it to send what queued up while the consumer was busy as one item (fewer Ray items and SSE
     events per token at high token rates). Only the last delta may be finished."""
     if not deltas:
@@ -226,11 +251,13 @@ def merge_deltas(deltas: Sequence[Delta]) -> Delta:
         usage=last.usage,
         error=last.error,
         choices=_merge_choices(deltas) if any(d.choices for d in deltas) else (),
+        logprobs=_concat_logprobs(deltas),
+        prompt_logprobs=_first_prompt_logprobs(deltas),
     )
 
 
 def _merge_choices(deltas: Sequence[Delta]) -> tuple[ChoiceDelta, ...]:
-    """Per choice, in index order: text and ids concatenated, the finish of its last."""
+    """Per choice, in index order: text, ids and logprobs concatenated, the finish of its last."""
     by_index: dict[int, list[ChoiceDelta]] = {}
     for d in deltas:
         for c in d.choices:
@@ -242,7 +269,26 @@ def _merge_choices(deltas: Sequence[Delta]) -> tuple[ChoiceDelta, ...]:
             raise ValueError(f"choice {index}: a finished choice delta can only be its last one merged")
         merged.append(
             ChoiceDelta(
-                index, "".join(c.text for c in cs), tuple(t for c in cs for t in c.token_ids), cs[-1].finish_reason
+                index,
+                "".join(c.text for c in cs),
+                tuple(t for c in cs for t in c.token_ids),
+                cs[-1].finish_reason,
+                _concat_logprobs(cs),
+                _first_prompt_logprobs(cs),
             )
         )
     return tuple(merged)
+
+
+def _concat_logprobs(parts: Sequence[Delta] | Sequence[ChoiceDelta]) -> tuple[TokenLogprobs, ...] | None:
+    """The parts' token logprobs in order; None when none asked."""
+    if all(p.logprobs is None for p in parts):
+        return None
+    return tuple(lp for p in parts if p.logprobs for lp in p.logprobs)
+
+
+def _first_prompt_logprobs(
+    parts: Sequence[Delta] | Sequence[ChoiceDelta],
+) -> tuple[TokenLogprobs | None, ...] | None:
+    """The prompt's logprobs (carried by one part at most), kept through a merge."""
+    return next((p.prompt_logprobs for p in parts if p.prompt_logprobs is not None), None)

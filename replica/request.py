@@ -13,12 +13,14 @@ from replica.grammar import GrammarSpec
 
 if TYPE_CHECKING:
     from replica.grammar import GrammarState
+    from replica.outputs import TokenLogprobs
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_LEN = 256
 MAX_LOGIT_BIAS = 300  # entries, as OpenAI
 MAX_REPETITION_PENALTY = 10.0
 MAX_N = 128  # sequences per request, as OpenAI
+MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's top_logprobs (and vLLM's default max_logprobs)
 
 
 class FinishReason(str, enum.Enum):
@@ -68,6 +70,11 @@ class SamplingParams:
     # Structured output (replica/grammar.py): the output must match this grammar; its rows are
     # masked by the request's matcher and take the eager path.
     guided: GrammarSpec | None = None
+    # Log-probabilities (replica/logprobs.py): None = not asked; N = the sampled token's and the N most
+    # likely alternatives' (0..MAX_LOGPROBS). ``prompt_logprobs``: the same for every prompt token
+    # (OpenAI's echo), which turns prefix-cache reuse off for the request (its prompt logits are needed).
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
     # Derived: needs the token history (penalties) / changes the logits at all. Set on construction.
     uses_penalties: bool = field(default=False, init=False, repr=False, compare=False)
     processes_logits: bool = field(default=False, init=False, repr=False, compare=False)
@@ -115,6 +122,12 @@ class SamplingParams:
         for t in self.stop_token_ids:
             if isinstance(t, bool) or not isinstance(t, int) or t < 0:
                 raise _invalid(f"stop_token_ids must be non-negative integers, got {t!r}", "stop_token_ids")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_LOGPROBS):
+                raise _invalid(f"{name} must be an integer in [0, {MAX_LOGPROBS}], got {v!r}", name)
+        if self.prompt_logprobs is not None and self.logprobs is None:
+            raise _invalid("prompt_logprobs needs logprobs (the output's) as well", "prompt_logprobs")
         self._check_processing()
 
     def _check_processing(self) -> None:
@@ -187,6 +200,9 @@ class Request:
     children: tuple[Request, ...] = field(default=(), repr=False)
     parent: Request | None = field(default=None, repr=False)
     index: int = 0
+    # With ``params.prompt_logprobs``: entry i for prompt token i (None for the first, which nothing
+    # predicts), filled chunk by chunk during prefill (set by the engine).
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -6,6 +6,8 @@ Sampling is the exponential race (equivalently Gumbel-max): the token is
 of a seeded request comes from a generator seeded by ``(seed, num_output_tokens)`` alone, so its
 tokens do not depend on what else shares the batch or in which step it runs (up to the logits
 themselves). Unseeded requests share the engine's generator. Greedy is exactly ``argmax(logits)``.
+Rows whose request asks for logprobs also get them (``sample``; replica/logprobs.py), from the
+same processed logits, on the device.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from replica import logprobs as lp
 from replica.grammar import GrammarState, apply_grammar_masks
 from replica.penalties import apply_penalties, min_p_mask
 from replica.request import SamplingParams
@@ -53,11 +56,35 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
         """``logits [N, V]`` -> sampled token ids ``[N]`` (int64, on the logits' device)."""
-        n, vocab = logits.shape
+        return self.sample(logits, rows)[0]
+
+    def sample(
+        self, logits: torch.Tensor, rows: Sequence[SamplingRow]
+    ) -> tuple[torch.Tensor, lp.DeviceLogprobs | None]:
+        """Sampled ids ``[N]`` and, if a row's request asks for them, those rows' logprobs."""
+        n = logits.shape[0]
         if n != len(rows):
             raise ValueError(f"got {n} logit rows for {len(rows)} sampling rows")
         if n == 0:
-            return torch.empty(0, dtype=torch.long, device=logits.device)
+            return torch.empty(0, dtype=torch.long, device=logits.device), None
+        asking = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
+        logits, tokens = self._sample(logits, rows)
+        if not asking:
+            return tokens, None
+        # The processed logits the tokens were drawn from, under each row's temperature. Shifted by
+        # the row max first, like the draw, so that a tiny temperature gives -inf, never NaN.
+        idx = lp.to_device(asking, torch.int64, logits.device)
+        x = logits.index_select(0, idx).to(lp.float_dtype(logits))
+        temp = lp.to_device([rows[i].params.temperature or 1.0 for i in asking], x.dtype, x.device)
+        temp = temp.clamp_min(torch.finfo(x.dtype).tiny)
+        x = (x - x.amax(dim=-1, keepdim=True)) / temp[:, None]
+        return tokens, lp.compute(
+            x, tokens.index_select(0, idx), [rows[i].params.logprobs or 0 for i in asking], asking
+        )
+
+    def _sample(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the processed logits, the sampled ids)."""
+        vocab = logits.shape[1]
         processed = False
         if any(r.params.processes_logits for r in rows):
             # A float copy (float32 unless the logits are float64): penalties divide and subtract.
@@ -80,7 +107,7 @@ class Sampler:
         out = torch.argmax(logits, dim=-1)
         rand = [i for i, r in enumerate(rows) if not r.params.greedy]
         if not rand:
-            return out
+            return logits, out
         ridx = torch.tensor(rand, device=logits.device)
         rrows = [rows[i] for i in rand]
         cdt = torch.float64 if logits.dtype == torch.float64 else torch.float32
@@ -101,7 +128,7 @@ class Sampler:
         logp = torch.log_softmax(x, dim=-1)
         noise = self._exponential(rrows, vocab, cdt, x.device)
         out[ridx] = torch.argmax(logp - noise.log(), dim=-1)
-        return out
+        return logits, out
 
     def _exponential(
         self, rows: Sequence[SamplingRow], vocab: int, dtype: torch.dtype, device: torch.device

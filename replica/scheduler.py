@@ -189,7 +189,8 @@ class Scheduler:
             n = len(req.children)
             if n and len(self.running) + self._reserved_seats + n > max_seqs:
                 break  # its n choices need n seats
-            hits, num_hit = self.kv.get_computed_prefix(req)
+            # Prompt logprobs (echo) need every prompt position's logits: no prefix reuse for them.
+            hits, num_hit = self.kv.get_computed_prefix(req) if req.params.prompt_logprobs is None else ([], 0)
             target = self._fork_point(req) if n else req.num_tokens
             needed = self.kv.blocks_for(target) - len(hits) + self.kv.num_unreferenced(hits)
             if n:  # and a block of its own for each choice's rest of the prompt

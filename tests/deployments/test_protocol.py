@@ -92,13 +92,14 @@ def test_prompt_forms(prompt, expected):
 @pytest.mark.parametrize(
     "kwargs",
     [
-        {"echo": True},
-        {"logprobs": 2},
         {"best_of": 3},
         {"n": 3, "best_of": 2},
         {"n": 2, "best_of": 3},
         {"suffix": "x"},
         {"prompt": [[1], [2]]},
+        {"logprobs": 21},
+        {"logprobs": -1},
+        {"logprobs": True},
     ],
 )
 def test_unsupported_completion_fields_are_rejected(kwargs):
@@ -115,6 +116,26 @@ def test_n_reaches_the_sampling_params_and_best_of_equal_to_n_is_accepted():
         CompletionRequest(model="m", prompt="x", n=2, best_of=4)
     with pytest.raises(pydantic.ValidationError, match="best_of must be >= n"):
         CompletionRequest(model="m", prompt="x", n=3, best_of=2)
+
+
+def test_logprob_fields_map_to_the_engine():
+    def params(cls, **kw):
+        return cls(model="m", **kw).sampling_params(4)
+
+    chat = dict(messages=[{"role": "user", "content": "x"}])
+    assert (params(ChatCompletionRequest, **chat).logprobs, params(ChatCompletionRequest, **chat).prompt_logprobs) == (
+        None,
+        None,
+    )
+    assert params(ChatCompletionRequest, **chat, logprobs=True).logprobs == 0
+    p = params(ChatCompletionRequest, **chat, logprobs=True, top_logprobs=20)
+    assert (p.logprobs, p.prompt_logprobs) == (20, None)
+    p = params(CompletionRequest, prompt="x", logprobs=3)
+    assert (p.logprobs, p.prompt_logprobs) == (3, None)
+    p = params(CompletionRequest, prompt="x", logprobs=3, echo=True)
+    assert (p.logprobs, p.prompt_logprobs) == (3, 3)
+    p = params(CompletionRequest, prompt="x", echo=True)  # echo alone: the ingress prepends the text
+    assert (p.logprobs, p.prompt_logprobs) == (None, None)
 
 
 def test_top_k_beyond_int64_is_rejected():

@@ -124,3 +124,24 @@ async def test_an_n_request_crosses_the_pipe_as_one_stream_of_choices(engine):
     with pytest.raises(InvalidRequestError) as e:  # refused in the child, typed across the pipe
         await engine.submit_checked("wide", [5, 6, 7], SamplingParams(max_tokens=2, n=5), lambda d: None)
     assert e.value.param == "n" and "max_num_seqs 4" in e.value.message
+
+
+async def test_logprobs_cross_the_pipe_coalesced(engine):
+    """Prompt and output logprobs come through the child process intact, also merged by stream_interval."""
+    params = SamplingParams(max_tokens=9, ignore_eos=True, temperature=0.0, logprobs=3, prompt_logprobs=2)
+    local = AsyncEngine(CONFIG, loaded=load_model(CONFIG.model))
+    await local.start()
+    try:
+        want = [d async for d in local.add_request("lw", PROMPTS[2], params)]
+    finally:
+        await local.shutdown(drain_timeout_s=1)
+    got = [d async for d in engine.add_request("lp", PROMPTS[2], params, stream_interval=4)]
+    assert len(got) < len(want)  # merged items carry several tokens' entries
+    for items in (want, got):
+        assert [len(d.logprobs) for d in items] == [len(d.token_ids) for d in items]
+    flat = [e for d in got for e in d.logprobs]
+    assert [e.token_id for e in flat] == [t for d in want for t in d.token_ids]
+    assert [e.logprob for e in flat] == pytest.approx([e.logprob for d in want for e in d.logprobs], abs=1e-5)
+    assert all(len(e.top_ids) == 3 for e in flat)
+    (plp,) = [d.prompt_logprobs for d in got if d.prompt_logprobs is not None]
+    assert plp[0] is None and len(plp) == len(PROMPTS[2]) and all(len(e.top_ids) == 2 for e in plp[1:])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from replica.outputs import Delta, RunnerOutput, Usage, merge_deltas
+from replica.outputs import Delta, RunnerOutput, TokenLogprobs, Usage, merge_deltas
 from replica.request import FinishReason
 
 
@@ -85,3 +85,39 @@ def test_merge_of_n_choice_deltas_merges_per_choice():
     assert m.choices == (ChoiceDelta(0, "ab", (1, 2), length), ChoiceDelta(1, "xy", (5, 6), stop))
     with pytest.raises(ValueError, match="choice 1"):
         merge_deltas([b, Delta("g", "", (), choices=(ChoiceDelta(1, "z", (7,)),))])
+
+
+def test_merge_concatenates_logprobs_and_keeps_the_prompts():
+    a, b = TokenLogprobs(1, -0.5, (1,), (-0.5,)), TokenLogprobs(2, -1.0, (3,), (-0.2,))
+    prompt = (None, TokenLogprobs(9, -3.0, (), ()))
+    merged = merge_deltas(
+        [
+            Delta("r", "x", (1,), logprobs=(a,), prompt_logprobs=prompt),
+            Delta("r", "", (2,), logprobs=(b,)),
+            Delta("r", "", (7,), FinishReason.STOP, Usage(2, 3), logprobs=()),  # a stop token: no entry
+        ]
+    )
+    assert merged.logprobs == (a, b) and merged.prompt_logprobs == prompt and merged.token_ids == (1, 2, 7)
+    assert merge_deltas([Delta("r", "a", (1,)), Delta("r", "b", (2,))]).logprobs is None  # nobody asked
+
+
+def test_merge_of_n_choice_deltas_keeps_each_choices_logprobs():
+    from replica.outputs import ChoiceDelta
+
+    a, b, c = (TokenLogprobs(t, -float(t), (t,), (-float(t),)) for t in (1, 2, 5))
+    prompt = (None, TokenLogprobs(9, -3.0, (), ()))
+    first = Delta(
+        "g",
+        "",
+        (),
+        choices=(
+            ChoiceDelta(0, "a", (1,), logprobs=(a,), prompt_logprobs=prompt),
+            ChoiceDelta(1, "x", (5,), logprobs=(c,), prompt_logprobs=prompt),
+        ),
+    )
+    last = Delta("g", "", (), FinishReason.LENGTH, Usage(2, 3), choices=(ChoiceDelta(0, "b", (2,), logprobs=(b,)),))
+    m = merge_deltas([first, last])
+    assert m.logprobs is None and m.prompt_logprobs is None  # the request's own fields: n > 1 uses its choices
+    assert [(x.index, x.logprobs, x.prompt_logprobs) for x in m.choices] == [(0, (a, b), prompt), (1, (c,), prompt)]
+    plain = merge_deltas([Delta("g", "", (), choices=(ChoiceDelta(0, "a", (1,)),))] * 2)
+    assert plain.choices[0].logprobs is None  # nobody asked

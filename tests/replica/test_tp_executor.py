@@ -131,3 +131,38 @@ def test_killed_worker_ends_streams_with_an_error_and_the_replica_is_unhealthy()
         engine.engine.close()
     worker.join(5)
     assert not worker.is_alive()
+
+
+def test_tp2_sampled_and_prompt_logprobs_equal_hf_also_for_n_choices():
+    """Rank 0 alone computes logits, so logprobs (sampled and echo's prompt, chunked, an n = 2
+    request's forked choices) come out of its sampler as with one rank."""
+    from tests.replica.test_logprobs import check, hf_log_softmax, run
+
+    engine = LLMEngine(tp_config("llama", num_blocks=64, budget=16))
+    try:
+        prompt = list(range(10, 50))  # 40 tokens: over the token budget (chunked), several shared blocks
+        params = [
+            SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True, logprobs=3, prompt_logprobs=2),
+            SamplingParams(max_tokens=5, temperature=0.8, seed=3, ignore_eos=True, n=2, logprobs=2, prompt_logprobs=1),
+        ]
+        got = run(engine, [prompt, prompt], params)
+    finally:
+        engine.close()
+    reference = models.tiny_model("llama", seed=SEED, dtype=torch.float64).model
+    raw = hf_log_softmax(reference, prompt)
+    parts = {0: got["r0"]}
+    for d in got["r1"]:
+        for c in d.choices:
+            parts.setdefault(c.index + 1, []).append(c)
+    assert sorted(parts) == [0, 1, 2]
+    for key, items in parts.items():
+        sp = params[min(key, 1)]
+        tokens = [t for x in items for t in x.token_ids]
+        ref = hf_log_softmax(reference, prompt + tokens, sp.temperature or 1.0)
+        entries = [e for x in items for e in x.logprobs]
+        for j, (entry, token) in enumerate(zip(entries, tokens, strict=True)):
+            check(entry, ref[len(prompt) - 1 + j], token, sp.logprobs)
+        (plp,) = [x.prompt_logprobs for x in items if x.prompt_logprobs is not None]
+        assert len(plp) == len(prompt) and plp[0] is None
+        for j in range(1, len(prompt)):
+            check(plp[j], raw[j - 1], prompt[j], sp.prompt_logprobs)
