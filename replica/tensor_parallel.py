@@ -102,7 +102,10 @@ class RowParallelLinear(torch.nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight)
-        self.group.allreduce([y]).wait()
+        try:
+            self.group.allreduce([y]).wait()
+        except RuntimeError as e:  # a rank is gone: say so first (the backend's own text is long)
+            raise RuntimeError(f"tensor-parallel rank lost: {e}") from e
         return y if self.bias is None else y + self.bias
 
 
