@@ -396,7 +396,9 @@ class OpenAIService:
                 greq, body.include_usage, self._completion_chunks(greq, body.continuous_usage, echo)
             )
         choices, final = await self._collect(greq)
-        builder = CompletionLogprobsBuilder if greq.params.logprobs is not None else None
+        if body.ranks_candidates():  # best_of: the n with the highest cumulative logprob, in that order
+            choices = sorted(choices, key=lambda c: -sum(t.logprob for t in c.logprobs))[: body.n or 1]
+        builder = CompletionLogprobsBuilder if body.logprobs is not None else None
         resp = CompletionResponse(
             id=rid,
             model=self.served_name,

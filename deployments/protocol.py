@@ -2,7 +2,7 @@
 
 Unknown request fields are rejected (OpenAI answers 400 "Unrecognized request argument"),
 and parameters this server does not implement are rejected with a clear message rather
-than silently ignored (best_of > n, suffix...). Logprobs: chat ``logprobs``/``top_logprobs``
+than silently ignored (suffix, streamed best_of > n...). Logprobs: chat ``logprobs``/``top_logprobs``
 and completions ``logprobs`` (with ``echo``) up to ``MAX_LOGPROBS`` alternatives, per choice
 (deployments/logprobs.py builds the response objects). Engine extras used by
 benchmarks are accepted: ignore_eos, min_tokens, top_k, stop_token_ids.
@@ -16,6 +16,7 @@ aiperf 0.13, ``vllm bench serve``; see tests/deployments/test_protocol.py for th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from typing import Annotated, Any, Literal
@@ -224,13 +225,28 @@ class CompletionRequest(_SamplingFields):
     @field_validator("best_of")
     @classmethod
     def _best_of_n(cls, v: int | None, info: ValidationInfo) -> int | None:
-        """best_of == n is n; ranking more candidates needs per-sequence logprobs: not implemented."""
+        """best_of candidates, the n with the highest cumulative logprob returned (not streamed, as OpenAI)."""
         n = info.data.get("n") or 1
         if v is None or v == n:
             return v
         if v < n:
             raise ValueError(f"best_of must be >= n (got best_of={v}, n={n})")
-        raise ValueError(f"best_of > n is not supported by this server (got best_of={v}, n={n}); use n")
+        if v > MAX_N:
+            raise ValueError(f"best_of must be at most {MAX_N} (got {v})")
+        if info.data.get("stream"):
+            raise ValueError("best_of > n cannot be streamed: the best candidates are known only at the end")
+        return v
+
+    def ranks_candidates(self) -> bool:
+        return self.best_of is not None and self.best_of > (self.n or 1)
+
+    def sampling_params(self, max_tokens: int) -> SamplingParams:
+        params = super().sampling_params(max_tokens)
+        if not self.ranks_candidates():
+            return params
+        # best_of candidates (choice i: seed + i), each with its sampled tokens' logprobs to rank them by.
+        logprobs = 0 if params.logprobs is None else params.logprobs
+        return dataclasses.replace(params, n=self.best_of, logprobs=logprobs)
 
     @field_validator("prompt")
     @classmethod

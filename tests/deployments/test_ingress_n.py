@@ -108,8 +108,11 @@ def test_n_that_cannot_fit_is_refused_with_param_n(client):
         client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, n=9)  # max_num_seqs 8
     assert "max_num_seqs 8" in e.value.body["message"]
     with pytest.raises(openai.BadRequestError) as e:
-        client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, n=2, best_of=3)
+        client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, n=3, best_of=2)
     assert e.value.body["param"] == "best_of"
+    with pytest.raises(openai.BadRequestError) as e:  # as OpenAI: the best are known only at the end
+        client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, n=1, best_of=2, stream=True)
+    assert e.value.body["param"] == "best_of" and "streamed" in e.value.body["message"]
     ok = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, n=2, best_of=2)
     assert len(ok.choices) == 2
 
@@ -122,3 +125,26 @@ def test_each_choice_has_its_own_grammar_matcher(client):
     )
     assert [c.index for c in r.choices] == [0, 1, 2, 3]
     assert all(c.text in options and c.finish_reason == "stop" for c in r.choices)
+
+
+@pytest.mark.parametrize("n, best_of, logprobs", [(1, 3, None), (2, 4, 1)])
+def test_best_of_returns_the_candidates_with_the_highest_cumulative_logprob(client, n, best_of, logprobs):
+    """Candidate i is the single request with seed + i; the n returned are those whose sampled
+    tokens' logprobs sum highest, best first; logprobs only when asked."""
+    kw = dict(model=MODEL, prompt=PROMPT, max_tokens=10, temperature=1.0)
+    singles = [client.completions.create(seed=77 + i, logprobs=0, **kw).choices[0] for i in range(best_of)]
+    scores = [sum(singles[i].logprobs.token_logprobs) for i in range(best_of)]
+    assert len(set(scores)) == best_of  # distinct candidates: the order is well defined
+    best = sorted(range(best_of), key=lambda i: -scores[i])[:n]
+    got = client.completions.create(seed=77, n=n, best_of=best_of, logprobs=logprobs, **kw)
+    assert [c.index for c in got.choices] == list(range(n))
+    assert [c.text for c in got.choices] == [singles[i].text for i in best]
+    if logprobs is None:
+        assert all(c.logprobs is None for c in got.choices)
+    else:
+        for c, i in zip(got.choices, best):
+            assert c.logprobs.token_logprobs == pytest.approx(singles[i].logprobs.token_logprobs, abs=1e-4)
+            assert c.logprobs.tokens == singles[i].logprobs.tokens and len(c.logprobs.top_logprobs) == len(
+                c.logprobs.tokens
+            )
+    assert got.usage.completion_tokens == sum(len(s.logprobs.tokens) for s in singles)  # every candidate counts

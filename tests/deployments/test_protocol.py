@@ -92,9 +92,9 @@ def test_prompt_forms(prompt, expected):
 @pytest.mark.parametrize(
     "kwargs",
     [
-        {"best_of": 3},
+        {"best_of": 3, "stream": True},
         {"n": 3, "best_of": 2},
-        {"n": 2, "best_of": 3},
+        {"best_of": 129},
         {"suffix": "x"},
         {"prompt": [[1], [2]]},
         {"logprobs": 21},
@@ -112,8 +112,11 @@ def test_n_reaches_the_sampling_params_and_best_of_equal_to_n_is_accepted():
     assert r.sampling_params(4).n == 3 and r.sampling_params(4).seed == 5
     assert ChatCompletionRequest(model="m", messages=MSGS, n=2).sampling_params(4).n == 2
     assert ChatCompletionRequest(model="m", messages=MSGS, n=None).sampling_params(4).n == 1
-    with pytest.raises(pydantic.ValidationError, match="best_of > n is not supported"):
-        CompletionRequest(model="m", prompt="x", n=2, best_of=4)
+    ranked = CompletionRequest(model="m", prompt="x", n=2, best_of=4).sampling_params(4)
+    assert ranked.n == 4 and ranked.logprobs == 0  # candidates, with the logprobs that rank them
+    assert CompletionRequest(model="m", prompt="x", best_of=3, logprobs=2).sampling_params(4).logprobs == 2
+    with pytest.raises(pydantic.ValidationError, match="cannot be streamed"):
+        CompletionRequest(model="m", prompt="x", n=2, best_of=4, stream=True)
     with pytest.raises(pydantic.ValidationError, match="best_of must be >= n"):
         CompletionRequest(model="m", prompt="x", n=3, best_of=2)
 
