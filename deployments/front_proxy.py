@@ -24,11 +24,11 @@ two bounds.
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -69,9 +69,8 @@ class Front:
         )
 
 
-def describe_front(limits: RequestLimits, env: Mapping[str, str] | None = None) -> tuple[bool, str]:
+def describe_front(limits: RequestLimits, f: Front) -> tuple[bool, str]:
     """``(as_configured, message)``: one line for the ingress log at start."""
-    f = Front.of(os.environ if env is None else env)
     hint = "export the output of `python -m deployments.front_proxy CONFIG` before Ray starts (./dev serve does)"
     if not f.haproxy:
         return False, (
@@ -88,11 +87,15 @@ def describe_front(limits: RequestLimits, env: Mapping[str, str] | None = None) 
     return True, f"HTTP front: HAProxy, client timeout {want[0]} s, at most {want[1]} connections per node"
 
 
-def config_limits(path: str | Path) -> RequestLimits:
+def limits_of(serve_config: Mapping[str, Any]) -> RequestLimits:
     """The ``limits`` of a Serve config's first application (defaults where it sets none)."""
-    cfg = yaml.safe_load(Path(path).read_text()) or {}
-    apps = cfg.get("applications") or [{}]
+    apps = serve_config.get("applications") or [{}]
     return RequestLimits.model_validate((apps[0].get("args") or {}).get("limits") or {})
+
+
+def config_limits(path: str | Path) -> RequestLimits:
+    """``limits_of`` a Serve config file."""
+    return limits_of(yaml.safe_load(Path(path).read_text()) or {})
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -853,9 +853,10 @@ class OpenAIIngress:
         else:
             client = HandleLLMClient(llm)
         self.service = OpenAIService(client, load_tokenizer(cfg.model), cfg)
-        as_configured, message = describe_front(cfg.limits)
+        front = Front.of(os.environ)  # this process inherits the environment Ray started with
+        as_configured, message = describe_front(cfg.limits, front)
         (logger.info if as_configured else logger.warning)(message)
-        self.behind_haproxy = Front.of(os.environ).haproxy
+        self.behind_haproxy = front.haproxy
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return build_api(self.service, behind_serve_proxy=True, behind_haproxy=self.behind_haproxy)

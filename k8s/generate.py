@@ -211,11 +211,9 @@ def gpu_worker_bounds(serve_config: dict[str, Any], spec: ClusterSpec) -> tuple[
 def front_env_of(serve_config: dict[str, Any]) -> dict[str, str]:
     """HAProxy before the ingress replicas, bounded by the first app's ``limits``
     (deployments/front_proxy.py); Ray reads it when each node starts."""
-    from deployments.front_proxy import front_env
-    from deployments.limits import RequestLimits
+    from deployments.front_proxy import front_env, limits_of
 
-    apps = serve_config.get("applications") or [{}]
-    return front_env(RequestLimits.model_validate((apps[0].get("args") or {}).get("limits") or {}))
+    return front_env(limits_of(serve_config))
 
 
 def _container(

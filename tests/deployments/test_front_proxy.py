@@ -32,13 +32,13 @@ def test_bad_values_are_refused(bad):
 
 def test_the_ingress_says_which_front_it_got():
     lim = RequestLimits()
-    ok, msg = describe_front(lim, front_env(lim))
+    ok, msg = describe_front(lim, Front.of(front_env(lim)))
     assert ok and "HAProxy, client timeout 10 s, at most 4096 connections" in msg
-    ok, msg = describe_front(lim, {})
+    ok, msg = describe_front(lim, Front.of({}))
     assert not ok and "Serve's Python proxy" in msg and "not enforced" in msg
     half = {**front_env(lim), "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}  # HAProxy needs direct ingress
-    assert not describe_front(lim, half)[0]
-    ok, msg = describe_front(RequestLimits(client_timeout_s=30), front_env(lim))
+    assert not describe_front(lim, Front.of(half))[0]
+    ok, msg = describe_front(RequestLimits(client_timeout_s=30), Front.of(front_env(lim)))
     assert not ok and "10 s" in msg and "30 s" in msg
 
 
