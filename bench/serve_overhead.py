@@ -352,6 +352,9 @@ def load_app_args(path: str, model: str | None, sets: list[str] = ()) -> dict[st
     return args
 
 
+FRONTS = ("haproxy", "serve-proxy")
+
+
 async def serve_with_front(a: argparse.Namespace, app_args: dict[str, Any], front: str) -> Phase:
     """One Serve phase on a fresh local Ray cluster, with ``front`` ("haproxy": what ./dev serve
     and the KubeRay manifest start; "serve-proxy": Serve's Python proxy) before the ingress."""
@@ -363,32 +366,23 @@ async def serve_with_front(a: argparse.Namespace, app_args: dict[str, Any], fron
     from deployments.front_proxy import front_env
     from deployments.limits import RequestLimits
 
+    # Runs in a process of its own (amain), so the environment is set for good here.
     env = front_env(RequestLimits.model_validate(app_args.get("limits") or {}))
-    saved = {k: os.environ.get(k) for k in env}
     if front == "haproxy":
         os.environ.update(env)  # read by the controller and proxies Ray starts below
-    elif front == "serve-proxy":
+    else:
         for k in env:
             os.environ.pop(k, None)
-    else:
-        raise SystemExit(f"--fronts: unknown front {front!r} (haproxy, serve-proxy)")
-    try:
-        ray.init(include_dashboard=False, logging_level="WARNING")
-        serve.start(http_options={"host": "127.0.0.1", "port": a.port})
-        serve.run(build_app(app_args), name="cbserve", route_prefix="/", blocking=False)
-        url = f"http://127.0.0.1:{a.port}"
-        await asyncio.to_thread(wait_healthy, url, 600)
-        phase = await serve_phase(a, app_args, url)
-        phase.name += f", {front} front"
-        serve.shutdown()
-        ray.shutdown()
-        return phase
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    ray.init(include_dashboard=False, logging_level="WARNING")
+    serve.start(http_options={"host": "127.0.0.1", "port": a.port})
+    serve.run(build_app(app_args), name="cbserve", route_prefix="/", blocking=False)
+    url = f"http://127.0.0.1:{a.port}"
+    await asyncio.to_thread(wait_healthy, url, 600)
+    phase = await serve_phase(a, app_args, url)
+    phase.name += f", {front} front"
+    serve.shutdown()
+    ray.shutdown()
+    return phase
 
 
 def _serve_phase_process(a: argparse.Namespace, app_args: dict[str, Any], front: str, q: Any) -> None:
@@ -474,6 +468,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tokenizer-dir", default=os.environ.get("CBSERVE_TOKENIZER_DIR"))
     ap.add_argument("--out", default="results/serve_overhead")
     a = ap.parse_args(argv)
+    if unknown := set(a.fronts.split(",")) - set(FRONTS):
+        ap.error(f"--fronts: unknown {sorted(unknown)} (known: {', '.join(FRONTS)})")
     if a.tokenizer_dir:
         from bench.serve_scaling import provide_tokenizer
 

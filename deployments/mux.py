@@ -287,8 +287,7 @@ class MuxLLMClient:
             # The replica aborts this channel's requests when its pump is cancelled: end them here
             # too, or their clients would wait forever.
             gen.cancel()
-            self._pumps.pop(replica_id, None)
-            for inbox in [i for i in self._inboxes.values() if i.replica_id == replica_id]:
+            for inbox in self._waiting(replica_id):
                 inbox.put(ReplicaError("engine_unavailable", "the stream from the model replica was cancelled"))
             raise
         except Exception as exc:  # the replica died, or the pump never opened
@@ -296,13 +295,17 @@ class MuxLLMClient:
             error = _unavailable(exc)
         finally:
             self._pumps.pop(replica_id, None)
-        waiting = [i for i in self._inboxes.values() if i.replica_id == replica_id]
+        waiting = self._waiting(replica_id)
         if error is None:  # ended idle: reopen if a request was submitted meanwhile
             if waiting:
                 self._ensure_pump(replica_id)
             return
         for inbox in waiting:
             inbox.put(error)
+
+    def _waiting(self, replica_id: str) -> list[_Inbox]:
+        """This ingress's requests whose deltas come on ``replica_id``'s pump."""
+        return [i for i in self._inboxes.values() if i.replica_id == replica_id]
 
     def _abort_submitted(self, submit: asyncio.Future[Any], request_id: str) -> None:
         if not submit.cancelled() and submit.exception() is None and isinstance(submit.result(), Submitted):
