@@ -19,7 +19,7 @@ import operator
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
@@ -698,29 +698,38 @@ class LLMEngine:
             close()
 
 
-async def coalesced(queue: asyncio.Queue[Delta], interval: int = 1) -> AsyncIterator[Delta]:
+async def coalesced(
+    queue: asyncio.Queue[Delta], interval: int = 1, on_abandon: Callable[[], None] | None = None
+) -> AsyncGenerator[Delta, None]:
     """One request's deltas from ``queue`` until its last: what queued up while the consumer
     was busy goes out as one item (one per wake-up instead of one per token when it falls
-    behind), and after the first token (which never waits) at least ``interval`` tokens per item."""
-    first_sent = False
-    while True:
-        delta = await queue.get()
-        n = delta.num_tokens
-        if not delta.finished and (not queue.empty() or (first_sent and n < interval)):
-            batch = [delta]
-            while not batch[-1].finished:
-                if not queue.empty():
-                    batch.append(queue.get_nowait())
-                elif first_sent and n < interval:
-                    batch.append(await queue.get())
-                else:
-                    break
-                n += batch[-1].num_tokens
-            delta = merge_deltas(batch)
-        first_sent = first_sent or n > 0
-        yield delta
-        if delta.finished:
-            return
+    behind), and after the first token (which never waits) at least ``interval`` tokens per item.
+    ``on_abandon`` runs if the consumer closes or cancels the stream before its last delta
+    (the engine then aborts the request and frees its blocks)."""
+    first_sent = finished = False
+    try:
+        while True:
+            delta = await queue.get()
+            n = delta.num_tokens
+            if not delta.finished and (not queue.empty() or (first_sent and n < interval)):
+                batch = [delta]
+                while not batch[-1].finished:
+                    if not queue.empty():
+                        batch.append(queue.get_nowait())
+                    elif first_sent and n < interval:
+                        batch.append(await queue.get())
+                    else:
+                        break
+                    n += batch[-1].num_tokens
+                delta = merge_deltas(batch)
+            first_sent = first_sent or n > 0
+            finished = delta.finished
+            yield delta
+            if finished:
+                return
+    finally:
+        if not finished and on_abandon is not None:
+            on_abandon()
 
 
 class AsyncEngine:
@@ -802,7 +811,7 @@ class AsyncEngine:
             raise InvalidRequestError(f"stream_interval must be an integer >= 1, got {stream_interval!r}")
         queue: asyncio.Queue[Delta] = asyncio.Queue()
         self.submit(request_id, prompt, params, queue.put_nowait)
-        return self._stream(request_id, queue, stream_interval)
+        return coalesced(queue, stream_interval, lambda: self.abort_nowait(request_id))
 
     def submit(
         self, request_id: str, prompt: Prompt, params: SamplingParams | None, on_delta: Callable[[Delta], None]
@@ -830,17 +839,6 @@ class AsyncEngine:
             self._inbox.append(("add", req))
             self._num_inbox_adds += 1
         self._wake.set()
-
-    async def _stream(self, request_id: str, queue: asyncio.Queue[Delta], interval: int = 1) -> AsyncIterator[Delta]:
-        finished = False
-        try:
-            async for delta in coalesced(queue, interval):
-                finished = delta.finished
-                yield delta
-        finally:
-            if not finished:  # consumer cancelled or closed the stream: free the request now
-                self._streams.pop(request_id, None)
-                self._post_abort(request_id)
 
     async def abort(self, request_id: str) -> None:
         """Abort a request; its stream (if still read) ends with an ABORT delta."""

@@ -233,14 +233,10 @@ class ProcessEngine:
 
         queue: asyncio.Queue[Delta] = asyncio.Queue()
         await self.submit_checked(request_id, prompt, params, queue.put_nowait)
-        finished = False
-        try:
-            async for d in coalesced(queue, interval):
-                finished = d.finished
+        # aclosing: closing this stream closes the inner one now, which aborts an unfinished request.
+        async with contextlib.aclosing(coalesced(queue, interval, lambda: self.abort_nowait(request_id))) as deltas:
+            async for d in deltas:
                 yield d
-        finally:
-            if not finished:
-                self.abort_nowait(request_id)
 
     async def abort(self, request_id: str) -> None:
         self.abort_nowait(request_id)
