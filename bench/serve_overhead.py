@@ -14,7 +14,9 @@ Two phases in one process, one after the other on the same GPU:
 The workload (both phases): chat requests of ``--prompt-words`` random words (about 200 tokens
 after the chat template), exactly ``--output-len`` tokens (``ignore_eos``), greedy. Figures:
 
-- idle TTFT p50: ``--idle-requests`` sequential requests, time to the first token;
+- idle TTFT p50: ``--idle-requests`` sequential requests, time to the first token. In both phases
+  "first token" is the first one with text, as an SSE client sees it: with dummy weights a token
+  that decodes to no text yet (part of a UTF-8 character) sends no event;
 - one stream: the p50 gap between a single stream's token events vs the engine's ms per step;
 - ``--streams`` closed-loop streams for ``--warmup`` + ``--duration`` s: output tok/s in the
   window (a request's tokens spread evenly between its first token and its end), TTFT p50/p99
@@ -147,10 +149,10 @@ async def engine_phase(a: argparse.Namespace, app_args: dict[str, Any]) -> Phase
         p = params if max_tokens == a.output_len else SamplingParams(max_tokens=max_tokens, ignore_eos=True)
         async for d in engine.add_request(f"e{n}", prompt, p):
             now = time.perf_counter()
-            if d.token_ids:
+            r.tokens += len(d.token_ids)
+            if d.text:  # as the HTTP client counts: a token that decodes to no text yet sends no event
                 r.first = r.first or now
                 r.events.append(now)
-                r.tokens += len(d.token_ids)
             if d.finished:
                 r.end = now
                 if d.error:
@@ -164,7 +166,8 @@ async def engine_phase(a: argparse.Namespace, app_args: dict[str, Any]) -> Phase
         await one(prompt(), 8)
     for _ in range(a.idle_requests):
         r = await one(prompt(), 4)
-        phase.idle_ttft_ms.append((r.first - r.start) * 1e3)
+        if r.first is not None:  # (4 tokens that decode to no text: no first token to time)
+            phase.idle_ttft_ms.append((r.first - r.start) * 1e3)
     s0 = engine.stats()
     r = await one(prompt())
     s1 = engine.stats()
@@ -457,7 +460,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--set", action="append", default=[], help="override an app arg: replica.stream_interval=8")
     ap.add_argument("--streams", type=int, default=256)
-    ap.add_argument("--client-procs", type=int, default=4)
+    ap.add_argument(
+        "--client-procs",
+        type=int,
+        default=None,
+        help="HTTP client processes (default: one per 20 streams, at least 4); a client process near one "
+        "core delays its own sends and reads, which inflates the Serve phase's TTFT",
+    )
     ap.add_argument("--prompt-words", type=int, default=190)
     ap.add_argument("--output-len", type=int, default=256)
     ap.add_argument("--idle-requests", type=int, default=20)
@@ -468,6 +477,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tokenizer-dir", default=os.environ.get("CBSERVE_TOKENIZER_DIR"))
     ap.add_argument("--out", default="results/serve_overhead")
     a = ap.parse_args(argv)
+    if a.client_procs is None:
+        a.client_procs = max(4, -(-a.streams // 20))
     if unknown := set(a.fronts.split(",")) - set(FRONTS):
         ap.error(f"--fronts: unknown {sorted(unknown)} (known: {', '.join(FRONTS)})")
     if a.tokenizer_dir:
