@@ -52,7 +52,7 @@ _RATE_WINDOW_S = 10.0  # output tokens/s is measured over this recent window
 
 
 def _default_detokenizer(tokenizer: Any, prompt_token_ids: Sequence[int], params: SamplingParams) -> Detokenizer:
-    from replica.tokenizer import IncrementalDetokenizer
+    from replica.detokenizer import IncrementalDetokenizer
 
     return IncrementalDetokenizer(tokenizer, prompt_token_ids, params.stop, min_tokens=params.min_tokens)
 
