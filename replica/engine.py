@@ -24,6 +24,7 @@ from replica.config import EngineConfig
 from replica.errors import InvalidRequestError, QueueFullError, RequestTooLongError
 from replica.grammar import GrammarCache
 from replica.interfaces import Detokenizer, PipelinedRunner, Prompt, Runner
+from replica.kv_sizing import scheduler_blocks
 from replica.outputs import (
     ChoiceDelta,
     CompletionOutput,
@@ -100,22 +101,12 @@ class LLMEngine:
             assert loaded is not None
             built, self.max_model_len = build_runner(config, loaded, self.max_model_len, self.tokenizer.eos_token_ids)
             runner, warm_up = built, config.runner.warmup and built.device.type == "cuda"
-        num_blocks = int(config.cache.num_blocks or runner.num_blocks or 0)
-        if not num_blocks:
-            raise ValueError("set CacheConfig.num_blocks (or runner.num_blocks) with an injected runner")
-        # The scheduler hands out block ids and slots for the runner's pool: they must agree.
-        if runner.num_blocks and num_blocks > runner.num_blocks:
-            raise ValueError(f"CacheConfig.num_blocks {num_blocks} exceeds the runner's {runner.num_blocks} blocks")
-        if runner.block_size != config.cache.block_size:
-            raise ValueError(
-                f"CacheConfig.block_size {config.cache.block_size} differs from the runner's {runner.block_size}"
-            )
         self.runner: Runner = runner
-        self.num_blocks = num_blocks
+        self.num_blocks = scheduler_blocks(config.cache, runner)
         self._vocab_size = runner.vocab_size
         self._grammars: GrammarCache | None = None  # built at the first structured-output request
         self.scheduler = Scheduler(
-            config.scheduler, config.cache, num_blocks=num_blocks, max_model_len=self.max_model_len
+            config.scheduler, config.cache, num_blocks=self.num_blocks, max_model_len=self.max_model_len
         )
         self._detokenizer_factory = detokenizer_factory or _default_detokenizer
         if detokenizer_factory is None and callable(getattr(self.tokenizer, "token_bytes", None)):

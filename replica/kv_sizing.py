@@ -1,16 +1,20 @@
 """How big the paged KV pool is: the shape of one token's KV (``kv_shape``), the bytes of one
-block (``block_bytes``), and how many blocks a replica gets (``kv_cache_num_blocks``)."""
+block (``block_bytes``), how many blocks a replica's runner gets (``kv_cache_num_blocks``), and
+how many of them the scheduler hands out (``scheduler_blocks``)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from replica.config import EngineConfig
+from replica.config import CacheConfig, EngineConfig
 from replica.model_check import text_config
 from replica.models import DTYPES
 from replica.tensor_parallel import tensor_parallel_size
+
+if TYPE_CHECKING:
+    from replica.interfaces import Runner
 
 
 def kv_shape(hf_config: Any) -> tuple[int, int, int]:
@@ -56,3 +60,17 @@ def kv_cache_num_blocks(config: EngineConfig, model: Any, max_model_len: int) ->
         raise ValueError(f"no room for a single KV block of {per_block} bytes ({where})")
     blocks_per_seq = -(-max_model_len // cache.block_size)
     return min(n, config.scheduler.max_num_seqs * blocks_per_seq)
+
+
+def scheduler_blocks(cache: CacheConfig, runner: Runner) -> int:
+    """The blocks the scheduler hands out: ``cache.num_blocks``, else the runner's pool. Its
+    block ids and slots index the runner's pool, so a pool too small or a block size that
+    differs is refused."""
+    num_blocks = int(cache.num_blocks or runner.num_blocks or 0)
+    if not num_blocks:
+        raise ValueError("set CacheConfig.num_blocks (or runner.num_blocks) with an injected runner")
+    if runner.num_blocks and num_blocks > runner.num_blocks:
+        raise ValueError(f"CacheConfig.num_blocks {num_blocks} exceeds the runner's {runner.num_blocks} blocks")
+    if runner.block_size != cache.block_size:
+        raise ValueError(f"CacheConfig.block_size {cache.block_size} differs from the runner's {runner.block_size}")
+    return num_blocks
