@@ -47,8 +47,9 @@ class _Abort:
     request_id: str
 
 
-def _error_delta(request_id: str, error: str) -> Delta:
-    return Delta(request_id, "", (), FinishReason.ERROR, Usage(0, 0), error)
+def _end_delta(request_id: str, reason: FinishReason, error: str | None) -> Delta:
+    """The last delta of a request that ends outside a step (refused late, aborted, failed)."""
+    return Delta(request_id, "", (), reason, Usage(0, 0), error)
 
 
 async def coalesced(
@@ -86,13 +87,8 @@ async def coalesced(
 
 
 class AsyncEngine:
-    """``LLMEngine`` stepping in a background thread, so the asyncio loop stays free.
-
-    ``add_request`` validates and refuses synchronously, then hands the request to the
-    step thread through a locked inbox; deltas come back through a per-request
-    ``asyncio.Queue`` fed with ``loop.call_soon_threadsafe``. Only the step thread touches
-    the engine's queues and cache, so no lock is held during a step.
-    """
+    """``LLMEngine`` stepping in a background thread, so the asyncio loop stays free (see the
+    module docstring for who touches what)."""
 
     _MAX_CONSECUTIVE_FAILURES = 3
     _HASHES_REFRESH_S = 0.5
@@ -260,7 +256,7 @@ class AsyncEngine:
         """Give every open stream a final delta: nobody waits forever."""
         streams, self._streams = self._streams, {}
         for rid, sink in streams.items():
-            sink(Delta(rid, "", (), reason, Usage(0, 0), error))
+            sink(_end_delta(rid, reason, error))
 
     # ----- step thread ------------------------------------------------------------------
 
@@ -292,7 +288,7 @@ class AsyncEngine:
                     try:
                         eng.add(item.request, enforce_queue_limit=False)  # the bound was checked on arrival
                     except EngineError as e:
-                        deltas.append(_error_delta(item.request.request_id, e.message))
+                        deltas.append(_end_delta(item.request.request_id, FinishReason.ERROR, e.message))
                     finally:
                         with self._lock:
                             self._num_inbox_adds -= 1
@@ -345,7 +341,7 @@ class AsyncEngine:
                 adds = [item.request for item in items if isinstance(item, _Add)]
                 self._num_inbox_adds -= len(adds)
             deltas.extend(eng.fail_requests(eng.unfinished_request_ids(), msg))
-            deltas.extend(_error_delta(req.request_id, msg) for req in adds)
+            deltas.extend(_end_delta(req.request_id, FinishReason.ERROR, msg) for req in adds)
         return deltas
 
     def _refresh(self, *, force: bool = False) -> None:
