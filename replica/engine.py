@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import itertools
 import logging
-import operator
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from replica.config import EngineConfig
-from replica.errors import InvalidRequestError, QueueFullError, RequestTooLongError
-from replica.grammar import GrammarCache
+from replica.errors import QueueFullError, RequestTooLongError
+from replica.intake import RequestIntake
 from replica.interfaces import Detokenizer, PipelinedRunner, Prompt, Runner
 from replica.kv_sizing import scheduler_blocks
 from replica.outputs import (
@@ -103,11 +102,10 @@ class LLMEngine:
             runner, warm_up = built, config.runner.warmup and built.device.type == "cuda"
         self.runner: Runner = runner
         self.num_blocks = scheduler_blocks(config.cache, runner)
-        self._vocab_size = runner.vocab_size
-        self._grammars: GrammarCache | None = None  # built at the first structured-output request
         self.scheduler = Scheduler(
             config.scheduler, config.cache, num_blocks=self.num_blocks, max_model_len=self.max_model_len
         )
+        self.intake = RequestIntake(self.tokenizer, runner.vocab_size, self.scheduler.admission)
         self._detokenizer_factory = detokenizer_factory or _default_detokenizer
         if detokenizer_factory is None and callable(getattr(self.tokenizer, "token_bytes", None)):
             # The byte-level detokenizer's table (~0.1-0.3 s once per tokenizer): now, not in the
@@ -135,65 +133,14 @@ class LLMEngine:
     # ----- requests ---------------------------------------------------------------------
 
     def make_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None) -> Request:
-        """Tokenize and validate, raising InvalidRequestError / RequestTooLongError before
-        any work. Touches no engine state besides the refusal counter (thread-safe enough
-        for AsyncEngine to call it from the event loop)."""
-        params = params if params is not None else SamplingParams()
-        if not isinstance(params, SamplingParams):
-            raise InvalidRequestError(f"params must be SamplingParams, got {type(params).__name__}")
-        if not isinstance(request_id, str) or not request_id:
-            raise InvalidRequestError("request_id must be a non-empty string", param="request_id")
-        if isinstance(prompt, str):
-            ids = self.tokenizer.encode(prompt)
-        else:
-            try:
-                # operator.index, not int(): a float or a numeric string is not a token id.
-                ids = [operator.index(t) for t in prompt]
-            except TypeError:
-                raise InvalidRequestError(
-                    "prompt must be a string or a list of integer token ids", param="prompt"
-                ) from None
-            bad = [t for t in ids if not 0 <= t < self._vocab_size]
-            if bad:
-                raise InvalidRequestError(
-                    f"prompt token ids must be in [0, {self._vocab_size}), got {bad[0]}", param="prompt"
-                )
-        if not ids:
-            raise InvalidRequestError("the prompt must contain at least one token", param="prompt")
-        req = Request(
-            request_id=request_id,
-            prompt_token_ids=ids,
-            params=params,
-            arrival_time=time.monotonic(),
-            eos_token_ids=frozenset(self.tokenizer.eos_token_ids),
-        )
+        """``intake.make``: tokenize and validate, raising InvalidRequestError / RequestTooLongError
+        before any work. Touches no engine state besides the refusal counter (AsyncEngine calls
+        it from the event loop)."""
         try:
-            self.scheduler.admission.check_fits(req)
+            return self.intake.make(request_id, prompt, params)
         except RequestTooLongError:
             self._num_refused += 1
             raise
-        req.make_children()
-        if params.guided is not None:
-            # Compiled here, when the request is made (cached per spec), never in the step loop.
-            for seq in req.children or (req,):  # each choice its own matcher
-                seq.grammar = self.grammars.state(params.guided)
-        if params.prompt_logprobs is not None:
-            # Nothing predicts the first prompt token. One list for the request and its choices:
-            # they score the same prompt, whichever computes a position first fills it in.
-            shared: list[TokenLogprobs | None] = [None]
-            for seq in (req, *req.children):
-                seq.prompt_logprobs = shared
-        return req
-
-    @property
-    def grammars(self) -> GrammarCache:
-        """The structured-output compiler of this engine's tokenizer and model vocabulary."""
-        if self._grammars is None:
-            hf = getattr(self.tokenizer, "hf", None)
-            if hf is None:
-                raise InvalidRequestError("structured output needs a Hugging Face tokenizer", param="response_format")
-            self._grammars = GrammarCache(hf, self._vocab_size, self.tokenizer.eos_token_ids)
-        return self._grammars
 
     def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None) -> None:
         """Queue a request; raises an EngineError subclass (and changes nothing) on refusal."""
@@ -483,7 +430,7 @@ class LLMEngine:
 
     @property
     def vocab_size(self) -> int:
-        return self._vocab_size
+        return self.intake.vocab_size
 
     @property
     def num_waiting(self) -> int:
