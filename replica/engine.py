@@ -1,5 +1,5 @@
-"""The engine: ``LLMEngine`` (synchronous step loop) and ``AsyncEngine`` (the same engine
-stepping in a background thread, with one asyncio stream of deltas per request).
+"""``LLMEngine``: the synchronous step loop (``AsyncEngine``, in ``async_engine.py``, runs it in
+a background thread for a server).
 
 One step is three verbs: ``scheduler.schedule()`` -> ``runner.run()`` ->
 ``scheduler.update()``; the engine then turns new tokens into text deltas with a
@@ -12,20 +12,18 @@ An n > 1 request runs as n child requests in the scheduler (one per choice, see
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import logging
-import operator
-import threading
 import time
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
-from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from replica.config import EngineConfig
-from replica.errors import EngineError, EngineUnavailableError, InvalidRequestError, QueueFullError, RequestTooLongError
-from replica.grammar import GrammarCache
+from replica.errors import QueueFullError, RequestTooLongError
+from replica.intake import RequestIntake
+from replica.interfaces import Detokenizer, PipelinedRunner, Prompt, Runner
+from replica.kv_sizing import scheduler_blocks
 from replica.outputs import (
     ChoiceDelta,
     CompletionOutput,
@@ -35,7 +33,6 @@ from replica.outputs import (
     SchedulerOutput,
     TokenLogprobs,
     Usage,
-    merge_deltas,
 )
 from replica.pending_step import PendingStep
 from replica.request import FinishReason, Request, RequestStatus, SamplingParams
@@ -47,7 +44,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-Prompt = str | Sequence[int]
 # Builds a NamedTuple from a full tuple of its fields: a Delta per request per step on the host's
 # critical path, and the generated __new__ (a Python-level call filling defaults) costs ~2x more.
 _new_tuple = tuple.__new__
@@ -55,59 +51,16 @@ _D = TypeVar("_D", Delta, ChoiceDelta)  # what carries a token's logprobs
 _RATE_WINDOW_S = 10.0  # output tokens/s is measured over this recent window
 
 
-class Runner(Protocol):
-    def run(self, out: SchedulerOutput) -> RunnerOutput: ...
-
-
-class PipelinedRunner(Runner, Protocol):
-    """A runner that can start a step before the previous one's tokens reached the host."""
-
-    def launch(self, out: SchedulerOutput, prev: PendingStep | None) -> PendingStep: ...
-
-
-class Detokenizer(Protocol):
-    def add(self, token_ids: Sequence[int]) -> tuple[str, bool]: ...
-    def flush(self) -> str: ...
-
-
 def _default_detokenizer(tokenizer: Any, prompt_token_ids: Sequence[int], params: SamplingParams) -> Detokenizer:
-    from replica.tokenizer import IncrementalDetokenizer
+    from replica.detokenizer import IncrementalDetokenizer
 
     return IncrementalDetokenizer(tokenizer, prompt_token_ids, params.stop, min_tokens=params.min_tokens)
-
-
-def kv_cache_num_blocks(config: EngineConfig, model: Any, max_model_len: int) -> int:
-    """KV pool size: ``cache.num_blocks`` if set, else free CUDA memory times
-    ``gpu_memory_utilization`` (CUDA) or ``cpu_cache_gib`` (CPU), divided by the size of a
-    block; capped at what ``max_num_seqs`` full-length sequences could ever use (a tiny
-    model would otherwise get millions of blocks it can never fill)."""
-    cache = config.cache
-    if cache.num_blocks is not None:
-        return cache.num_blocks
-    import torch
-
-    from replica.model_runner import ModelRunner
-
-    param = next(model.parameters())
-    per_block = ModelRunner.block_bytes(model.config, cache.block_size, param.dtype)
-    if param.device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(param.device)
-        budget = free * cache.gpu_memory_utilization
-        where = f"{free / 2**30:.2f} GiB free on {param.device} x gpu_memory_utilization {cache.gpu_memory_utilization}"
-    else:
-        budget = cache.cpu_cache_gib * 2**30
-        where = f"cpu_cache_gib {cache.cpu_cache_gib}"
-    n = int(budget // per_block)
-    if n < 1:
-        raise ValueError(f"no room for a single KV block of {per_block} bytes ({where})")
-    blocks_per_seq = -(-max_model_len // cache.block_size)
-    return min(n, config.scheduler.max_num_seqs * blocks_per_seq)
 
 
 class LLMEngine:
     """Synchronous engine: ``add_request`` then call ``step`` until ``has_unfinished`` is False.
 
-    Components can be injected for tests: ``runner`` (anything with ``run``),
+    Components can be injected for tests: ``runner`` (an ``interfaces.Runner``),
     ``tokenizer`` and ``detokenizer_factory``; without them they come from ``loaded``
     (or ``replica.models.load_model(config.model)``).
     """
@@ -140,56 +93,19 @@ class LLMEngine:
             )
         self.model_name = config.model.served_name or (loaded.name if loaded is not None else config.model.model)
         self.block_size = config.cache.block_size
-        built_runner = runner is None
+        warm_up = False
         if runner is None:
-            from replica.model_check import dry_run, inspect_model
-            from replica.model_runner import ModelRunner
+            from replica.runner_factory import build_runner
 
-            # Refuse, before any request, what the paged path cannot serve exactly (model_check).
-            verdict = inspect_model(loaded.model)  # type: ignore[union-attr]
-            self.max_model_len = verdict.cap(self.max_model_len, config.scheduler.max_num_batched_tokens)
-            if config.parallel.tensor_parallel_size > 1:
-                from replica.tp_executor import tp_runner
-
-                runner, reference = tp_runner(config, loaded, self.max_model_len)  # type: ignore[arg-type]
-                num_blocks = runner.num_blocks
-                try:
-                    dry_run(runner, reference)
-                except BaseException:
-                    runner.close()
-                    raise
-            else:
-                num_blocks = kv_cache_num_blocks(config, loaded.model, self.max_model_len)  # type: ignore[union-attr]
-                runner = ModelRunner(
-                    loaded.model,  # type: ignore[union-attr]
-                    config.cache,
-                    config.runner,
-                    num_blocks,
-                    seed=config.model.seed,
-                    eos_token_ids=self.tokenizer.eos_token_ids,
-                    max_model_len=self.max_model_len,
-                )
-                dry_run(runner)
-        else:
-            runner_blocks = getattr(runner, "num_blocks", None)
-            num_blocks = int(config.cache.num_blocks or runner_blocks or 0)
-            if not num_blocks:
-                raise ValueError("set CacheConfig.num_blocks (or runner.num_blocks) with an injected runner")
-            # The scheduler hands out block ids and slots for the runner's pool: they must agree.
-            if runner_blocks and num_blocks > runner_blocks:
-                raise ValueError(f"CacheConfig.num_blocks {num_blocks} exceeds the runner's {runner_blocks} blocks")
-            runner_bs = getattr(runner, "block_size", None)
-            if runner_bs is not None and runner_bs != config.cache.block_size:
-                raise ValueError(
-                    f"CacheConfig.block_size {config.cache.block_size} differs from the runner's {runner_bs}"
-                )
-        self.runner = runner
-        self.num_blocks = num_blocks
-        self._vocab_size = int(getattr(runner, "vocab_size", 0) or self.tokenizer.vocab_size)
-        self._grammars: GrammarCache | None = None  # built at the first structured-output request
+            assert loaded is not None
+            built, self.max_model_len = build_runner(config, loaded, self.max_model_len, self.tokenizer.eos_token_ids)
+            runner, warm_up = built, config.runner.warmup and built.device.type == "cuda"
+        self.runner: Runner = runner
+        self.num_blocks = scheduler_blocks(config.cache, runner)
         self.scheduler = Scheduler(
-            config.scheduler, config.cache, num_blocks=num_blocks, max_model_len=self.max_model_len
+            config.scheduler, config.cache, num_blocks=self.num_blocks, max_model_len=self.max_model_len
         )
+        self.intake = RequestIntake(self.tokenizer, runner.vocab_size, self.scheduler.admission)
         self._detokenizer_factory = detokenizer_factory or _default_detokenizer
         if detokenizer_factory is None and callable(getattr(self.tokenizer, "token_bytes", None)):
             # The byte-level detokenizer's table (~0.1-0.3 s once per tokenizer): now, not in the
@@ -201,10 +117,9 @@ class LLMEngine:
         self._groups: dict[str, Request] = {}
         self._pending: list[Delta] = []  # deltas of requests finished outside a step (abort)
         self._last_scheduled: tuple[str, ...] = ()
-        self._async = config.scheduler.async_scheduling and hasattr(runner, "launch")
+        self._async = config.scheduler.async_scheduling and isinstance(runner, PipelinedRunner)
         # The launched step not yet applied: (its SchedulerOutput, its handle, its start time).
         self._inflight: tuple[SchedulerOutput, PendingStep, float] | None = None
-        self._ids = itertools.count()
         # counters
         self._num_steps = 0
         self._num_refused = 0
@@ -212,71 +127,20 @@ class LLMEngine:
         self._generation_tokens_total = 0
         self._cached_prompt_tokens_total = 0
         self._rate: deque[tuple[float, int]] = deque()  # (step start, output tokens)
-        if built_runner and config.runner.warmup and getattr(getattr(runner, "device", None), "type", None) == "cuda":
+        if warm_up:
             logger.info("engine warm-up took %.2f s", self.warmup())
 
     # ----- requests ---------------------------------------------------------------------
 
     def make_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None) -> Request:
-        """Tokenize and validate, raising InvalidRequestError / RequestTooLongError before
-        any work. Touches no engine state besides the refusal counter (thread-safe enough
-        for AsyncEngine to call it from the event loop)."""
-        params = params if params is not None else SamplingParams()
-        if not isinstance(params, SamplingParams):
-            raise InvalidRequestError(f"params must be SamplingParams, got {type(params).__name__}")
-        if not isinstance(request_id, str) or not request_id:
-            raise InvalidRequestError("request_id must be a non-empty string", param="request_id")
-        if isinstance(prompt, str):
-            ids = self.tokenizer.encode(prompt)
-        else:
-            try:
-                # operator.index, not int(): a float or a numeric string is not a token id.
-                ids = [operator.index(t) for t in prompt]
-            except TypeError:
-                raise InvalidRequestError(
-                    "prompt must be a string or a list of integer token ids", param="prompt"
-                ) from None
-            bad = [t for t in ids if not 0 <= t < self._vocab_size]
-            if bad:
-                raise InvalidRequestError(
-                    f"prompt token ids must be in [0, {self._vocab_size}), got {bad[0]}", param="prompt"
-                )
-        if not ids:
-            raise InvalidRequestError("the prompt must contain at least one token", param="prompt")
-        req = Request(
-            request_id=request_id,
-            prompt_token_ids=ids,
-            params=params,
-            arrival_time=time.monotonic(),
-            eos_token_ids=frozenset(self.tokenizer.eos_token_ids),
-        )
+        """``intake.make``: tokenize and validate, raising InvalidRequestError / RequestTooLongError
+        before any work. Touches no engine state besides the refusal counter (AsyncEngine calls
+        it from the event loop)."""
         try:
-            self.scheduler.admission.check_fits(req)
+            return self.intake.make(request_id, prompt, params)
         except RequestTooLongError:
             self._num_refused += 1
             raise
-        req.make_children()
-        if params.guided is not None:
-            # Compiled here, when the request is made (cached per spec), never in the step loop.
-            for seq in req.children or (req,):  # each choice its own matcher
-                seq.grammar = self.grammars.state(params.guided)
-        if params.prompt_logprobs is not None:
-            # Nothing predicts the first prompt token. One list for the request and its choices:
-            # they score the same prompt, whichever computes a position first fills it in.
-            shared: list[TokenLogprobs | None] = [None]
-            for seq in (req, *req.children):
-                seq.prompt_logprobs = shared
-        return req
-
-    @property
-    def grammars(self) -> GrammarCache:
-        """The structured-output compiler of this engine's tokenizer and model vocabulary."""
-        if self._grammars is None:
-            hf = getattr(self.tokenizer, "hf", None)
-            if hf is None:
-                raise InvalidRequestError("structured output needs a Hugging Face tokenizer", param="response_format")
-            self._grammars = GrammarCache(hf, self._vocab_size, self.tokenizer.eos_token_ids)
-        return self._grammars
 
     def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None) -> None:
         """Queue a request; raises an EngineError subclass (and changes nothing) on refusal."""
@@ -303,6 +167,15 @@ class LLMEngine:
         req = self.scheduler.abort(request_id)
         if req is not None:
             self._pending.append(self._final(req, "", ()))
+
+    def discard(self, request_ids: Sequence[str]) -> None:
+        """Abort these requests and drop their deltas not returned yet: for a caller that stops
+        reading them (``offline.generate`` after an error)."""
+        for rid in request_ids:
+            self.abort(rid)
+            self._forget(rid)  # one a failed step finished: no final delta will come
+        gone = set(request_ids)
+        self._pending = [d for d in self._pending if d.request_id not in gone]
 
     def fail_requests(self, request_ids: Sequence[str], error: str) -> list[Delta]:
         """Finish these requests with FinishReason.ERROR (after a failed step); returns their
@@ -533,37 +406,13 @@ class LLMEngine:
             self._live.pop(seq.request_id, None)
         self._live.pop(request_id, None)
 
-    # ----- warm-up ------------------------------------------------------------------------
+    # ----- drivers (replica.offline) -----------------------------------------------------
 
     def warmup(self, num_decode: int = 8) -> float:
-        """Run throwaway requests through every path a real step takes (a prefill chunk of the
-        full token budget, a mixed step, decode steps) so that kernel compilation, cuBLAS
-        heuristics and allocator growth happen now, not in a user's first request. Leaves no
-        trace: counters, rate window and prefix cache are reset. Returns the seconds it took."""
-        if self.has_unfinished():
-            raise RuntimeError("warmup needs an idle engine")
-        t0 = time.monotonic()
-        budget = self.config.scheduler.max_num_batched_tokens
-        long_len = max(1, min(budget, self.max_model_len - 2))
-        vocab = max(2, min(self._vocab_size, 30_000))
-        greedy = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
-        self.add(
-            self.make_request("warmup-long", [(7 * i) % vocab + 1 for i in range(long_len)], greedy),
-            enforce_queue_limit=False,
-        )
-        n = max(1, min(num_decode, self.config.scheduler.max_num_seqs - 1))
-        for i in range(n):
-            prompt = [(13 * i + j) % vocab + 1 for j in range(min(16 + 8 * i, self.max_model_len - 9))]
-            self.add(self.make_request(f"warmup-{i}", prompt, replace(greedy, max_tokens=8)), enforce_queue_limit=False)
-        while self.has_unfinished():
-            self.step()
-        self.scheduler.kv.reset_prefix_cache()
-        self._num_steps = self._prompt_tokens_total = self._generation_tokens_total = 0
-        self._cached_prompt_tokens_total = 0
-        self._rate.clear()
-        return time.monotonic() - t0
+        """``offline.warmup``: throwaway requests through every step path; returns its seconds."""
+        from replica.offline import warmup
 
-    # ----- offline batches ----------------------------------------------------------------
+        return warmup(self, num_decode)
 
     def generate(
         self,
@@ -572,86 +421,32 @@ class LLMEngine:
         *,
         use_tqdm: bool = True,
     ) -> list[CompletionOutput]:
-        """Run a batch to completion; outputs in the order of ``prompts``. Every prompt is
-        validated before any work (a refusal raises and runs nothing); the bounded waiting
-        queue is fed as it drains."""
-        plist_prompts: list[Prompt]
-        if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)):
-            plist_prompts = [cast(Prompt, prompts)]
-        else:
-            plist_prompts = list(cast(Sequence[Prompt], prompts))
-        prompts = plist_prompts
-        if params is None or isinstance(params, SamplingParams):
-            plist = [params or SamplingParams()] * len(prompts)
-        else:
-            plist = list(params)
-            if len(plist) != len(prompts):
-                raise InvalidRequestError(f"got {len(plist)} SamplingParams for {len(prompts)} prompts")
-        todo = deque(
-            self.make_request(f"generate-{next(self._ids)}", p, sp) for p, sp in zip(prompts, plist, strict=True)
-        )
-        order = [r.request_id for r in todo]
-        reqs = {r.request_id: r for r in todo}
-        # Per request, per choice (one for n = 1): text parts, token ids, finish reason.
-        texts: dict[str, list[list[str]]] = {rid: [[] for _ in range(r.params.n)] for rid, r in reqs.items()}
-        tokens: dict[str, list[list[int]]] = {rid: [[] for _ in range(r.params.n)] for rid, r in reqs.items()}
-        reasons: dict[str, list[FinishReason | None]] = {rid: [None] * r.params.n for rid, r in reqs.items()}
-        results: dict[str, CompletionOutput] = {}
-        bar = None
-        if use_tqdm:
-            from tqdm.auto import tqdm
+        """``offline.generate``: run a batch to completion; outputs in the order of ``prompts``."""
+        from replica.offline import generate
 
-            bar = tqdm(total=len(order), desc="generate", unit="req", dynamic_ncols=True)
-        try:
-            while todo or self.has_unfinished():
-                # Feed the bounded queue as it drains (at least one waiting, even with max_waiting 0).
-                while todo and self.scheduler.num_waiting < max(1, self.config.scheduler.max_waiting):
-                    self.add(todo.popleft(), enforce_queue_limit=False)
-                for d in self.step():
-                    rid = d.request_id
-                    if rid not in texts:
-                        continue  # someone else's request sharing this engine
-                    if not d.choices:
-                        texts[rid][0].append(d.text)
-                        tokens[rid][0].extend(d.token_ids)
-                    for c in d.choices:
-                        texts[rid][c.index].append(c.text)
-                        tokens[rid][c.index].extend(c.token_ids)
-                        reasons[rid][c.index] = c.finish_reason or reasons[rid][c.index]
-                    if d.finished:
-                        assert d.finish_reason is not None and d.usage is not None
-                        prompt = tuple(reqs[rid].prompt_token_ids)
-                        outs = [
-                            CompletionOutput(
-                                request_id=rid,
-                                prompt_token_ids=prompt,
-                                token_ids=tuple(tokens[rid][i]),
-                                text="".join(texts[rid][i]),
-                                finish_reason=reasons[rid][i] or d.finish_reason,
-                                usage=Usage(len(prompt), len(tokens[rid][i]), d.usage.cached_tokens),
-                            )
-                            for i in range(len(texts[rid]))
-                        ]
-                        results[rid] = replace(outs[0], usage=d.usage, choices=tuple(outs) if len(outs) > 1 else ())
-                        if bar is not None:
-                            bar.update(1)
-                            bar.set_postfix(tok_s=f"{self._tokens_per_s():.0f}", refresh=False)
-        except BaseException:
-            self.drop_inflight()
-            for rid in order:
-                if rid not in results:
-                    self.abort(rid)
-                    self._forget(rid)  # one a failed step finished: no delta will come
-            self._pending = [d for d in self._pending if d.request_id not in texts]
-            raise
-        finally:
-            if bar is not None:
-                bar.close()
-        return [results[rid] for rid in order]
+        return generate(self, prompts, params, use_tqdm=use_tqdm)
 
     # ----- observability ----------------------------------------------------------------
 
-    def _tokens_per_s(self) -> float:
+    @property
+    def vocab_size(self) -> int:
+        return self.intake.vocab_size
+
+    @property
+    def num_waiting(self) -> int:
+        return self.scheduler.num_waiting
+
+    @property
+    def num_steps(self) -> int:
+        """Steps applied so far (a launched step counts once its tokens were applied)."""
+        return self._num_steps
+
+    def record_refusal(self) -> None:
+        """Count a request refused outside this engine (``AsyncEngine``'s queue bound)."""
+        self._num_refused += 1
+
+    def tokens_per_s(self) -> float:
+        """Output tokens per second over the recent window (the step thread's: it trims it)."""
         now = time.monotonic()
         while self._rate and self._rate[0][0] < now - _RATE_WINDOW_S:
             self._rate.popleft()
@@ -660,8 +455,15 @@ class LLMEngine:
         span = max(now - self._rate[0][0], 1e-6)
         return sum(n for _, n in self._rate) / span
 
+    def reset_counters(self) -> None:
+        """Forget what ran so far (after a warm-up): counters, rate window, prefix cache."""
+        self.scheduler.kv.reset_prefix_cache()
+        self._num_steps = self._prompt_tokens_total = self._generation_tokens_total = 0
+        self._cached_prompt_tokens_total = 0
+        self._rate.clear()
+
     def stats(self) -> EngineStats:
-        return self.build_stats(self._tokens_per_s())
+        return self.build_stats(self.tokens_per_s())
 
     def build_stats(self, tokens_per_s: float) -> EngineStats:
         """Counters only (plain reads), so another thread may call it during a step."""
@@ -686,313 +488,15 @@ class LLMEngine:
     def cached_block_hashes(self, limit: int = 4096) -> list[int]:
         return self.scheduler.kv.cached_block_hashes(limit)
 
+    def check_invariants(self) -> None:
+        """Raise AssertionError if the KV cache's books are broken (after a failed step)."""
+        self.scheduler.kv.check_invariants()
+
     @property
     def alive(self) -> bool:
         """False once the runner lost a tensor-parallel rank: no step can run any more."""
-        return bool(getattr(self.runner, "alive", True))
+        return self.runner.alive
 
     def close(self) -> None:
         """Release what the runner holds beyond this process (tensor-parallel ranks)."""
-        close = getattr(self.runner, "close", None)
-        if close is not None:
-            close()
-
-
-async def coalesced(
-    queue: asyncio.Queue[Delta], interval: int = 1, on_abandon: Callable[[], None] | None = None
-) -> AsyncGenerator[Delta, None]:
-    """One request's deltas from ``queue`` until its last: what queued up while the consumer
-    was busy goes out as one item (one per wake-up instead of one per token when it falls
-    behind), and after the first token (which never waits) at least ``interval`` tokens per item.
-    ``on_abandon`` runs if the consumer closes or cancels the stream before its last delta
-    (the engine then aborts the request and frees its blocks)."""
-    first_sent = finished = False
-    try:
-        while True:
-            delta = await queue.get()
-            n = delta.num_tokens
-            if not delta.finished and (not queue.empty() or (first_sent and n < interval)):
-                batch = [delta]
-                while not batch[-1].finished:
-                    if not queue.empty():
-                        batch.append(queue.get_nowait())
-                    elif first_sent and n < interval:
-                        batch.append(await queue.get())
-                    else:
-                        break
-                    n += batch[-1].num_tokens
-                delta = merge_deltas(batch)
-            first_sent = first_sent or n > 0
-            finished = delta.finished
-            yield delta
-            if finished:
-                return
-    finally:
-        if not finished and on_abandon is not None:
-            on_abandon()
-
-
-class AsyncEngine:
-    """``LLMEngine`` stepping in a background thread, so the asyncio loop stays free.
-
-    ``add_request`` validates and refuses synchronously, then hands the request to the
-    step thread through a locked inbox; deltas come back through a per-request
-    ``asyncio.Queue`` fed with ``loop.call_soon_threadsafe``. Only the step thread touches
-    the engine's queues and cache, so no lock is held during a step.
-    """
-
-    _MAX_CONSECUTIVE_FAILURES = 3
-    _HASHES_REFRESH_S = 0.5
-
-    def __init__(
-        self, config: EngineConfig, *, loaded: LoadedModel | None = None, engine: LLMEngine | None = None, **kwargs: Any
-    ) -> None:
-        self.engine = engine if engine is not None else LLMEngine(config, loaded=loaded, **kwargs)
-        self.config = config
-        self._lock = threading.Lock()  # guards _inbox, _closed, _dead
-        self._inbox: list[tuple[str, Any]] = []  # ("add", Request) | ("abort", request_id)
-        self._num_inbox_adds = 0
-        self._wake = threading.Event()
-        self._streams: dict[str, Callable[[Delta], None]] = {}  # request -> its sink; event-loop thread only
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._closed = False  # draining or stopped: refuse new requests
-        self._stop = False
-        self._dead: str | None = None
-        self._failures = 0
-        self._tokens_per_s = 0.0  # refreshed by the step thread (the rate window is its own)
-        self._hashes: list[int] = []
-        self._hashes_limit = 4096
-        self._hashes_at = 0.0
-
-    # ----- facade -----------------------------------------------------------------------
-
-    @property
-    def tokenizer(self) -> Tokenizer:
-        return self.engine.tokenizer
-
-    @property
-    def max_model_len(self) -> int:
-        return self.engine.max_model_len
-
-    @property
-    def model_name(self) -> str:
-        return self.engine.model_name
-
-    @property
-    def block_size(self) -> int:
-        return self.engine.block_size
-
-    @property
-    def is_dead(self) -> bool:
-        return self._dead is not None or not self.engine.alive
-
-    async def start(self) -> None:
-        self._ensure_started(asyncio.get_running_loop())
-
-    def _ensure_started(self, loop: asyncio.AbstractEventLoop) -> None:
-        if self._thread is not None:
-            if loop is not self._loop:
-                raise RuntimeError("AsyncEngine is bound to another event loop")
-            return
-        self._loop = loop
-        self._thread = threading.Thread(target=self._run, name="engine-step-loop", daemon=True)
-        self._thread.start()
-
-    def add_request(
-        self, request_id: str, prompt: Prompt, params: SamplingParams | None = None, *, stream_interval: int = 1
-    ) -> AsyncIterator[Delta]:
-        """Queue a request and return its stream of deltas (the last has finish_reason).
-        Refusals raise here, synchronously. Closing or cancelling the stream aborts the
-        request and frees its blocks. ``stream_interval`` > 1 holds deltas after the first
-        token until that many tokens (or the end) are there: fewer stream items per token
-        for every hop behind this one (Ray streaming, SSE), at the cost of coarser chunks."""
-        if isinstance(stream_interval, bool) or not isinstance(stream_interval, int) or stream_interval < 1:
-            raise InvalidRequestError(f"stream_interval must be an integer >= 1, got {stream_interval!r}")
-        queue: asyncio.Queue[Delta] = asyncio.Queue()
-        self.submit(request_id, prompt, params, queue.put_nowait)
-        return coalesced(queue, stream_interval, lambda: self.abort_nowait(request_id))
-
-    def submit(
-        self, request_id: str, prompt: Prompt, params: SamplingParams | None, on_delta: Callable[[Delta], None]
-    ) -> None:
-        """Queue a request whose deltas go to ``on_delta``, called on the event loop in order
-        (the last has finish_reason). Refusals raise here, synchronously. The caller owns
-        the request's life: ``abort`` it when its consumer goes away."""
-        if self._dead is not None:
-            raise EngineUnavailableError(f"the engine failed and no longer accepts requests: {self._dead}")
-        if self._closed:
-            raise EngineUnavailableError("the engine is shutting down and no longer accepts requests")
-        self._ensure_started(asyncio.get_running_loop())
-        req = self.engine.make_request(request_id, prompt, params)
-        with self._lock:
-            if self._dead is not None or self._closed:
-                raise EngineUnavailableError("the engine is shutting down and no longer accepts requests")
-            if request_id in self._streams:
-                raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
-            max_waiting = self.engine.config.scheduler.max_waiting
-            queued = self.engine.scheduler.num_waiting + self._num_inbox_adds
-            if queued >= max_waiting:
-                self.engine._num_refused += 1
-                raise QueueFullError(f"the waiting queue is full ({queued} of {max_waiting} requests); retry later")
-            self._streams[request_id] = on_delta
-            self._inbox.append(("add", req))
-            self._num_inbox_adds += 1
-        self._wake.set()
-
-    async def abort(self, request_id: str) -> None:
-        """Abort a request; its stream (if still read) ends with an ABORT delta."""
-        self._post_abort(request_id)
-
-    def abort_nowait(self, request_id: str) -> None:
-        """``abort`` for callers outside a coroutine; no ABORT delta is delivered."""
-        self._streams.pop(request_id, None)
-        self._post_abort(request_id)
-
-    def _post_abort(self, request_id: str) -> None:
-        with self._lock:
-            self._inbox.append(("abort", request_id))
-        self._wake.set()
-
-    def stats(self) -> EngineStats:
-        if self._thread is None:
-            return self.engine.stats()
-        s = self.engine.build_stats(self._tokens_per_s)
-        if self._num_inbox_adds:
-            s = replace(s, num_waiting=s.num_waiting + self._num_inbox_adds)
-        return s
-
-    def cached_block_hashes(self, limit: int = 4096) -> list[int]:
-        if self._thread is None:
-            return self.engine.cached_block_hashes(limit)
-        self._hashes_limit = max(self._hashes_limit, limit)
-        return self._hashes[:limit]
-
-    async def shutdown(self, drain_timeout_s: float = 30.0) -> None:
-        """Refuse new requests, let running ones finish (up to ``drain_timeout_s``), abort
-        the rest, stop the step loop."""
-        self._closed = True
-        if self._thread is None:
-            await asyncio.to_thread(self.engine.close)
-            return
-        deadline = time.monotonic() + drain_timeout_s
-        while self._thread.is_alive() and (self._streams or self._inbox) and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
-        with self._lock:
-            self._stop = True
-        self._wake.set()
-        await asyncio.to_thread(self._thread.join)
-        await asyncio.to_thread(self.engine.close)
-        await asyncio.sleep(0)  # let the last call_soon_threadsafe deliveries run
-        self._end_streams(FinishReason.ABORT, None)
-
-    # ----- event-loop side --------------------------------------------------------------
-
-    def _deliver(self, deltas: list[Delta]) -> None:
-        for d in deltas:
-            sink = self._streams.get(d.request_id)
-            if sink is None:
-                continue  # its consumer went away
-            if d.finished:
-                del self._streams[d.request_id]
-            sink(d)
-
-    def _end_streams(self, reason: FinishReason, error: str | None) -> None:
-        """Give every open stream a final delta: nobody waits forever."""
-        streams, self._streams = self._streams, {}
-        for rid, sink in streams.items():
-            sink(Delta(rid, "", (), reason, Usage(0, 0), error))
-
-    # ----- step thread ------------------------------------------------------------------
-
-    def _send(self, deltas: list[Delta]) -> None:
-        if deltas and self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._deliver, deltas)
-
-    def _run(self) -> None:
-        try:
-            self._loop_body()
-        except BaseException as e:  # a bug in the loop itself: fail loudly, never hang a consumer
-            logger.exception("engine step loop crashed")
-            with self._lock:
-                self._dead = f"step loop crashed: {e!r}"
-        if self._dead is not None and self._loop is not None and not self._loop.is_closed():
-            # After the last deliveries (call_soon_threadsafe is FIFO): any stream still open
-            # would otherwise wait forever for a loop that has stopped.
-            self._loop.call_soon_threadsafe(self._end_streams, FinishReason.ERROR, self._dead)
-
-    def _loop_body(self) -> None:
-        eng = self.engine
-        while True:
-            with self._lock:
-                items, self._inbox = self._inbox, []
-                stop = self._stop
-            deltas: list[Delta] = []
-            for kind, x in items:
-                if kind == "add":
-                    try:
-                        eng.add(x, enforce_queue_limit=False)  # the bound was checked on arrival
-                    except EngineError as e:
-                        deltas.append(Delta(x.request_id, "", (), FinishReason.ERROR, Usage(0, 0), e.message))
-                    finally:
-                        with self._lock:
-                            self._num_inbox_adds -= 1
-                else:
-                    eng.abort(x)
-            if stop:
-                for rid in eng.unfinished_request_ids():
-                    eng.abort(rid)
-                deltas.extend(eng.step())  # only the pending ABORT deltas: nothing is left to run
-                self._send(deltas)
-                self._refresh(force=True)
-                return
-            if not eng.has_unfinished():
-                self._send(deltas)
-                self._refresh(force=True)
-                self._wake.wait(timeout=0.5)
-                self._wake.clear()
-                continue
-            try:
-                applied = eng._num_steps
-                deltas.extend(eng.step())
-                if eng._num_steps > applied:  # a step that only launched proves nothing yet
-                    self._failures = 0
-            except Exception as e:
-                deltas.extend(self._on_step_error(e))
-            self._send(deltas)
-            self._refresh()
-            if self._dead is not None:
-                return
-
-    def _on_step_error(self, e: Exception) -> list[Delta]:
-        """Fail the requests of the step that raised; if the engine's state is broken or
-        steps keep failing, fail everything and refuse new requests."""
-        logger.exception("engine step failed")
-        eng = self.engine
-        msg = f"engine step failed: {type(e).__name__}: {e}"
-        self._failures += 1
-        blamed = eng.last_scheduled
-        eng.drop_inflight()  # a step launched after the failed one is not applied either
-        deltas = eng.fail_requests(blamed or eng.unfinished_request_ids(), msg)
-        try:
-            eng.scheduler.kv.check_invariants()
-            broken = self._failures >= self._MAX_CONSECUTIVE_FAILURES or not eng.alive
-        except AssertionError:
-            broken = True
-        if broken:
-            with self._lock:
-                self._dead = msg
-                items, self._inbox = self._inbox, []
-                self._num_inbox_adds -= sum(1 for k, _ in items if k == "add")
-            deltas.extend(eng.fail_requests(eng.unfinished_request_ids(), msg))
-            deltas.extend(
-                Delta(x.request_id, "", (), FinishReason.ERROR, Usage(0, 0), msg) for k, x in items if k == "add"
-            )
-        return deltas
-
-    def _refresh(self, *, force: bool = False) -> None:
-        self._tokens_per_s = self.engine._tokens_per_s()
-        now = time.monotonic()
-        if force or now - self._hashes_at >= self._HASHES_REFRESH_S:
-            self._hashes = self.engine.cached_block_hashes(self._hashes_limit)
-            self._hashes_at = now
+        self.runner.close()

@@ -55,7 +55,7 @@ def _child_main(config: EngineConfig, conn: Any) -> None:
 
 
 async def _child(config: EngineConfig, conn: Any) -> None:
-    from replica.engine import AsyncEngine
+    from replica.async_engine import AsyncEngine
     from replica.tensor_parallel import load_engine_model
 
     engine = AsyncEngine(config, loaded=load_engine_model(config))
@@ -229,7 +229,7 @@ class ProcessEngine:
     async def _stream(
         self, request_id: str, prompt: Any, params: SamplingParams | None, interval: int
     ) -> AsyncIterator[Delta]:
-        from replica.engine import coalesced
+        from replica.async_engine import coalesced
 
         queue: asyncio.Queue[Delta] = asyncio.Queue()
         await self.submit_checked(request_id, prompt, params, queue.put_nowait)

@@ -41,3 +41,7 @@ class EngineUnavailableError(EngineError):
     """The engine is draining, stopped, or its step loop died."""
 
     code = "engine_unavailable"
+
+
+class ModelLoadError(RuntimeError):
+    """The model named in the config cannot be found or loaded (at start, not for a request)."""

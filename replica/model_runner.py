@@ -24,12 +24,11 @@ from replica.attention import AttentionMetadata, PagedKVCache, install, resolve_
 from replica.config import CacheConfig, RunnerConfig
 from replica.cuda_graphs import DecodeGraphs, DecodeInputs
 from replica.decode_batch import LOGPROBS, DecodeBatch, pack_block_tables
-from replica.models import DTYPES
+from replica.kv_sizing import kv_shape
 from replica.outputs import PLACEHOLDER_TOKEN, RunnerOutput, ScheduledChunk, SchedulerOutput, TokenLogprobs
 from replica.pending_step import DeferredStep, PendingStep
 from replica.request import SamplingParams
 from replica.sampler import Sampler, SamplingRow
-from replica.tensor_parallel import tensor_parallel_size
 
 if TYPE_CHECKING:
     from replica.tp_executor import TPGroup
@@ -37,16 +36,6 @@ if TYPE_CHECKING:
 
 def _text_config(hf_config: Any) -> Any:
     return hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
-
-
-def kv_shape(hf_config: Any) -> tuple[int, int, int]:
-    """(num_layers, num_kv_heads, head_dim) of a decoder config; the KV heads of one rank when
-    the model is sharded for tensor parallelism."""
-    cfg = _text_config(hf_config)
-    num_heads = cfg.num_attention_heads
-    num_kv_heads = getattr(cfg, "num_key_value_heads", None) or num_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // num_heads
-    return cfg.num_hidden_layers, num_kv_heads // tensor_parallel_size(hf_config), head_dim
 
 
 class HostStep(NamedTuple):
@@ -149,17 +138,6 @@ class ModelRunner:
             kv_cache=self.kv_cache,
         )
         return result.logits[0]
-
-    @staticmethod
-    def block_bytes(hf_config: Any, block_size: int, dtype: torch.dtype | str) -> int:
-        """Bytes of one KV block across all layers (K and V)."""
-        if isinstance(dtype, str):
-            if dtype not in DTYPES:
-                raise ValueError(f"unknown dtype {dtype!r}")
-            dtype = DTYPES[dtype]
-        num_layers, num_kv_heads, head_dim = kv_shape(hf_config)
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        return 2 * num_layers * block_size * num_kv_heads * head_dim * itemsize
 
     # -- one step ------------------------------------------------------------------------------
 

@@ -191,7 +191,7 @@ def _place(loaded: LoadedModel, device: torch.device) -> None:
 def _build_runner(config: EngineConfig, loaded: LoadedModel, group: TPGroup, max_model_len: int) -> ModelRunner:
     """Shard, place, size the KV pool over all ranks, build this rank's runner (every rank
     alike: the runners' CUDA-graph captures meet in the same collectives)."""
-    from replica.engine import kv_cache_num_blocks
+    from replica.kv_sizing import kv_cache_num_blocks
     from replica.model_runner import ModelRunner
     from replica.tensor_parallel import shard_model
 

@@ -43,7 +43,7 @@ class FakeTokenizer:
 
 
 class FakeEngine:
-    """AsyncEngine look-alike: random words, seeded; one token per step; blocks per request."""
+    """A ``ServingEngine`` (as AsyncEngine): random words, seeded; one token per step; blocks per request."""
 
     def __init__(
         self,
@@ -64,6 +64,7 @@ class FakeEngine:
         self.aborted: list[str] = []
         self.closed = False
         self.started = False
+        self.is_dead = False
         self.shutdown_timeout: float | None = None
         self.fail_after: int | None = None  # emit an ERROR delta after this many tokens
         self.num_refused = 0
@@ -115,8 +116,8 @@ class FakeEngine:
         self.aborted.append(request_id)
         self.blocks.pop(request_id, None)
 
-    def submit(self, request_id: str, prompt: list[int], params: SamplingParams, on_delta) -> None:
-        """AsyncEngine.submit: the same refusals, deltas pushed to ``on_delta`` by a task."""
+    async def submit_checked(self, request_id: str, prompt: list[int], params: SamplingParams, on_delta) -> None:
+        """AsyncEngine.submit_checked: the same refusals, deltas pushed to ``on_delta`` by a task."""
         stream = self.add_request(request_id, prompt, params)
 
         async def run() -> None:

@@ -51,7 +51,7 @@ def _guidellm() -> list[str]:
 
 
 def test_guidellm_bounded_benchmark_has_no_errors(app, tmp_path):
-    from replica.models import default_tokenizer_dir
+    from replica.default_model import default_tokenizer_dir
 
     out = tmp_path / "benchmarks.json"
     cmd = [

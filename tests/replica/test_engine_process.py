@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
+from replica.async_engine import AsyncEngine
 from replica.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
-from replica.engine import AsyncEngine
 from replica.engine_process import ProcessEngine
 from replica.errors import EngineUnavailableError, InvalidRequestError, RequestTooLongError
 from replica.models import load_model

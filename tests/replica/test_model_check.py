@@ -10,11 +10,12 @@ import torch
 from replica.__main__ import main
 from replica.attention.torch_ref import TorchAttentionBackend
 from replica.config import CacheConfig, RunnerConfig
+from replica.default_model import default_tokenizer_dir
 from replica.engine import LLMEngine
 from replica.errors import RequestTooLongError
 from replica.model_check import REFUSED, SUPPORTED, UnsupportedModelError, check_model, dry_run, inspect_model
 from replica.model_runner import ModelRunner
-from replica.models import default_tokenizer_dir, tiny_model
+from replica.models import tiny_model
 from replica.request import SamplingParams
 from tests.replica.test_engine_exact import hf_greedy, loaded_of, table_engine_config, table_model
 

@@ -20,6 +20,7 @@ from transformers import (
 )
 
 from replica.config import CacheConfig, RunnerConfig
+from replica.kv_sizing import block_bytes
 from replica.model_runner import ModelRunner
 from replica.outputs import ScheduledChunk, SchedulerOutput
 from replica.request import SamplingParams
@@ -259,8 +260,8 @@ def test_runner_shapes_and_block_bytes():
     k, v = runner.kv_cache.layer(1)
     assert k.shape == (10, BLOCK, 2, 16) and k.is_contiguous() and v.is_contiguous()
     cfg = runner.model.config
-    assert ModelRunner.block_bytes(cfg, 16, torch.bfloat16) == 2 * 2 * 16 * 2 * 16 * 2
-    assert ModelRunner.block_bytes(cfg, 16, "float32") == 2 * 2 * 16 * 2 * 16 * 4
+    assert block_bytes(cfg, 16, torch.bfloat16) == 2 * 2 * 16 * 2 * 16 * 2
+    assert block_bytes(cfg, 16, "float32") == 2 * 2 * 16 * 2 * 16 * 4
     assert runner.model.config._attn_implementation == "cbserve_paged_torch"
 
 

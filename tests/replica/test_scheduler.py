@@ -42,9 +42,14 @@ class PagedFakeRunner:
     def __init__(self, block_size: int, vocab: int = 1000) -> None:
         self.block_size = block_size
         self.vocab_size = vocab
+        self.num_blocks: int | None = None  # no pool of its own: CacheConfig.num_blocks decides
+        self.alive = True
         self.kv: dict[tuple[int, int], int] = {}
         self.steps: list[SchedulerOutput] = []
         self.launched_placeholders = 0  # launched steps that had placeholder tokens
+
+    def close(self) -> None:
+        pass  # nothing held beyond this process
 
     def _slot(self, table, pos: int) -> tuple[int, int]:
         return table[pos // self.block_size], pos % self.block_size

@@ -8,8 +8,8 @@ import copy
 import pytest
 import torch
 
+from replica.kv_sizing import block_bytes, kv_shape
 from replica.model_check import UnsupportedModelError
-from replica.model_runner import ModelRunner, kv_shape
 from replica.models import TINY_CONFIGS, build_random_model, tiny_model
 from replica.tensor_parallel import RowParallelLinear, check_shardable, shard_model, tensor_parallel_size
 
@@ -57,9 +57,7 @@ def test_shard_splits_heads_and_columns_of_every_layer():
         assert torch.equal(layer.mlp.down_proj.weight, ref.mlp.down_proj.weight[:, 64:])
     assert tensor_parallel_size(model.config) == 2
     assert kv_shape(model.config) == (2, 1, 16)  # each rank's paged cache: half the KV heads
-    assert ModelRunner.block_bytes(model.config, 16, torch.float64) * 2 == ModelRunner.block_bytes(
-        full.config, 16, torch.float64
-    )
+    assert block_bytes(model.config, 16, torch.float64) * 2 == block_bytes(full.config, 16, torch.float64)
 
 
 class _Recorder:

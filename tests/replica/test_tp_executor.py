@@ -13,8 +13,9 @@ from dataclasses import replace
 import pytest
 import torch
 
+from replica.async_engine import AsyncEngine
 from replica.config import ParallelConfig
-from replica.engine import AsyncEngine, LLMEngine
+from replica.engine import LLMEngine
 from replica.errors import EngineUnavailableError
 from replica.model_check import UnsupportedModelError
 from replica.outputs import PLACEHOLDER_TOKEN
