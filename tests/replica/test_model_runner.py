@@ -21,8 +21,8 @@ from transformers import (
 
 from replica.config import CacheConfig, RunnerConfig
 from replica.model_runner import ModelRunner
-from replica.outputs import ScheduledChunk, SchedulerOutput
 from replica.request import SamplingParams
+from replica.step import ScheduledChunk, SchedulerOutput
 
 VOCAB = 128
 BLOCK = 4
