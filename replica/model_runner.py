@@ -10,10 +10,9 @@ for prompt logprobs (echo).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
-from itertools import chain
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -23,11 +22,12 @@ from replica import logprobs as lp
 from replica.attention import AttentionMetadata, PagedKVCache, install, resolve_backend
 from replica.config import CacheConfig, RunnerConfig
 from replica.cuda_graphs import DecodeGraphs, DecodeInputs
+from replica.host_step import HostInputs, HostStep, host_step
 from replica.models import DTYPES
-from replica.outputs import RunnerOutput, TokenLogprobs
+from replica.outputs import RunnerOutput
 from replica.pending_step import DeferredStep, PendingStep
 from replica.sampler import Sampler, SamplingRow
-from replica.step import DecodeBatch, ScheduledChunk, SchedulerOutput, pack_block_tables
+from replica.step import DecodeBatch, ScheduledChunk, SchedulerOutput
 from replica.stopping import banned_tokens
 from replica.tensor_parallel import tensor_parallel_size
 
@@ -49,31 +49,16 @@ def kv_shape(hf_config: Any) -> tuple[int, int, int]:
     return cfg.num_hidden_layers, num_kv_heads // tensor_parallel_size(hf_config), head_dim
 
 
-class HostStep(NamedTuple):
-    """Host arrays of one eager step (what tensor-parallel ranks receive, ``tp_executor``)."""
-
-    ids: np.ndarray  # [T]
-    positions: np.ndarray  # [T]
-    slots: np.ndarray  # [T]
-    qsl: np.ndarray  # [B+1] query start of each chunk
-    seq_lens: np.ndarray  # [B]
-    block_tables: np.ndarray  # [B, W]
-    max_query_len: int
-    max_seq_len: int
-
-
 @dataclass(frozen=True)
 class StepInputs:
     """Device inputs of one forward, built from a SchedulerOutput."""
 
     input_ids: torch.Tensor  # [1, T]
     position_ids: torch.Tensor  # [1, T]
-    logits_indices: torch.Tensor  # [S] token index of each sampling chunk's last token
+    logits_indices: torch.Tensor  # [S + P] as HostInputs'
     attn_metadata: AttentionMetadata
     sample_rows: tuple[SamplingRow, ...]
     sample_request_ids: tuple[str, ...]
-    # Prompt logprobs (echo): logits rows after the sampled ones score ``prompt_targets`` (the prompt
-    # token after each position); per request (id, index of its first target, count, alternatives).
     prompt_spans: tuple[tuple[str, int, int, int], ...] = ()
     prompt_targets: np.ndarray | None = None
 
@@ -201,7 +186,7 @@ class ModelRunner:
         inputs = self.prepare(out)
         logits = self.forward(inputs)
         n = len(inputs.sample_rows)
-        prompt = _prompt_logprobs(logits[n:], inputs) if inputs.prompt_spans else None
+        prompt = lp.of_prompt(logits[n:], inputs.prompt_spans, inputs.prompt_targets) if inputs.prompt_spans else None
         if not n:
             return RunnerOutput(sampled={}, prompt_logprobs=prompt)
         ids, dev_lp = self.sampler.sample(logits[:n], inputs.sample_rows)
@@ -250,7 +235,7 @@ class ModelRunner:
             if not len(asking):
                 return graphs.emit(rids)
             idx = graphs.rows_on_device(asking)
-            return graphs.emit(rids, logprobs=_greedy_logprobs(logits, greedy, idx, asking, d.num_logprobs))
+            return graphs.emit(rids, logprobs=lp.of_greedy(logits, greedy, idx, asking, d.num_logprobs))
         # Plain greedy rows (no min_tokens ban left) take the graph's argmax: no rows to build.
         rows = [
             SamplingRow(p, n, banned_tokens(p, n, self.eos_token_ids))
@@ -310,48 +295,8 @@ class ModelRunner:
     # -- host-side preparation (vectorised over tokens) -----------------------------------------
 
     def prepare(self, out: SchedulerOutput) -> StepInputs:
-        chunks = out.chunks
-        b = len(chunks)
-        if b == 0:
-            raise ValueError("cannot prepare an empty SchedulerOutput")
-        bs = self.block_size
-        q_lens = np.fromiter((len(c.token_ids) for c in chunks), np.int64, b)
-        starts = np.fromiter((c.start_pos for c in chunks), np.int64, b)
-        bt_lens = np.fromiter((len(c.block_table) for c in chunks), np.int64, b)
-        if (q_lens <= 0).any():
-            raise ValueError("every scheduled chunk needs at least one token")
-        if (starts < 0).any():
-            raise ValueError("start_pos must be >= 0")
-        seq_lens = starts + q_lens
-        if (bt_lens * bs < seq_lens).any():
-            i = int(np.flatnonzero(bt_lens * bs < seq_lens)[0])
-            raise ValueError(
-                f"request {chunks[i].request_id}: block_table of {bt_lens[i]} blocks cannot hold "
-                f"{seq_lens[i]} tokens at block_size {bs}"
-            )
-        if len({c.request_id for c in chunks}) != b:
-            raise ValueError("a request appears twice in one SchedulerOutput")
-        t = int(q_lens.sum())
-        ids = np.fromiter(chain.from_iterable(c.token_ids for c in chunks), np.int64, t)
-        if ids.min() < 0 or ids.max() >= self.vocab_size:
-            raise ValueError(f"token ids must be in [0, {self.vocab_size}), got min {ids.min()} max {ids.max()}")
-
-        qsl = np.zeros(b + 1, np.int64)
-        np.cumsum(q_lens, out=qsl[1:])
-        seq_of_tok = np.repeat(np.arange(b), q_lens)
-        positions = np.arange(t) - np.repeat(qsl[:-1] - starts, q_lens)
-
-        block_tables, _ = pack_block_tables([c.block_table for c in chunks], self.num_blocks)
-        slots = block_tables[seq_of_tok, positions // bs].astype(np.int64) * bs + positions % bs
-
-        sample_mask = np.fromiter((c.sample for c in chunks), bool, b)
-        logits_indices = qsl[1:][sample_mask] - 1
-        spans: tuple[tuple[str, int, int, int], ...] = ()
-        targets = None
-        if any(c.params.prompt_logprobs is not None for c in chunks):
-            spans, extra, targets = _prompt_positions(chunks, qsl)
-            if spans:
-                logits_indices = np.concatenate([logits_indices, extra])
+        chunks = out.as_chunks()
+        host = host_step(chunks, self.block_size, self.num_blocks, self.vocab_size)
         sampled = [c for c in chunks if c.sample]
         rows = tuple(
             SamplingRow(
@@ -364,20 +309,14 @@ class ModelRunner:
             else self._row_with_history(c)
             for c in sampled
         )
-        host = HostStep(ids, positions, slots, qsl, seq_lens, block_tables, int(q_lens.max()), int(seq_lens.max()))
         if self.tp is not None:  # the other ranks start the same forward now
-            self.tp.send_step(host, len(rows))
-        return self._inputs(host, logits_indices, rows, tuple(c.request_id for c in sampled), spans, targets)
+            self.tp.send_step(host.step, len(rows))
+        return self._inputs(host, rows, tuple(c.request_id for c in sampled))
 
     def _inputs(
-        self,
-        host: HostStep,
-        logits_indices: np.ndarray,
-        rows: tuple[SamplingRow, ...] = (),
-        request_ids: tuple[str, ...] = (),
-        spans: tuple[tuple[str, int, int, int], ...] = (),
-        targets: np.ndarray | None = None,
+        self, inputs: HostInputs, rows: tuple[SamplingRow, ...] = (), request_ids: tuple[str, ...] = ()
     ) -> StepInputs:
+        host = inputs.step
         meta = AttentionMetadata(
             slot_mapping=self._to_device(host.slots),
             query_start_loc=self._to_device(host.qsl, torch.int32),
@@ -392,12 +331,12 @@ class ModelRunner:
         return StepInputs(
             input_ids=self._to_device(host.ids)[None],
             position_ids=self._to_device(host.positions)[None],
-            logits_indices=self._to_device(logits_indices),
+            logits_indices=self._to_device(inputs.logits_indices),
             attn_metadata=meta,
             sample_rows=rows,
             sample_request_ids=request_ids,
-            prompt_spans=spans,
-            prompt_targets=targets,
+            prompt_spans=inputs.prompt_spans,
+            prompt_targets=inputs.prompt_targets,
         )
 
     # -- tensor parallelism: ranks 1..N-1 (replica.tp_executor.serve_steps) -------------------
@@ -405,7 +344,7 @@ class ModelRunner:
     def worker_inputs(self, host: HostStep) -> StepInputs:
         """A worker's inputs of the step rank 0 sent (``tp_executor.unpack_step``): the same
         forward without logits (rank 0 alone samples)."""
-        return self._inputs(host, np.zeros(0, np.int64))
+        return self._inputs(HostInputs(host, np.zeros(0, np.int64)))
 
     def replay_graph_as_worker(self, batch_size: int) -> None:
         """A worker's half of rank 0's graph replay; the graph receives its inputs itself."""
@@ -439,55 +378,6 @@ class ModelRunner:
         if self.device.type == "cpu":
             return t
         return t.pin_memory().to(self.device, non_blocking=True)
-
-
-def _prompt_positions(
-    chunks: Sequence[ScheduledChunk], qsl: np.ndarray
-) -> tuple[tuple[tuple[str, int, int, int], ...], np.ndarray, np.ndarray]:
-    """Prompt logprobs of a step: for each chunk of a request that asks (before its first output),
-    the flat token indices whose logits score the next prompt token, and those tokens. A chunk at
-    prompt positions s..e-1 scores prompt tokens s+1..min(e, P-1) (the logits at P-1 sample)."""
-    spans: list[tuple[str, int, int, int]] = []
-    idx: list[np.ndarray] = []
-    targets: list[int] = []
-    for i, c in enumerate(chunks):
-        k = c.params.prompt_logprobs
-        if k is None or c.num_output_tokens or not c.prompt_token_ids:
-            continue
-        p = len(c.prompt_token_ids)
-        first, last = c.start_pos + 1, min(c.start_pos + len(c.token_ids), p - 1)
-        if last < first:
-            continue
-        spans.append((c.request_id, first, last - first + 1, k))
-        idx.append(np.arange(first, last + 1) - c.start_pos - 1 + qsl[i])
-        targets.extend(c.prompt_token_ids[first : last + 1])
-    if not spans:
-        return (), np.zeros(0, np.int64), np.zeros(0, np.int64)
-    return tuple(spans), np.concatenate(idx), np.asarray(targets, np.int64)
-
-
-def _prompt_logprobs(logits: torch.Tensor, inputs: StepInputs) -> dict[str, tuple[int, list[TokenLogprobs]]]:
-    """Raw-logit logprobs of the prompt targets (the rows after the sampled ones)."""
-    assert inputs.prompt_targets is not None
-    targets = lp.to_device(inputs.prompt_targets.tolist(), torch.int64, logits.device)
-    ks = [k for _, _, n, k in inputs.prompt_spans for _ in range(n)]
-    host = lp.compute(logits.to(lp.float_dtype(logits)), targets, ks, range(len(ks))).to_host(
-        inputs.prompt_targets.tolist()
-    )
-    out, at = {}, 0
-    for rid, first, n, _ in inputs.prompt_spans:
-        out[rid] = (first, host[at : at + n])
-        at += n
-    return out
-
-
-def _greedy_logprobs(
-    logits: torch.Tensor, tokens: torch.Tensor, idx: torch.Tensor, asking: np.ndarray, num_top: np.ndarray
-) -> lp.DeviceLogprobs:
-    """Logprobs of plain greedy rows ``asking`` (``idx`` on the device; no processing, temperature 1)
-    for the graph's own argmax."""
-    x = logits.index_select(0, idx).to(lp.float_dtype(logits))
-    return lp.compute(x, tokens.index_select(0, idx), num_top[asking].tolist(), asking.tolist())
 
 
 def _patch_fused(model: PreTrainedModel) -> int:
