@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from replica.request import FinishReason
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # EOS, a stop token id, or a stop string
+    LENGTH = "length"  # max_tokens reached (or the context is full)
+    ABORT = "abort"  # aborted by the caller (disconnect, cancel, timeout)
+    ERROR = "error"  # the engine failed while running it
 
 
 class TokenLogprobs(NamedTuple):
