@@ -520,3 +520,29 @@ def test_the_id_of_a_forked_n_request_stays_in_use_until_it_ends():
         sched.add(make_req("g #1", [1, 2], max_tokens=1))
     run_to_end(sched, runner)
     sched.add(make_req("g", [1, 2], max_tokens=1))
+
+
+def test_every_decode_only_step_is_a_decode_batch_with_its_tokens():
+    """schedule() (the synchronous path) builds a DecodeBatch whenever every request computes its
+    last token: the tokens are known on the host, one row per request."""
+    sched, runner = make_scheduler(budget=16)
+    sched.add(make_req("a", [1, 2, 3], max_tokens=6))
+    sched.add(make_req("b", [4, 5], arrival=1.0, max_tokens=6))
+    out, _ = step(sched, runner)
+    assert out.kind == "chunks"  # the prompts
+    out = sched.schedule()
+    assert out.kind == "decode" and out.num_batched_tokens == 2
+    d = out.decode
+    a, b = sched.get("a"), sched.get("b")
+    assert d.request_ids == ("a", "b") and d.prev_rows is None
+    assert d.token_ids.tolist() == [a.output_token_ids[-1], b.output_token_ids[-1]]
+    assert d.positions.tolist() == [3, 2] and d.num_output_tokens.tolist() == [1, 1]
+    sched.update(out, runner.run(out))
+    sched.add(make_req("c", [6, 7, 8, 9], arrival=2.0, max_tokens=2))
+    out = sched.schedule()  # an admission: chunks again
+    assert out.kind == "chunks" and [c.num_tokens for c in out.chunks] == [1, 1, 4]
+    sched.update(out, runner.run(out))
+    c = sched.get("c")
+    run_to_end(sched, runner)
+    for req, prompt in ((a, [1, 2, 3]), (b, [4, 5]), (c, [6, 7, 8, 9])):
+        assert req.output_token_ids == reference_tokens(prompt, req.params)

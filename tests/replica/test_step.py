@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from replica.request import Request, RequestStatus, SamplingParams
-from replica.step import PLACEHOLDER_TOKEN, DecodeBatch, pack_block_tables
+from replica.step import PLACEHOLDER_TOKEN, DecodeBatch, SchedulerOutput, pack_block_tables
 from tests.replica.fakes import make_req
 
 
@@ -65,3 +65,31 @@ def test_eos_ids_are_the_union_over_rows_that_check_eos():
     c = Request("c", [1], SamplingParams(max_tokens=4), eos_token_ids=frozenset({2, 5}))
     d = DecodeBatch.build([a, b, c], [1, 1, 1], [1, 1, 1], 64, prev_rows=[0, 1, 2])
     assert d.eos_ids.tolist() == [2, 5]
+
+
+def test_a_step_is_chunks_or_a_decode_batch_never_both():
+    a = _req("a", [3], max_tokens=10)
+    d = DecodeBatch.build([a], [2], [0], 64, token_ids=[7])
+    out = SchedulerOutput(num_batched_tokens=1, decode=d)
+    assert out.kind == "decode" and not out.is_empty and out.request_ids == ("a",)
+    (chunk,) = out.as_chunks()
+    assert chunk.token_ids == (7,) and chunk.start_pos == 2 and chunk.block_table == (3,) and chunk.sample
+    assert SchedulerOutput((chunk,), 1).kind == "chunks" and SchedulerOutput().is_empty
+    with pytest.raises(ValueError, match="not both"):
+        SchedulerOutput((chunk,), 1, decode=d)
+    for kwargs in (dict(), dict(token_ids=[7], prev_rows=[0])):
+        with pytest.raises(ValueError, match="token_ids or from prev_rows"):
+            DecodeBatch.build([a], [2], [0], 64, **kwargs)
+
+
+def test_a_successor_where_no_row_leaves_shares_the_constant_rows_and_copies_the_rest():
+    a = _req("a", [3, 4], max_tokens=10, min_tokens=2, stop_token_ids=(5,))
+    b = _req("b", [8], max_tokens=5, logprobs=2)
+    d = DecodeBatch.build([a, b], [5, 2], [1, 1], 64, token_ids=[9, 9])
+    nxt = d.successor(np.arange(2))
+    assert nxt.token_ids is None and nxt.prev_rows.tolist() == [0, 1]
+    assert nxt.limit is d.limit and nxt.num_logprobs is d.num_logprobs and nxt.requests is d.requests
+    assert nxt.min_tokens.tolist() == [2, 0] and nxt.check_stop_ids.tolist() == [True, False]
+    assert nxt.num_logprobs.tolist() == [-1, 2]
+    nxt.set_blocks(1, [8, 12])
+    assert d.block_tables.tolist() == [[3, 4], [8, 0]] and d.num_blocks.tolist() == [2, 1]
