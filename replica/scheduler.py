@@ -7,6 +7,11 @@ then waiting ones in arrival order. A long prompt is cut into chunks that fit th
 budget (chunked prefill), so prefill chunks and decodes share a step, and a finished
 request's slot is refilled on the very next step.
 
+A step where every request computes its last known token and samples (no prefill anywhere) is a
+decode step, built as a ``DecodeBatch`` (``replica.step``: arrays, one row per request) and
+applied by ``_update_decode`` with vectorised stop and block checks; any other step is one
+``ScheduledChunk`` per request. The stop rule is ``replica.stopping``'s.
+
 When a running request cannot get its next block, the newest running request is
 preempted by recompute: its blocks are freed, its outputs kept, and it goes back to
 the front of the waiting queue; on resume it recomputes prompt + outputs (often
