@@ -168,8 +168,7 @@ class ModelRunner:
             d = out.decode
             chunks = replace(d, token_ids=self._input_tokens(d, prev), prev_rows=None).as_chunks()
             out = SchedulerOutput(chunks, out.num_batched_tokens, out.preempted_ids)
-        eager = out  # (the lambda must not see a later rebinding)
-        return DeferredStep(tuple(c.request_id for c in out.chunks if c.sample), lambda: self._run_eager(eager))
+        return DeferredStep(tuple(c.request_id for c in out.chunks if c.sample), lambda: self._run_eager(out))
 
     def _input_tokens(self, d: DecodeBatch, prev: PendingStep | None) -> np.ndarray:
         """Each row's input token on the host: its own, or the one ``prev`` sampled for its request."""
