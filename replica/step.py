@@ -163,10 +163,25 @@ class DecodeBatch:
         if (token_ids is None) == (prev_rows is None):
             raise ValueError("a decode batch takes its tokens from token_ids or from prev_rows")
         b = len(requests)
-        params = [r.params for r in requests]
         tables, nblocks = pack_block_tables([r.block_table for r in requests])
-        prompt_len = np.fromiter((len(r.prompt_token_ids) for r in requests), np.int64, b)
-        max_tokens = np.fromiter((p.max_tokens for p in params), np.int64, b)
+        # One pass over the requests, then a column per value (one per row and value costs more).
+        cols = np.array(
+            [
+                (
+                    len(r.prompt_token_ids),
+                    p.max_tokens,
+                    p.min_tokens,
+                    p.temperature == 0.0 and not p.processes_logits,
+                    bool(p.stop_token_ids) or p.guided is not None,
+                    p.uses_penalties or p.guided is not None,
+                    -1 if p.logprobs is None else p.logprobs,
+                )
+                for r in requests
+                for p in (r.params,)
+            ],
+            np.int64,
+        ).reshape(b, 7)
+        prompt_len = np.ascontiguousarray(cols[:, 0])
         return DecodeBatch(
             requests=tuple(requests),
             request_ids=tuple([r.request_id for r in requests]),
@@ -176,12 +191,12 @@ class DecodeBatch:
             prev_rows=None if prev_rows is None else np.asarray(prev_rows, np.int64),
             block_tables=tables,
             num_blocks=nblocks,
-            limit=length_limits(max_tokens, prompt_len, max_model_len),
-            min_tokens=np.fromiter((p.min_tokens for p in params), np.int64, b),
-            greedy=np.fromiter((p.greedy and not p.processes_logits for p in params), bool, b),
-            check_stop_ids=np.fromiter((bool(p.stop_token_ids) or p.guided is not None for p in params), bool, b),
-            needs_host=np.fromiter((p.uses_penalties or p.guided is not None for p in params), bool, b),
-            num_logprobs=np.fromiter((-1 if p.logprobs is None else p.logprobs for p in params), np.int64, b),
+            limit=length_limits(cols[:, 1], prompt_len, max_model_len),
+            min_tokens=np.ascontiguousarray(cols[:, 2]),
+            greedy=cols[:, 3] != 0,
+            check_stop_ids=cols[:, 4] != 0,
+            needs_host=cols[:, 5] != 0,
+            num_logprobs=np.ascontiguousarray(cols[:, 6]),
             prompt_len=prompt_len,
             eos_ids=np.array(
                 sorted(set().union(*(r.eos_token_ids for r in requests if not r.params.ignore_eos))), np.int64
