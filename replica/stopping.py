@@ -40,7 +40,8 @@ def stop_reason(req: Request, token: int, max_model_len: int) -> FinishReason | 
     g = req.grammar
     if g is not None and (g.rejected or g.is_terminated()):
         return FinishReason.STOP
-    if n_out >= length_limit(p, len(req.prompt_token_ids), max_model_len):
+    # n_out >= length_limit(...), written out: this runs once per sampled row of a step of chunks.
+    if n_out >= p.max_tokens or len(req.prompt_token_ids) + n_out >= max_model_len:
         return FinishReason.LENGTH
     return None
 

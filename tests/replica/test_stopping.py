@@ -77,3 +77,12 @@ def test_may_stop_flags_every_row_that_stops():
             assert maybe[i] or not stops, (r.params, r.output_token_ids)
             flagged_only += bool(maybe[i]) and not stops
     assert flagged_only > 0  # a superset, not the rule itself
+
+
+def test_stop_reason_ends_by_length_exactly_at_length_limit():
+    rng = random.Random(1)
+    for _ in range(500):
+        prompt_len, max_tokens, max_model_len = rng.randint(1, 40), rng.randint(1, 40), rng.randint(41, 80)
+        r = _req([5] * rng.randint(1, 45), prompt_len=prompt_len, max_tokens=max_tokens, ignore_eos=True)
+        at_limit = len(r.output_token_ids) >= length_limit(r.params, prompt_len, max_model_len)
+        assert (stop_reason(r, 5, max_model_len) is FinishReason.LENGTH) == at_limit
