@@ -19,6 +19,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
+from replica.async_scheduler import AsyncScheduler
 from replica.config import EngineConfig
 from replica.errors import QueueFullError, RequestTooLongError
 from replica.intake import RequestIntake
@@ -30,13 +31,13 @@ from replica.outputs import (
     Delta,
     EngineStats,
     RunnerOutput,
-    SchedulerOutput,
     TokenLogprobs,
     Usage,
 )
 from replica.pending_step import PendingStep
 from replica.request import FinishReason, Request, RequestStatus, SamplingParams
 from replica.scheduler import Scheduler
+from replica.step import SchedulerOutput
 
 if TYPE_CHECKING:
     from replica.models import LoadedModel
@@ -102,7 +103,7 @@ class LLMEngine:
             runner, warm_up = built, config.runner.warmup and built.device.type == "cuda"
         self.runner: Runner = runner
         self.num_blocks = scheduler_blocks(config.cache, runner)
-        self.scheduler = Scheduler(
+        self.scheduler = (AsyncScheduler if config.scheduler.async_scheduling else Scheduler)(
             config.scheduler, config.cache, num_blocks=self.num_blocks, max_model_len=self.max_model_len
         )
         self.intake = RequestIntake(self.tokenizer, runner.vocab_size, self.scheduler.admission)
@@ -207,37 +208,51 @@ class LLMEngine:
     # ----- one step -------------------------------------------------------------------
 
     def step(self) -> list[Delta]:
-        """One engine step; returns the deltas it produced.
-
-        With async scheduling a step collects the step launched by the previous call after
-        launching its successor (when the scheduler can build one without the results), so
-        the host work below (update, detokenizing, deltas) overlaps the device computing
-        the next step. Tokens thus come out one call after their step was launched."""
+        """One engine step; returns the deltas it produced (with those of requests finished
+        between steps, e.g. aborted): synchronous (``_step_sync``) or, with async scheduling,
+        pipelined (``_step_pipelined``)."""
         started = time.monotonic()
         self._last_scheduled = ()  # a failing schedule() must not blame an earlier step's requests
-        new: list[Delta] = []
+        new = self._step_pipelined(started) if self._async else self._step_sync(started)
+        self._last_scheduled = ()
+        # Taken only now: a step that raises keeps them (e.g. an abort's final delta) for the next.
+        deltas, self._pending = self._pending, []
+        return deltas + new
+
+    def _step_sync(self, started: float) -> list[Delta]:
+        """schedule -> run -> apply: the step's tokens come out of this call."""
+        out = self.scheduler.schedule()
+        if out.is_empty:
+            return []
+        self._last_scheduled = out.request_ids
+        return self._apply(out, self.runner.run(out), started)
+
+    def _step_pipelined(self, started: float) -> list[Delta]:
+        """Apply the step launched by the previous call after launching its successor, so that
+        the host work of applying it (update, detokenizing, deltas) overlaps the device computing
+        the next one. Tokens thus come out one call after their step was launched.
+
+        1. Nothing in flight: schedule a step and launch it; no tokens yet.
+        2. Else launch the successor of the step in flight if the scheduler can build it without
+           that step's tokens (``AsyncScheduler.schedule_next``); otherwise the next call
+           starts over at 1.
+        3. Wait for the step in flight and apply it.
+        """
+        runner = cast(PipelinedRunner, self.runner)
         prev, self._inflight = self._inflight, None
         if prev is None:
             out = self.scheduler.schedule()
             if not out.is_empty:
                 self._last_scheduled = out.request_ids
-                if self._async:
-                    self._inflight = (out, cast(PipelinedRunner, self.runner).launch(out, None), started)
-                    self._last_scheduled = ()
-                else:
-                    new = self._apply(out, self.runner.run(out), started)
-        else:
-            out, handle, t0 = prev
-            self._last_scheduled = out.request_ids
-            nxt = self.scheduler.schedule_next(out)
-            if nxt is not None:
-                self._inflight = (nxt, cast(PipelinedRunner, self.runner).launch(nxt, handle), started)
-                self._last_scheduled += nxt.request_ids
-            new = self._apply(out, handle.result(), t0)
-        self._last_scheduled = ()
-        # Taken only now: a step that raises keeps them (e.g. an abort's final delta) for the next.
-        deltas, self._pending = self._pending, []
-        return deltas + new
+                self._inflight = (out, runner.launch(out, None), started)
+            return []
+        out, handle, t0 = prev
+        self._last_scheduled = out.request_ids
+        nxt = cast(AsyncScheduler, self.scheduler).schedule_next(out)
+        if nxt is not None:
+            self._inflight = (nxt, runner.launch(nxt, handle), started)
+            self._last_scheduled += nxt.request_ids
+        return self._apply(out, handle.result(), t0)
 
     def _apply(self, out: SchedulerOutput, res: RunnerOutput, started: float) -> list[Delta]:
         if res.prompt_logprobs:

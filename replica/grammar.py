@@ -10,7 +10,7 @@ without a grammar cost nothing); the scheduler's ``update`` accepts the sampled 
 matcher and finishes the request (``stop``) once the matcher terminates.
 
 The bitmask of step N+1 needs step N's token accepted first: grammar rows never take the CUDA-graph
-decode path (see ``model_runner._needs_eager``), and an eager step is computed at ``result()``,
+decode path (see ``DecodeBatch.needs_host``), and an eager step is computed at ``result()``,
 after the previous step's ``update`` (``pending_step.DeferredStep``). ``GrammarState.fill`` checks
 that order (the matcher must have accepted exactly the row's earlier outputs).
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from replica.outputs import TokenLogprobs
@@ -73,6 +74,32 @@ def compute(x: torch.Tensor, tokens: torch.Tensor, num_top: Sequence[int], rows:
         torch.cat(values) if len(values) > 1 else values[0],
         torch.cat(ids) if len(ids) > 1 else ids[0],
     )
+
+
+def of_prompt(
+    logits: torch.Tensor, spans: Sequence[tuple[str, int, int, int]], targets: np.ndarray | None
+) -> dict[str, tuple[int, list[TokenLogprobs]]]:
+    """Raw-logit logprobs of an eager step's prompt targets (``host_step.HostInputs``: the logits
+    rows after the sampled ones), per request: (index of its first target, one entry per target)."""
+    assert targets is not None
+    ks = [k for _, _, n, k in spans for _ in range(n)]
+    host = compute(
+        logits.to(float_dtype(logits)), to_device(targets.tolist(), torch.int64, logits.device), ks, range(len(ks))
+    ).to_host(targets.tolist())
+    out, at = {}, 0
+    for rid, first, n, _ in spans:
+        out[rid] = (first, host[at : at + n])
+        at += n
+    return out
+
+
+def of_greedy(
+    logits: torch.Tensor, tokens: torch.Tensor, idx: torch.Tensor, asking: np.ndarray, num_top: np.ndarray
+) -> DeviceLogprobs:
+    """Logprobs of plain greedy rows ``asking`` (``idx`` on the device; no processing, temperature 1)
+    for the graph's own argmax."""
+    x = logits.index_select(0, idx).to(float_dtype(logits))
+    return compute(x, tokens.index_select(0, idx), num_top[asking].tolist(), asking.tolist())
 
 
 def to_device(values: Sequence[float] | Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -273,8 +273,8 @@ def dry_run(runner: ModelRunner, reference: torch.Tensor | None = None) -> None:
     logits computed earlier); raises ``UnsupportedModelError`` on a crash or a difference. Writes
     only the first blocks of the runner's cache, so call it before any request is served."""
     from replica.attention import install
-    from replica.outputs import ScheduledChunk, SchedulerOutput
     from replica.request import SamplingParams
+    from replica.step import ScheduledChunk, SchedulerOutput
 
     model = runner.model
     vocab = runner.vocab_size

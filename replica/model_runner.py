@@ -10,10 +10,9 @@ for prompt logprobs (echo).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from itertools import chain
-from typing import TYPE_CHECKING, Any, NamedTuple
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -23,12 +22,13 @@ from replica import logprobs as lp
 from replica.attention import AttentionMetadata, PagedKVCache, install, resolve_backend
 from replica.config import CacheConfig, RunnerConfig
 from replica.cuda_graphs import DecodeGraphs, DecodeInputs
-from replica.decode_batch import LOGPROBS, DecodeBatch, pack_block_tables
+from replica.host_step import HostInputs, HostStep, host_step
 from replica.kv_sizing import kv_shape
-from replica.outputs import PLACEHOLDER_TOKEN, RunnerOutput, ScheduledChunk, SchedulerOutput, TokenLogprobs
+from replica.outputs import RunnerOutput
 from replica.pending_step import DeferredStep, PendingStep
-from replica.request import SamplingParams
 from replica.sampler import Sampler, SamplingRow
+from replica.step import DecodeBatch, ScheduledChunk, SchedulerOutput
+from replica.stopping import banned_tokens
 
 if TYPE_CHECKING:
     from replica.tp_executor import TPGroup
@@ -38,31 +38,16 @@ def _text_config(hf_config: Any) -> Any:
     return hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
 
 
-class HostStep(NamedTuple):
-    """Host arrays of one eager step (what tensor-parallel ranks receive, ``tp_executor``)."""
-
-    ids: np.ndarray  # [T]
-    positions: np.ndarray  # [T]
-    slots: np.ndarray  # [T]
-    qsl: np.ndarray  # [B+1] query start of each chunk
-    seq_lens: np.ndarray  # [B]
-    block_tables: np.ndarray  # [B, W]
-    max_query_len: int
-    max_seq_len: int
-
-
 @dataclass(frozen=True)
 class StepInputs:
     """Device inputs of one forward, built from a SchedulerOutput."""
 
     input_ids: torch.Tensor  # [1, T]
     position_ids: torch.Tensor  # [1, T]
-    logits_indices: torch.Tensor  # [S] token index of each sampling chunk's last token
+    logits_indices: torch.Tensor  # [S + P] as HostInputs'
     attn_metadata: AttentionMetadata
     sample_rows: tuple[SamplingRow, ...]
     sample_request_ids: tuple[str, ...]
-    # Prompt logprobs (echo): logits rows after the sampled ones score ``prompt_targets`` (the prompt
-    # token after each position); per request (id, index of its first target, count, alternatives).
     prompt_spans: tuple[tuple[str, int, int, int], ...] = ()
     prompt_targets: np.ndarray | None = None
 
@@ -146,43 +131,39 @@ class ModelRunner:
         return self.launch(out, None).result()
 
     def launch(self, out: SchedulerOutput, prev: PendingStep | None) -> PendingStep:
-        """Start one step. Chunks whose last token is ``PLACEHOLDER_TOKEN`` take the token
-        ``prev`` sampled for the same request. A decode step that fits a CUDA graph is
-        enqueued on the device now and its tokens copied back asynchronously; any other step
-        is computed at ``result()`` (see ``DeferredStep``)."""
+        """Start one step. Rows of a decode step without a token (``DecodeBatch.prev_rows``)
+        take the token ``prev`` sampled for the same request. A decode step that fits a CUDA
+        graph is enqueued on the device now and its tokens copied back asynchronously; any
+        other step is computed at ``result()`` (see ``DeferredStep``)."""
         if out.is_empty:
             return DeferredStep((), lambda: RunnerOutput(sampled={}))
-        if self.graphs is not None:
-            step = self._launch_decode_graph(out, prev)
+        if out.decode is not None and self.graphs is not None:
+            step = self._launch_decode_graph(out.decode, prev)
             if step is not None:
                 self._last_graph_step = step
                 return step
-        out = self._resolve_placeholders(out, prev)
-        rids = tuple(c.request_id for c in out.chunks if c.sample)
-        return DeferredStep(rids, lambda: self._run_eager(out))
+        if out.decode is not None:  # the eager path reads chunks, with every token on the host
+            d = out.decode
+            chunks = replace(d, token_ids=self._input_tokens(d, prev), prev_rows=None).as_chunks()
+            out = SchedulerOutput(chunks, out.num_batched_tokens, out.preempted_ids)
+        return DeferredStep(tuple(c.request_id for c in out.chunks if c.sample), lambda: self._run_eager(out))
 
-    def _resolve_placeholders(self, out: SchedulerOutput, prev: PendingStep | None) -> SchedulerOutput:
-        """``out`` as plain chunks, every placeholder replaced by the token ``prev`` sampled
-        (read on the host)."""
-        if out.decode is None and not any(c.token_ids and c.token_ids[-1] == PLACEHOLDER_TOKEN for c in out.chunks):
-            return out
+    def _input_tokens(self, d: DecodeBatch, prev: PendingStep | None) -> np.ndarray:
+        """Each row's input token on the host: its own, or the one ``prev`` sampled for its request."""
+        if d.token_ids is not None:
+            return d.token_ids
         if prev is None:
             raise ValueError("a step with placeholder tokens needs the previous step")
-        sampled = prev.result().sampled
-        chunks = []
-        for c in out.chunks:
-            if c.token_ids and c.token_ids[-1] == PLACEHOLDER_TOKEN:
-                if c.request_id not in sampled:
-                    raise ValueError(f"request {c.request_id}: the previous step sampled no token for it")
-                c = c._replace(token_ids=c.token_ids[:-1] + (sampled[c.request_id],))
-            chunks.append(c)
-        return SchedulerOutput(tuple(chunks), out.num_batched_tokens, out.preempted_ids)
+        try:
+            return np.asarray(prev.result().tokens_for(d.request_ids), np.int64)
+        except KeyError as e:
+            raise ValueError(f"request {e.args[0]}: the previous step sampled no token for it") from None
 
     def _run_eager(self, out: SchedulerOutput) -> RunnerOutput:
         inputs = self.prepare(out)
         logits = self.forward(inputs)
         n = len(inputs.sample_rows)
-        prompt = _prompt_logprobs(logits[n:], inputs) if inputs.prompt_spans else None
+        prompt = lp.of_prompt(logits[n:], inputs.prompt_spans, inputs.prompt_targets) if inputs.prompt_spans else None
         if not n:
             return RunnerOutput(sampled={}, prompt_logprobs=prompt)
         ids, dev_lp = self.sampler.sample(logits[:n], inputs.sample_rows)
@@ -212,34 +193,31 @@ class ModelRunner:
         return self.graphs
 
     @torch.inference_mode()
-    def _launch_decode_graph(self, out: SchedulerOutput, prev: PendingStep | None) -> PendingStep | None:
-        """A decode-only step (one new token per request, all sampling) replayed from a CUDA
-        graph; None when the step doesn't qualify (then the eager path runs)."""
+    def _launch_decode_graph(self, d: DecodeBatch, prev: PendingStep | None) -> PendingStep | None:
+        """A decode step replayed from a CUDA graph; None when it doesn't fit one (then the
+        eager path runs)."""
         graphs = self._graphs
-        d = out.decode
-        if _needs_eager(out):
+        if not d.plain_greedy and d.needs_host.any():
             # Penalties need the previous token on the host, a grammar its matcher to have accepted
             # it first: the eager path reads it (and runs after the previous step's update).
             return None
-        inp = self._batch_inputs(d, prev) if d is not None else self._chunk_inputs(out, prev)
+        inp = self._graph_inputs(d, prev)
         if inp is None:
             return None
         logits, greedy = graphs.replay(inp)
-        if d is not None:
-            rids = d.request_ids
-            if d.plain_greedy:
-                # The graph's argmax; rows asking for logprobs score it (one vectorised check per step).
-                asking = np.flatnonzero(d.static[:, LOGPROBS] >= 0)
-                if not len(asking):
-                    return graphs.emit(rids)
-                idx = graphs.rows_on_device(asking)
-                return graphs.emit(rids, logprobs=_greedy_logprobs(logits, greedy, idx, asking, d.static[:, LOGPROBS]))
-            params, n_out = [r.params for r in d.requests], d.num_output_tokens.tolist()
-        else:
-            rids = tuple(c.request_id for c in out.chunks)
-            params, n_out = [c.params for c in out.chunks], [c.num_output_tokens for c in out.chunks]
+        rids = d.request_ids
+        if d.plain_greedy:
+            # The graph's argmax; rows asking for logprobs score it (one vectorised check per step).
+            asking = np.flatnonzero(d.num_logprobs >= 0)
+            if not len(asking):
+                return graphs.emit(rids)
+            idx = graphs.rows_on_device(asking)
+            return graphs.emit(rids, logprobs=lp.of_greedy(logits, greedy, idx, asking, d.num_logprobs))
         # Plain greedy rows (no min_tokens ban left) take the graph's argmax: no rows to build.
-        rows = [SamplingRow(p, n, self._banned(p, n)) for p, n in zip(params, n_out)]
+        rows = [
+            SamplingRow(p, n, banned_tokens(p, n, self.eos_token_ids))
+            for p, n in zip([r.params for r in d.requests], d.num_output_tokens.tolist())
+        ]
         if all(
             r.params.greedy and not r.banned_token_ids and not r.params.processes_logits and r.params.logprobs is None
             for r in rows
@@ -248,65 +226,22 @@ class ModelRunner:
         tokens, dev_lp = self.sampler.sample(logits, rows)
         return graphs.emit(rids, tokens, dev_lp)
 
-    def _batch_inputs(self, d: DecodeBatch, prev: PendingStep | None) -> DecodeInputs | None:
-        """Graph inputs of a ``DecodeBatch``: its arrays as they are; every row's token is
-        ``prev``'s, taken on the device when ``prev`` is the last replay."""
+    def _graph_inputs(self, d: DecodeBatch, prev: PendingStep | None) -> DecodeInputs | None:
+        """Graph inputs of a ``DecodeBatch``: its arrays as they are. Rows without a token take
+        ``prev``'s on the device when ``prev`` is the last replay, else from the host."""
         graphs = self._graphs
         b = len(d)
         if not graphs.fits(b, d.block_tables.shape[1]):
             return None
         if (d.num_blocks * self.block_size <= d.positions).any():
             return None  # let prepare() raise its precise error
-        if prev is None:
-            raise ValueError("a step with placeholder tokens needs the previous step")
         if d.block_tables.size and (d.block_tables.max() >= self.num_blocks or d.block_tables.min() < 0):
             raise ValueError(f"block ids must be in [0, {self.num_blocks})")
-        if prev is self._last_graph_step:
+        if d.prev_rows is not None and prev is not None and prev is self._last_graph_step:
             if len(d.prev_rows) and int(d.prev_rows.max()) >= len(prev.request_ids):
                 raise ValueError("the previous step sampled no token for a placeholder row")
             return DecodeInputs(np.zeros(b, np.int64), d.positions, d.block_tables, d.prev_rows)
-        # prev's tokens are not on the device (an eager step): read them on the host.
-        sampled = prev.result().sampled
-        try:
-            ids = np.fromiter((sampled[r] for r in d.request_ids), np.int64, b)
-        except KeyError as e:
-            raise ValueError(f"request {e.args[0]}: the previous step sampled no token for it") from None
-        return DecodeInputs(self._checked_ids(ids), d.positions, d.block_tables)
-
-    def _chunk_inputs(self, out: SchedulerOutput, prev: PendingStep | None) -> DecodeInputs | None:
-        """Graph inputs of a decode step given as chunks; None unless every chunk is one
-        sampling token and the batch fits a graph."""
-        graphs = self._graphs
-        chunks = out.chunks
-        b = len(chunks)
-        if b > graphs.max_batch_size or any(len(c.token_ids) != 1 or not c.sample for c in chunks):
-            return None
-        bs = self.block_size
-        pos = np.fromiter((c.start_pos for c in chunks), np.int64, b)
-        nbt = np.fromiter((len(c.block_table) for c in chunks), np.int64, b)
-        if not graphs.fits(b, int(nbt.max())):
-            return None
-        if (pos < 0).any() or (nbt * bs <= pos).any():
-            return None  # let prepare() raise its precise error
-        if len({c.request_id for c in chunks}) != b:
-            raise ValueError("a request appears twice in one SchedulerOutput")
-        if prev is not None and prev is not self._last_graph_step:
-            # prev's tokens are not on the device (an eager step): read them on the host.
-            chunks = self._resolve_placeholders(out, prev).chunks
-        ids = np.fromiter((c.token_ids[0] for c in chunks), np.int64, b)
-        src = None
-        holes = ids == PLACEHOLDER_TOKEN
-        if holes.any():
-            if prev is None:
-                raise ValueError("a step with placeholder tokens needs the previous step")
-            # prev is the last replay: its tokens are still on the device.
-            row = {rid: i for i, rid in enumerate(prev.request_ids)}
-            src = np.fromiter((row.get(c.request_id, -2) if h else -1 for c, h in zip(chunks, holes)), np.int64, b)
-            if (src == -2).any():
-                raise ValueError("the previous step sampled no token for a placeholder row")
-            ids[holes] = 0
-        tables, _ = pack_block_tables([c.block_table for c in chunks], self.num_blocks)
-        return DecodeInputs(self._checked_ids(ids), pos, tables, src)
+        return DecodeInputs(self._checked_ids(self._input_tokens(d, prev)), d.positions, d.block_tables)
 
     def _checked_ids(self, ids: np.ndarray) -> np.ndarray:
         if ids.min() < 0 or ids.max() >= self.vocab_size:
@@ -337,69 +272,28 @@ class ModelRunner:
     # -- host-side preparation (vectorised over tokens) -----------------------------------------
 
     def prepare(self, out: SchedulerOutput) -> StepInputs:
-        chunks = out.chunks
-        b = len(chunks)
-        if b == 0:
-            raise ValueError("cannot prepare an empty SchedulerOutput")
-        bs = self.block_size
-        q_lens = np.fromiter((len(c.token_ids) for c in chunks), np.int64, b)
-        starts = np.fromiter((c.start_pos for c in chunks), np.int64, b)
-        bt_lens = np.fromiter((len(c.block_table) for c in chunks), np.int64, b)
-        if (q_lens <= 0).any():
-            raise ValueError("every scheduled chunk needs at least one token")
-        if (starts < 0).any():
-            raise ValueError("start_pos must be >= 0")
-        seq_lens = starts + q_lens
-        if (bt_lens * bs < seq_lens).any():
-            i = int(np.flatnonzero(bt_lens * bs < seq_lens)[0])
-            raise ValueError(
-                f"request {chunks[i].request_id}: block_table of {bt_lens[i]} blocks cannot hold "
-                f"{seq_lens[i]} tokens at block_size {bs}"
-            )
-        if len({c.request_id for c in chunks}) != b:
-            raise ValueError("a request appears twice in one SchedulerOutput")
-        t = int(q_lens.sum())
-        ids = np.fromiter(chain.from_iterable(c.token_ids for c in chunks), np.int64, t)
-        if ids.min() < 0 or ids.max() >= self.vocab_size:
-            raise ValueError(f"token ids must be in [0, {self.vocab_size}), got min {ids.min()} max {ids.max()}")
-
-        qsl = np.zeros(b + 1, np.int64)
-        np.cumsum(q_lens, out=qsl[1:])
-        seq_of_tok = np.repeat(np.arange(b), q_lens)
-        positions = np.arange(t) - np.repeat(qsl[:-1] - starts, q_lens)
-
-        block_tables, _ = pack_block_tables([c.block_table for c in chunks], self.num_blocks)
-        slots = block_tables[seq_of_tok, positions // bs].astype(np.int64) * bs + positions % bs
-
-        sample_mask = np.fromiter((c.sample for c in chunks), bool, b)
-        logits_indices = qsl[1:][sample_mask] - 1
-        spans: tuple[tuple[str, int, int, int], ...] = ()
-        targets = None
-        if any(c.params.prompt_logprobs is not None for c in chunks):
-            spans, extra, targets = _prompt_positions(chunks, qsl)
-            if spans:
-                logits_indices = np.concatenate([logits_indices, extra])
+        chunks = out.as_chunks()
+        host = host_step(chunks, self.block_size, self.num_blocks, self.vocab_size)
         sampled = [c for c in chunks if c.sample]
         rows = tuple(
-            SamplingRow(c.params, c.num_output_tokens, self._banned(c.params, c.num_output_tokens), grammar=c.grammar)
+            SamplingRow(
+                c.params,
+                c.num_output_tokens,
+                banned_tokens(c.params, c.num_output_tokens, self.eos_token_ids),
+                grammar=c.grammar,
+            )
             if not c.params.uses_penalties
             else self._row_with_history(c)
             for c in sampled
         )
-        host = HostStep(ids, positions, slots, qsl, seq_lens, block_tables, int(q_lens.max()), int(seq_lens.max()))
         if self.tp is not None:  # the other ranks start the same forward now
-            self.tp.send_step(host, len(rows))
-        return self._inputs(host, logits_indices, rows, tuple(c.request_id for c in sampled), spans, targets)
+            self.tp.send_step(host.step, len(rows))
+        return self._inputs(host, rows, tuple(c.request_id for c in sampled))
 
     def _inputs(
-        self,
-        host: HostStep,
-        logits_indices: np.ndarray,
-        rows: tuple[SamplingRow, ...] = (),
-        request_ids: tuple[str, ...] = (),
-        spans: tuple[tuple[str, int, int, int], ...] = (),
-        targets: np.ndarray | None = None,
+        self, inputs: HostInputs, rows: tuple[SamplingRow, ...] = (), request_ids: tuple[str, ...] = ()
     ) -> StepInputs:
+        host = inputs.step
         meta = AttentionMetadata(
             slot_mapping=self._to_device(host.slots),
             query_start_loc=self._to_device(host.qsl, torch.int32),
@@ -414,12 +308,12 @@ class ModelRunner:
         return StepInputs(
             input_ids=self._to_device(host.ids)[None],
             position_ids=self._to_device(host.positions)[None],
-            logits_indices=self._to_device(logits_indices),
+            logits_indices=self._to_device(inputs.logits_indices),
             attn_metadata=meta,
             sample_rows=rows,
             sample_request_ids=request_ids,
-            prompt_spans=spans,
-            prompt_targets=targets,
+            prompt_spans=inputs.prompt_spans,
+            prompt_targets=inputs.prompt_targets,
         )
 
     # -- tensor parallelism: ranks 1..N-1 (replica.tp_executor.serve_steps) -------------------
@@ -427,7 +321,7 @@ class ModelRunner:
     def worker_inputs(self, host: HostStep) -> StepInputs:
         """A worker's inputs of the step rank 0 sent (``tp_executor.unpack_step``): the same
         forward without logits (rank 0 alone samples)."""
-        return self._inputs(host, np.zeros(0, np.int64))
+        return self._inputs(HostInputs(host, np.zeros(0, np.int64)))
 
     def replay_graph_as_worker(self, batch_size: int) -> None:
         """A worker's half of rank 0's graph replay; the graph receives its inputs itself."""
@@ -443,13 +337,6 @@ class ModelRunner:
         if self.tp is not None:
             self.tp.close()
 
-    def _banned(self, params: SamplingParams, num_output_tokens: int) -> tuple[int, ...]:
-        # min_tokens: no EOS / stop token may be sampled before that many outputs exist.
-        if num_output_tokens >= params.min_tokens:
-            return ()
-        eos = () if params.ignore_eos else self.eos_token_ids
-        return tuple(eos) + tuple(params.stop_token_ids)
-
     def _row_with_history(self, c: ScheduledChunk) -> SamplingRow:
         """A sampling row with the token history that penalties need: the request's tokens before
         this chunk (on the host by now) and the chunk's own (placeholders already resolved)."""
@@ -460,7 +347,7 @@ class ModelRunner:
         p = len(prompt) if prompt else (c.prompt_len or len(seq))
         if len(seq) != before + len(c.token_ids) or len(seq) != p + c.num_output_tokens:
             raise ValueError(f"request {c.request_id}: its token history is not complete on the host")
-        banned = self._banned(c.params, c.num_output_tokens)
+        banned = banned_tokens(c.params, c.num_output_tokens, self.eos_token_ids)
         return SamplingRow(c.params, c.num_output_tokens, banned, seq[:p], seq[p:], c.grammar)
 
     def _to_device(self, a: np.ndarray, dtype: torch.dtype = torch.int64) -> torch.Tensor:
@@ -468,63 +355,6 @@ class ModelRunner:
         if self.device.type == "cpu":
             return t
         return t.pin_memory().to(self.device, non_blocking=True)
-
-
-def _needs_eager(out: SchedulerOutput) -> bool:
-    """A row with penalties or a grammar: the step must not take the CUDA-graph decode path."""
-    d = out.decode
-    if d is not None:  # a plain greedy batch has none (no per-row check on that fast path)
-        return not d.plain_greedy and any(r.params.uses_penalties or r.params.guided is not None for r in d.requests)
-    return any(c.params.uses_penalties or c.params.guided is not None for c in out.chunks)
-
-
-def _prompt_positions(
-    chunks: Sequence[ScheduledChunk], qsl: np.ndarray
-) -> tuple[tuple[tuple[str, int, int, int], ...], np.ndarray, np.ndarray]:
-    """Prompt logprobs of a step: for each chunk of a request that asks (before its first output),
-    the flat token indices whose logits score the next prompt token, and those tokens. A chunk at
-    prompt positions s..e-1 scores prompt tokens s+1..min(e, P-1) (the logits at P-1 sample)."""
-    spans: list[tuple[str, int, int, int]] = []
-    idx: list[np.ndarray] = []
-    targets: list[int] = []
-    for i, c in enumerate(chunks):
-        k = c.params.prompt_logprobs
-        if k is None or c.num_output_tokens or not c.prompt_token_ids:
-            continue
-        p = len(c.prompt_token_ids)
-        first, last = c.start_pos + 1, min(c.start_pos + len(c.token_ids), p - 1)
-        if last < first:
-            continue
-        spans.append((c.request_id, first, last - first + 1, k))
-        idx.append(np.arange(first, last + 1) - c.start_pos - 1 + qsl[i])
-        targets.extend(c.prompt_token_ids[first : last + 1])
-    if not spans:
-        return (), np.zeros(0, np.int64), np.zeros(0, np.int64)
-    return tuple(spans), np.concatenate(idx), np.asarray(targets, np.int64)
-
-
-def _prompt_logprobs(logits: torch.Tensor, inputs: StepInputs) -> dict[str, tuple[int, list[TokenLogprobs]]]:
-    """Raw-logit logprobs of the prompt targets (the rows after the sampled ones)."""
-    assert inputs.prompt_targets is not None
-    targets = lp.to_device(inputs.prompt_targets.tolist(), torch.int64, logits.device)
-    ks = [k for _, _, n, k in inputs.prompt_spans for _ in range(n)]
-    host = lp.compute(logits.to(lp.float_dtype(logits)), targets, ks, range(len(ks))).to_host(
-        inputs.prompt_targets.tolist()
-    )
-    out, at = {}, 0
-    for rid, first, n, _ in inputs.prompt_spans:
-        out[rid] = (first, host[at : at + n])
-        at += n
-    return out
-
-
-def _greedy_logprobs(
-    logits: torch.Tensor, tokens: torch.Tensor, idx: torch.Tensor, asking: np.ndarray, num_top: np.ndarray
-) -> lp.DeviceLogprobs:
-    """Logprobs of plain greedy rows ``asking`` (``idx`` on the device; no processing, temperature 1)
-    for the graph's own argmax."""
-    x = logits.index_select(0, idx).to(lp.float_dtype(logits))
-    return lp.compute(x, tokens.index_select(0, idx), num_top[asking].tolist(), asking.tolist())
 
 
 def _patch_fused(model: PreTrainedModel) -> int:

@@ -1,21 +1,18 @@
-"""Typed values that cross a boundary: scheduler -> runner -> engine -> caller."""
+"""Results that cross a boundary: runner -> engine -> caller (the step itself is ``replica.step``)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import enum
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, NamedTuple
-
-from replica.request import FinishReason, SamplingParams
-
-if TYPE_CHECKING:
-    from replica.decode_batch import DecodeBatch
-    from replica.grammar import GrammarState
+from typing import NamedTuple
 
 
-# A token id not known yet when the step was scheduled: the token the previous step samples.
-# Only the last token of a chunk can be one; the runner fills it in on the device.
-PLACEHOLDER_TOKEN = -1
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # EOS, a stop token id, or a stop string
+    LENGTH = "length"  # max_tokens reached (or the context is full)
+    ABORT = "abort"  # aborted by the caller (disconnect, cancel, timeout)
+    ERROR = "error"  # the engine failed while running it
 
 
 class TokenLogprobs(NamedTuple):
@@ -28,84 +25,35 @@ class TokenLogprobs(NamedTuple):
     top_logprobs: tuple[float, ...]
 
 
-class ScheduledChunk(NamedTuple):
-    """One request's share of a step: compute ``token_ids`` at positions
-    ``start_pos .. start_pos + len(token_ids) - 1`` and, if ``sample`` is set,
-    sample the next token from the last position's logits.
-
-    ``block_table`` covers every position up to the end of this chunk; the KV of
-    positions before ``start_pos`` is already in the cache (earlier steps or
-    prefix-cache hits).
-
-    A NamedTuple, not a frozen dataclass, because one is built per request per step on the
-    host's critical path: construction is ~2.5x cheaper (tuple.__new__ instead of a
-    frozen __init__'s object.__setattr__ per field). Immutable all the same.
-    """
-
-    request_id: str
-    token_ids: tuple[int, ...]
-    start_pos: int
-    block_table: tuple[int, ...]
-    sample: bool
-    params: SamplingParams
-    num_output_tokens: int  # outputs so far: the index of the token sampled now (seeded RNG)
-    # Prompt + outputs so far (only needed by repetition-aware samplers and tests).
-    prompt_len: int = 0
-    # The request's own token lists (references, not copies): penalties read the history from them.
-    prompt_token_ids: Sequence[int] = ()
-    output_token_ids: Sequence[int] = ()
-    grammar: GrammarState | None = None  # the request's matcher (structured output), if any
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.token_ids)
-
-
-@dataclass(frozen=True)
-class SchedulerOutput:
-    chunks: Sequence[ScheduledChunk]
-    num_batched_tokens: int
-    preempted_ids: tuple[str, ...] = ()
-    # Set on a decode-only continuation step (async scheduling): the same step in array form,
-    # which is then also ``chunks`` (materialised only if someone iterates them).
-    decode: DecodeBatch | None = None
-
-    @property
-    def is_empty(self) -> bool:
-        return not self.chunks
-
-    @property
-    def request_ids(self) -> tuple[str, ...]:
-        if self.decode is not None:
-            return self.decode.request_ids
-        return tuple(c.request_id for c in self.chunks)
-
-
 class RunnerOutput:
-    """The token sampled for each request that had ``sample`` set, in chunk order: as a dict
-    (``sampled``), or as two row-ordered sequences that a decode step reads without building
-    the dict (``request_ids`` / ``token_ids``). Only for requests that asked (else None):
-    ``logprobs`` of the sampled tokens, and ``prompt_logprobs`` as request -> (index of the
-    first prompt token scored, one entry per prompt token from there)."""
+    """The tokens a step sampled: one row per request that had ``sample`` set, in the step's
+    order (``request_ids[i]`` sampled ``token_ids[i]``). A decode step reads the rows as they
+    are; ``sampled`` is the same as a dict, built on first use. A dict given to the constructor
+    is taken as the rows, in its order. Only for requests that asked (else None): ``logprobs``
+    of the sampled tokens, and ``prompt_logprobs`` as request -> (index of the first prompt
+    token scored, one entry per prompt token from there)."""
 
     __slots__ = ("_sampled", "logprobs", "prompt_logprobs", "request_ids", "token_ids")
 
     def __init__(
         self,
-        sampled: dict[str, int] | None = None,
+        sampled: Mapping[str, int] | None = None,
         *,
         request_ids: Sequence[str] | None = None,
         token_ids: Sequence[int] | None = None,
         logprobs: dict[str, TokenLogprobs] | None = None,
         prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] | None = None,
     ) -> None:
-        if (request_ids is None) != (token_ids is None):
-            raise ValueError("give request_ids and token_ids together")
-        if request_ids is not None and len(request_ids) != len(token_ids):  # type: ignore[arg-type]
-            raise ValueError(f"{len(request_ids)} request ids for {len(token_ids)} tokens")  # type: ignore[arg-type]
-        if sampled is None and request_ids is None:
-            raise ValueError("RunnerOutput needs sampled or request_ids/token_ids")
-        self._sampled = sampled
+        self._sampled: dict[str, int] | None = None
+        if sampled is not None:
+            if request_ids is not None or token_ids is not None:
+                raise ValueError("give sampled or request_ids/token_ids, not both")
+            self._sampled = dict(sampled)
+            request_ids, token_ids = tuple(self._sampled), list(self._sampled.values())
+        if request_ids is None or token_ids is None:
+            raise ValueError("RunnerOutput needs sampled, or request_ids and token_ids together")
+        if len(request_ids) != len(token_ids):
+            raise ValueError(f"{len(request_ids)} request ids for {len(token_ids)} tokens")
         self.request_ids = request_ids
         self.token_ids = token_ids
         self.logprobs = logprobs
@@ -114,12 +62,12 @@ class RunnerOutput:
     @property
     def sampled(self) -> dict[str, int]:
         if self._sampled is None:
-            self._sampled = dict(zip(self.request_ids, self.token_ids))  # type: ignore[arg-type]
+            self._sampled = dict(zip(self.request_ids, self.token_ids))
         return self._sampled
 
     def tokens_for(self, request_ids: Sequence[str]) -> Sequence[int]:
         """The tokens of ``request_ids``, in that order (KeyError for one with no token)."""
-        if self.token_ids is not None and (self.request_ids is request_ids or self.request_ids == request_ids):
+        if self.request_ids is request_ids or self.request_ids == request_ids:
             return self.token_ids
         sampled = self.sampled
         return [sampled[r] for r in request_ids]
@@ -156,7 +104,7 @@ class ChoiceDelta(NamedTuple):
 class Delta(NamedTuple):
     """What one request gained in one step: new text and token ids; the last delta
     of a request carries ``finish_reason`` and ``usage``. A NamedTuple for the same reason
-    as ``ScheduledChunk``: one per request per step.
+    as ``step.ScheduledChunk``: one per request per step.
 
     An n > 1 request's deltas carry their text in ``choices`` (one per choice that gained
     something, each with its own finish), ``text`` and ``token_ids`` stay empty; its last

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from replica.errors import InvalidRequestError
 from replica.grammar import GrammarSpec
+from replica.outputs import FinishReason as FinishReason  # defined with the results; imported from here too
 
 if TYPE_CHECKING:
     from replica.grammar import GrammarState
@@ -21,13 +22,6 @@ MAX_LOGIT_BIAS = 300  # entries, as OpenAI
 MAX_REPETITION_PENALTY = 10.0
 MAX_N = 128  # sequences per request, as OpenAI
 MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's top_logprobs (and vLLM's default max_logprobs)
-
-
-class FinishReason(str, enum.Enum):
-    STOP = "stop"  # EOS, a stop token id, or a stop string
-    LENGTH = "length"  # max_tokens reached (or the context is full)
-    ABORT = "abort"  # aborted by the caller (disconnect, cancel, timeout)
-    ERROR = "error"  # the engine failed while running it
 
 
 class RequestStatus(enum.Enum):

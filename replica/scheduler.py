@@ -7,6 +7,11 @@ then waiting ones in arrival order. A long prompt is cut into chunks that fit th
 budget (chunked prefill), so prefill chunks and decodes share a step, and a finished
 request's slot is refilled on the very next step.
 
+A step where every request computes its last known token and samples (no prefill anywhere) is a
+decode step, built as a ``DecodeBatch`` (``replica.step``: arrays, one row per request) and
+applied by ``_update_decode`` with vectorised stop and block checks; any other step is one
+``ScheduledChunk`` per request. The stop rule is ``replica.stopping``'s.
+
 When a running request cannot get its next block, the newest running request is
 preempted by recompute: its blocks are freed, its outputs kept, and it goes back to
 the front of the waiting queue; on resume it recomputes prompt + outputs (often
@@ -36,11 +41,12 @@ import numpy as np
 
 from replica.admission import AdmissionController
 from replica.config import CacheConfig, SchedulerConfig
-from replica.decode_batch import CHECK_STOP_IDS, LIMIT, DecodeBatch
 from replica.errors import InvalidRequestError, QueueFullError
 from replica.kv_cache import KVCacheManager
-from replica.outputs import RunnerOutput, ScheduledChunk, SchedulerOutput
+from replica.outputs import RunnerOutput
 from replica.request import FinishReason, Request, RequestStatus
+from replica.step import DecodeBatch, ScheduledChunk, SchedulerOutput
+from replica.stopping import may_stop, stop_reason
 
 logger = logging.getLogger(__name__)
 
@@ -150,8 +156,12 @@ class Scheduler:
     # ----- one step --------------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
+        """Hand out one token budget. A step where every request computes one token and samples
+        is a decode step (a ``DecodeBatch``); any other is one chunk per request."""
         budget = self.config.max_num_batched_tokens
-        chunks: list[ScheduledChunk] = []
+        reqs: list[Request] = []  # scheduled, with their token counts
+        counts: list[int] = []
+        decodes = True  # every scheduled request computes its last token (and samples)
         preempted: list[str] = []
 
         # Running requests first: their next decode token or prefill chunk.
@@ -161,12 +171,18 @@ class Scheduler:
         while i < len(running) and budget > 0:
             req = running[i]
             computed = req.num_computed_tokens
-            target = self._fork_point(req) if req.children else len(req.prompt_token_ids) + len(req.output_token_ids)
-            num_new = min(target - computed, budget)
+            if req.children:  # n > 1 not forked yet: computes its shared blocks, samples nothing
+                target, decodes = self._fork_point(req), False
+            else:
+                target = len(req.prompt_token_ids) + len(req.output_token_ids)
+            left = target - computed
+            num_new = min(left, budget)
             assert num_new > 0, f"running request {req.request_id} has nothing to compute"
             if computed + num_new <= len(req.block_table) * bs:
                 # The common decode case: the tokens fit the blocks it holds; no allocation.
-                chunks.append(self._chunk(req, num_new))
+                reqs.append(req)
+                counts.append(num_new)
+                decodes = decodes and left == 1
                 budget -= num_new
                 i += 1
                 continue
@@ -177,7 +193,9 @@ class Scheduler:
                 if victim is req:
                     break
             else:
-                chunks.append(self._chunk(req, num_new))
+                reqs.append(req)
+                counts.append(num_new)
+                decodes = decodes and left == 1
                 budget -= num_new
                 i += 1
 
@@ -210,86 +228,33 @@ class Scheduler:
                     num_new = min(child.num_tokens - child.num_computed_tokens, budget)
                     if num_new <= 0 or self.kv.allocate_slots(child, num_new) is None:
                         break  # the rest are scheduled as running requests next step
-                    chunks.append(self._chunk(child, num_new))
+                    reqs.append(child)
+                    counts.append(num_new)
+                    decodes = decodes and child.num_computed_tokens + 1 == child.num_tokens
                     budget -= num_new
                 continue
             self._insert_running(req)
-            chunks.append(self._chunk(req, num_new))
+            reqs.append(req)
+            counts.append(num_new)
+            decodes = decodes and not n and num_hit + 1 == target
             budget -= num_new
 
+        num_batched = self.config.max_num_batched_tokens - budget
+        if decodes and reqs:
+            return SchedulerOutput(
+                num_batched_tokens=num_batched, preempted_ids=tuple(preempted), decode=self._decode(reqs)
+            )
         return SchedulerOutput(
-            chunks=tuple(chunks),
-            num_batched_tokens=self.config.max_num_batched_tokens - budget,
+            chunks=tuple([self._chunk(r, n) for r, n in zip(reqs, counts)]),
+            num_batched_tokens=num_batched,
             preempted_ids=tuple(preempted),
         )
-
-    def schedule_next(self, prev: SchedulerOutput) -> SchedulerOutput | None:
-        """The step after ``prev`` while ``prev``'s tokens are still on the device (async
-        scheduling): every running request computes the token ``prev`` samples for it
-        (``PLACEHOLDER_TOKEN``) and samples the next one. Returned as a ``DecodeBatch``.
-
-        Only a plain continuation qualifies: nobody waiting (admission needs the synchronous
-        path), every running request sampled in ``prev``, its next block available without
-        preempting anyone. Otherwise returns None; blocks allocated on the way stay with their
-        requests (the next step needs them anyway). Requests that ``prev`` finishes by length
-        are left out; one that ``prev`` finishes by EOS, a stop token or a stop string computes
-        one wasted row, dropped by ``update``. Call ``update(prev, ...)`` before ``update`` of
-        the returned step.
-        """
-        if self.waiting:
-            return None
-        batch = self._next_of_batch(prev.decode) if prev.decode is not None else self._next_of_chunks(prev)
-        if batch is None or not len(batch) or len(batch) > self.config.max_num_batched_tokens:
-            return None
-        bs = self.kv.block_size
-        # Rows whose next token starts a new block: allocate it now (rare: once per block_size steps).
-        for i in np.flatnonzero(batch.positions + 1 > batch.num_blocks * bs).tolist():
-            req = batch.requests[i]
-            if self.kv.allocate_slots(req, int(batch.positions[i]) + 1 - req.num_computed_tokens) is None:
-                return None  # would need a preemption: the synchronous path decides
-            batch.set_blocks(i, req.block_table)
-        return SchedulerOutput(chunks=batch, num_batched_tokens=len(batch), decode=batch)
-
-    def _next_of_batch(self, d: DecodeBatch) -> DecodeBatch | None:
-        """Vectorised successor of a decode step: drop rows whose request ended (or whose
-        token in ``d`` is its last), advance the rest by one."""
-        running = RequestStatus.RUNNING
-        alive = np.array([r.status is running for r in d.requests], bool)
-        if int(alive.sum()) != len(self.running):
-            return None  # someone running was not in d
-        rows = np.flatnonzero(alive & (d.num_output_tokens + 1 < d.static[:, LIMIT]))
-        return d.successor(rows)
-
-    def _next_of_chunks(self, prev: SchedulerOutput) -> DecodeBatch | None:
-        """The first decode step after a step built from chunks (row by row)."""
-        requests = self._requests
-        reqs, prev_rows, positions, n_outs = [], [], [], []
-        seen = row = 0
-        for ch in prev.chunks:
-            if ch.sample:
-                row += 1  # rows of prev's sampled tokens, in chunk order
-            req = requests.get(ch.request_id)
-            if req is None or req.status is not RequestStatus.RUNNING:
-                continue  # finished or aborted since prev was scheduled
-            seen += 1
-            if not ch.sample or req.num_computed_tokens != ch.start_pos:
-                return None  # mid-prefill, or prev was already applied: not a continuation
-            n_out = len(req.output_token_ids) + 1  # after prev's token
-            if n_out >= req.params.max_tokens or len(req.prompt_token_ids) + n_out >= self.max_model_len:
-                continue  # prev's token is its last
-            reqs.append(req)
-            prev_rows.append(row - 1)
-            positions.append(ch.start_pos + len(ch.token_ids))
-            n_outs.append(n_out)
-        if seen != len(self.running) or not reqs:
-            return None  # someone running was not in prev (budget), or nothing to do
-        return DecodeBatch.build(reqs, prev_rows, positions, n_outs, self.max_model_len)
 
     def update(self, out: SchedulerOutput, res: RunnerOutput) -> list[Request]:
         """Apply a step's results: advance counters, append sampled tokens, finish and free
         requests that stopped, register newly full blocks. Returns requests that got a token."""
         if out.decode is not None:
-            return self._update_batch(out.decode, res)
+            return self._update_decode(out.decode, res)
         got: list[Request] = []
         requests = self._requests
         bs = self.kv.block_size
@@ -314,7 +279,7 @@ class Scheduler:
                 got.append(req)
                 if req.grammar is not None:
                     self._accept(req, token)
-                reason = self._stop_reason(req, token)
+                reason = stop_reason(req, token, self.max_model_len)
             if caching and ch.start_pos // bs != computed // bs:  # only a chunk that filled a block
                 self.kv.cache_full_blocks(req)
             if reason is not None:
@@ -324,7 +289,7 @@ class Scheduler:
                 self._fork(req)
         return got
 
-    def _update_batch(self, d: DecodeBatch, res: RunnerOutput) -> list[Request]:
+    def _update_decode(self, d: DecodeBatch, res: RunnerOutput) -> list[Request]:
         """``update`` of a decode step: one short loop over rows; the stop and block checks
         are vectorised and only the rows they flag are looked at again."""
         try:
@@ -347,10 +312,9 @@ class Scheduler:
             got.append(req)
             if req.grammar is not None:
                 self._accept(req, token)
-        # Rows that may stop now: at their length limit, or sampled an EOS / stop id (checked
-        # exactly, per row, by _stop_reason). Rows that also filled a block cache it first.
-        n_out = d.num_output_tokens + 1
-        maybe = (n_out >= d.static[:, LIMIT]) | (d.static[:, CHECK_STOP_IDS] != 0) | np.isin(toks, d.eos_ids)
+        # Rows that may stop now (checked exactly, per row, by stop_reason). Rows that also
+        # filled a block cache it first.
+        maybe = may_stop(d.num_output_tokens + 1, d.limit, d.check_stop_ids, toks, d.eos_ids)
         if self.kv.enable_prefix_caching:
             for i in np.flatnonzero((d.positions + 1) % self.kv.block_size == 0).tolist():
                 req = d.requests[i]
@@ -360,7 +324,7 @@ class Scheduler:
             req = d.requests[i]
             if req.status is not running:
                 continue
-            reason = self._stop_reason(req, int(toks[i]))
+            reason = stop_reason(req, int(toks[i]), self.max_model_len)
             if reason is not None:
                 self.finish(req.request_id, reason)
         return got
@@ -376,18 +340,6 @@ class Scheduler:
             logger.warning(
                 "request %s: sampled token %d is not allowed by its grammar; stopping", req.request_id, token
             )
-
-    def _stop_reason(self, req: Request, token: int) -> FinishReason | None:
-        p = req.params
-        n_out = len(req.output_token_ids)
-        if n_out >= p.min_tokens and ((not p.ignore_eos and token in req.eos_token_ids) or token in p.stop_token_ids):
-            return FinishReason.STOP
-        g = req.grammar
-        if g is not None and (g.rejected or g.is_terminated()):
-            return FinishReason.STOP
-        if n_out >= p.max_tokens or len(req.prompt_token_ids) + n_out >= self.max_model_len:
-            return FinishReason.LENGTH
-        return None
 
     def _fork_point(self, req: Request) -> int:
         """Tokens an n > 1 request computes before it forks: its prompt's shared full blocks."""
@@ -437,6 +389,16 @@ class Scheduler:
         self.running.remove(req)
         if req.children:
             self._reserved_seats -= len(req.children) - 1
+
+    def _decode(self, reqs: list[Request]) -> DecodeBatch:
+        """A decode step of ``reqs``, each computing its last token (known on the host)."""
+        return DecodeBatch.build(
+            reqs,
+            positions=[r.num_computed_tokens for r in reqs],
+            num_output_tokens=[len(r.output_token_ids) for r in reqs],
+            max_model_len=self.max_model_len,
+            token_ids=[(r.output_token_ids or r.prompt_token_ids)[-1] for r in reqs],
+        )
 
     @staticmethod
     def _chunk(req: Request, n: int) -> ScheduledChunk:

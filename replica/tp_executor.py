@@ -31,9 +31,10 @@ import torch
 import torch.distributed as dist
 
 from replica.config import EngineConfig
+from replica.host_step import HostStep
 
 if TYPE_CHECKING:
-    from replica.model_runner import HostStep, ModelRunner
+    from replica.model_runner import ModelRunner
     from replica.models import LoadedModel
 
 logger = logging.getLogger(__name__)
@@ -124,8 +125,6 @@ def _min_opts() -> Any:
 
 def unpack_step(header: np.ndarray, payload: np.ndarray) -> HostStep:
     """The step ``send_step`` packed."""
-    from replica.model_runner import HostStep
-
     t, b, w = (int(x) for x in header[2:5])
     ids, positions, slots, qsl, seq_lens, tables = np.split(payload, np.cumsum([t, t, t, b + 1, b]))
     return HostStep(ids, positions, slots, qsl, seq_lens, tables.reshape(b, w), int(header[6]), int(header[7]))

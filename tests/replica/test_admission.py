@@ -128,12 +128,12 @@ def test_a_waiting_request_starts_only_with_its_blocks_plus_watermark_free():
     s.add(make_req("a", 20, max_tokens=8))  # 5 blocks
     s.add(make_req("b", 13, max_tokens=4))  # 4 blocks: 5 free - 4 < watermark 2
     out = s.schedule()
-    assert [c.request_id for c in out.chunks] == ["a"]
+    assert [c.request_id for c in out.as_chunks()] == ["a"]
     assert [r.request_id for r in s.waiting] == ["b"]
     s.update(out, _tokens(out))
     s.abort("a")
     out = s.schedule()
-    assert [c.request_id for c in out.chunks] == ["b"]
+    assert [c.request_id for c in out.as_chunks()] == ["b"]
 
 
 def test_watermark_is_waived_when_nothing_runs():
@@ -145,8 +145,8 @@ def test_watermark_is_waived_when_nothing_runs():
     )
     s.add(make_req("big", 36, max_tokens=4))  # needs all 10 blocks eventually
     out = s.schedule()
-    assert [c.request_id for c in out.chunks] == ["big"]
+    assert [c.request_id for c in out.as_chunks()] == ["big"]
 
 
 def _tokens(out):
-    return RunnerOutput({c.request_id: 7 for c in out.chunks if c.sample})
+    return RunnerOutput({c.request_id: 7 for c in out.as_chunks() if c.sample})

@@ -12,6 +12,7 @@ from replica.async_engine import AsyncEngine
 from replica.engine import LLMEngine
 from replica.errors import EngineUnavailableError, InvalidRequestError, QueueFullError, RequestTooLongError
 from replica.request import FinishReason, SamplingParams
+from tests.replica.fakes import PagedFakeRunner, reference_tokens
 from tests.replica.test_engine import (
     BS,
     GREEDY,
@@ -22,7 +23,6 @@ from tests.replica.test_engine import (
     config,
     engine,
 )
-from tests.replica.test_scheduler import PagedFakeRunner, reference_tokens
 
 
 async def collect(stream):

@@ -9,10 +9,8 @@ import pytest
 from replica.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from replica.engine import LLMEngine
 from replica.errors import InvalidRequestError, QueueFullError, RequestTooLongError
-from replica.outputs import PLACEHOLDER_TOKEN, RunnerOutput, SchedulerOutput
-from replica.pending_step import DeferredStep
 from replica.request import FinishReason, SamplingParams
-from tests.replica.test_scheduler import PagedFakeRunner, reference_tokens
+from tests.replica.fakes import PagedFakeRunner, ScriptedRunner, reference_tokens
 
 EOS = 3
 VOCAB = 1000
@@ -30,36 +28,6 @@ class CharTokenizer:
 
     def decode(self, token_ids, *, skip_special_tokens: bool = False) -> str:
         return "".join(chr(t) for t in token_ids if not (skip_special_tokens and t == EOS))
-
-
-class ScriptedRunner:
-    """Samples ``script[request_id][index]``: lets a test choose exact outputs."""
-
-    def __init__(self) -> None:
-        self.script: dict[str, list[int]] = {}
-        self.vocab_size = VOCAB
-        self.block_size = BS
-        self.num_blocks: int | None = None  # CacheConfig.num_blocks decides
-        self.alive = True
-        self.blind_steps = 0  # launched steps that had placeholder tokens
-
-    def run(self, out: SchedulerOutput) -> RunnerOutput:
-        # Past the end of a script: a blind step's wasted row (its request already stopped).
-        return RunnerOutput(
-            {
-                c.request_id: (self.script[c.request_id] + [0] * (c.num_output_tokens + 1))[c.num_output_tokens]
-                for c in out.chunks
-                if c.sample
-            }
-        )
-
-    def close(self) -> None:
-        pass
-
-    def launch(self, out: SchedulerOutput, prev) -> DeferredStep:
-        # The script is indexed by output position, so a placeholder needs no resolving.
-        self.blind_steps += any(c.token_ids[-1] == PLACEHOLDER_TOKEN for c in out.chunks)
-        return DeferredStep(tuple(c.request_id for c in out.chunks if c.sample), lambda: self.run(out))
 
 
 def config(num_blocks=32, budget=32, max_seqs=4, max_waiting=64, max_model_len=128, async_=True) -> EngineConfig:

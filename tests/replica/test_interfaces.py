@@ -7,8 +7,8 @@ from replica.async_engine import AsyncEngine
 from replica.engine import LLMEngine
 from replica.interfaces import PipelinedRunner, Runner, ServingEngine
 from replica.request import SamplingParams
+from tests.replica.fakes import PagedFakeRunner, reference_tokens
 from tests.replica.test_engine import BS, GREEDY, VOCAB, CharTokenizer, config
-from tests.replica.test_scheduler import PagedFakeRunner, reference_tokens
 
 
 class RunOnly:

@@ -22,8 +22,8 @@ from transformers import (
 from replica.config import CacheConfig, RunnerConfig
 from replica.kv_sizing import block_bytes
 from replica.model_runner import ModelRunner
-from replica.outputs import ScheduledChunk, SchedulerOutput
 from replica.request import SamplingParams
+from replica.step import ScheduledChunk, SchedulerOutput
 
 VOCAB = 128
 BLOCK = 4

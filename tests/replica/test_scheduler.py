@@ -1,7 +1,6 @@
 """Scheduler: continuous batching, chunked prefill, token budget, preemption by recompute,
-abort; and a randomized stress test against a fake model that really reads its paged cache.
-
-``PagedFakeRunner`` and ``reference_tokens`` are reused by tests/replica/test_engine.py.
+abort; and a randomized stress test against a fake model that really reads its paged cache
+(``PagedFakeRunner``, tests/replica/fakes.py).
 """
 
 from __future__ import annotations
@@ -13,132 +12,19 @@ from dataclasses import replace
 import pytest
 
 from replica import kv_cache as kv_mod
-from replica.config import CacheConfig, SchedulerConfig
 from replica.errors import InvalidRequestError, RequestTooLongError
-from replica.outputs import PLACEHOLDER_TOKEN, RunnerOutput, SchedulerOutput
-from replica.pending_step import DeferredStep
 from replica.request import FinishReason, Request, RequestStatus, SamplingParams
 from replica.scheduler import Scheduler
-
-_MASK = (1 << 61) - 1
-
-
-def _mix(state: int, token: int) -> int:
-    """The fake model's 'KV' at a position: a function of every token up to it."""
-    z = (state * 0x9E3779B97F4A7C15 + token * 0xBF58476D1CE4E5B9 + 1) & _MASK
-    return (z ^ (z >> 29)) & _MASK
-
-
-class PagedFakeRunner:
-    """A stand-in model whose outputs depend on its paged cache like a real one does.
-
-    Writing position ``p`` stores ``mix(kv[p-1], token_p)`` in slot ``block_table[p // bs]``,
-    reading ``kv[p-1]`` back through the block table; the next token is a function of the
-    last position's value (plus ``(seed, index)`` for seeded sampling). A block shared by
-    the wrong prefix, freed too early or overwritten changes the tokens that follow, and
-    reading a never-written slot raises.
-    """
-
-    def __init__(self, block_size: int, vocab: int = 1000) -> None:
-        self.block_size = block_size
-        self.vocab_size = vocab
-        self.num_blocks: int | None = None  # no pool of its own: CacheConfig.num_blocks decides
-        self.alive = True
-        self.kv: dict[tuple[int, int], int] = {}
-        self.steps: list[SchedulerOutput] = []
-        self.launched_placeholders = 0  # launched steps that had placeholder tokens
-
-    def close(self) -> None:
-        pass  # nothing held beyond this process
-
-    def _slot(self, table, pos: int) -> tuple[int, int]:
-        return table[pos // self.block_size], pos % self.block_size
-
-    def run(self, out: SchedulerOutput) -> RunnerOutput:
-        self.steps.append(out)
-        sampled = {}
-        for ch in out.chunks:
-            state = self.kv[self._slot(ch.block_table, ch.start_pos - 1)] if ch.start_pos else 0
-            for k, tok in enumerate(ch.token_ids):
-                state = _mix(state, tok)
-                self.kv[self._slot(ch.block_table, ch.start_pos + k)] = state
-            if ch.sample:
-                sampled[ch.request_id] = next_token(state, ch.params, ch.num_output_tokens, self.vocab_size)
-        return RunnerOutput(sampled)
-
-    def launch(self, out: SchedulerOutput, prev) -> DeferredStep:
-        """Like ModelRunner.launch: placeholders take ``prev``'s tokens; computed at result()."""
-        if any(c.token_ids[-1] == PLACEHOLDER_TOKEN for c in out.chunks):
-            self.launched_placeholders += 1
-            got = prev.result().sampled
-            out = replace(
-                out,
-                chunks=tuple(
-                    c._replace(token_ids=c.token_ids[:-1] + (got[c.request_id],))
-                    if c.token_ids[-1] == PLACEHOLDER_TOKEN
-                    else c
-                    for c in out.chunks
-                ),
-            )
-        return DeferredStep(tuple(c.request_id for c in out.chunks if c.sample), lambda: self.run(out))
-
-
-def next_token(state: int, params: SamplingParams, index: int, vocab: int) -> int:
-    if params.greedy or params.seed is None:
-        return state % vocab
-    return _mix(_mix(state, params.seed), index) % vocab
-
-
-def reference_tokens(prompt, params: SamplingParams, vocab: int = 1000, eos=frozenset()) -> list[int]:
-    """What the fake model generates for a request alone."""
-    state = 0
-    for t in prompt:
-        state = _mix(state, t)
-    out: list[int] = []
-    while True:
-        tok = next_token(state, params, len(out), vocab)
-        out.append(tok)
-        state = _mix(state, tok)
-        stop = (not params.ignore_eos and tok in eos) or tok in params.stop_token_ids
-        if (stop and len(out) >= params.min_tokens) or len(out) >= params.max_tokens:
-            return out
-
-
-def make_scheduler(*, num_blocks=64, block_size=4, budget=64, max_seqs=8, max_model_len=256, **cache):
-    sched = Scheduler(
-        SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget, max_waiting=1000),
-        CacheConfig(block_size=block_size, num_blocks=num_blocks, **cache),
-        num_blocks=num_blocks,
-        max_model_len=max_model_len,
-    )
-    return sched, PagedFakeRunner(block_size)
-
-
-def make_req(rid, prompt, arrival=0.0, **params) -> Request:
-    params.setdefault("ignore_eos", True)
-    params.setdefault("temperature", 0.0)
-    return Request(rid, list(prompt), SamplingParams(**params), arrival_time=arrival)
-
-
-def step(sched: Scheduler, runner: PagedFakeRunner) -> tuple[SchedulerOutput, list[Request]]:
-    out = sched.schedule()
-    got = sched.update(out, runner.run(out)) if not out.is_empty else []
-    sched.kv.check_invariants()
-    return out, got
-
-
-def step_async(sched: Scheduler, runner: PagedFakeRunner, inflight):
-    """One engine-style step with async scheduling: launch the successor of the step in
-    flight (if the scheduler can build it blind), then apply the step in flight."""
-    if inflight is None:
-        out = sched.schedule()
-        return (None if out.is_empty else (out, runner.launch(out, None))), []
-    out, handle = inflight
-    nxt = sched.schedule_next(out)
-    new = (nxt, runner.launch(nxt, handle)) if nxt is not None else None
-    got = sched.update(out, handle.result())
-    sched.kv.check_invariants()
-    return new, got
+from replica.step import SchedulerOutput
+from tests.replica.fakes import (
+    PagedFakeRunner,
+    has_placeholders,
+    make_req,
+    make_scheduler,
+    reference_tokens,
+    step,
+    step_async,
+)
 
 
 def run_to_end(sched, runner, max_steps=10_000):
@@ -165,12 +51,12 @@ def test_finished_slot_is_refilled_on_the_very_next_step():
     for r in reqs:
         sched.add(r)
     out, _ = step(sched, runner)
-    assert [c.request_id for c in out.chunks] == ["a", "b"]  # c waits: max_num_seqs
+    assert [c.request_id for c in out.as_chunks()] == ["a", "b"]  # c waits: max_num_seqs
     assert reqs[0].is_finished and reqs[0].block_table == []
     out, _ = step(sched, runner)
-    assert {c.request_id for c in out.chunks} == {"b", "c"}  # a's slot went to c at once
-    c_chunk = next(ch for ch in out.chunks if ch.request_id == "c")
-    b_chunk = next(ch for ch in out.chunks if ch.request_id == "b")
+    assert {c.request_id for c in out.as_chunks()} == {"b", "c"}  # a's slot went to c at once
+    c_chunk = next(ch for ch in out.as_chunks() if ch.request_id == "c")
+    b_chunk = next(ch for ch in out.as_chunks() if ch.request_id == "b")
     assert c_chunk.start_pos == 0 and b_chunk.token_ids == (reqs[1].output_token_ids[0],)  # prefill + decode
 
 
@@ -184,9 +70,9 @@ def test_chunked_prefill_respects_the_budget_and_samples_only_at_the_end():
     sizes = []
     while True:
         out, _ = step(sched, runner)
-        assert out.num_batched_tokens == sum(c.num_tokens for c in out.chunks) <= 16
-        assert "dec" in {c.request_id for c in out.chunks}  # decodes continue alongside prefill
-        ch = next((c for c in out.chunks if c.request_id == "long"), None)
+        assert out.num_batched_tokens == sum(c.num_tokens for c in out.as_chunks()) <= 16
+        assert "dec" in {c.request_id for c in out.as_chunks()}  # decodes continue alongside prefill
+        ch = next((c for c in out.as_chunks() if c.request_id == "long"), None)
         if ch is None or ch.start_pos + ch.num_tokens > 50:
             break
         sizes.append(ch.num_tokens)
@@ -205,8 +91,8 @@ def test_running_requests_are_served_before_waiting_ones():
     step(sched, runner)
     sched.add(make_req("b", list(range(20, 40)), max_tokens=2))
     out, _ = step(sched, runner)
-    assert [c.request_id for c in out.chunks] == ["a", "b"]
-    assert [c.num_tokens for c in out.chunks] == [1, 7]
+    assert [c.request_id for c in out.as_chunks()] == ["a", "b"]
+    assert [c.num_tokens for c in out.as_chunks()] == [1, 7]
 
 
 def test_preemption_by_recompute_is_lossless():
@@ -293,7 +179,7 @@ def test_prefix_hit_skips_computation_and_counts_cached_tokens():
     b = make_req("b", shared + [31, 32], max_tokens=2)
     sched.add(b)
     out, _ = step(sched, runner)
-    assert out.chunks[0].start_pos == 20 and b.num_cached_tokens == 20
+    assert out.as_chunks()[0].start_pos == 20 and b.num_cached_tokens == 20
     run_to_end(sched, runner)
     assert b.output_token_ids == reference_tokens(b.prompt_token_ids, b.params)
 
@@ -370,8 +256,8 @@ def _stress(seed: int, *, prefix_caching=True, num_steps_cap=5000, overlap=False
         else:
             out, got = step(sched, runner)
         assert out.num_batched_tokens <= sched.config.max_num_batched_tokens
-        assert len(out.chunks) <= sched.config.max_num_seqs
-        assert len({c.request_id for c in out.chunks}) == len(out.chunks)
+        assert len(out.as_chunks()) <= sched.config.max_num_seqs
+        assert len({c.request_id for c in out.as_chunks()}) == len(out.as_chunks())
         for r in got:
             emitted[r.request_id].append(r.output_token_ids[-1])
         if not pending and not sched.has_unfinished() and inflight is None:
@@ -428,7 +314,7 @@ def test_randomized_stress_with_async_scheduling():
         inflight, got = step_async(sched, runner, inflight)
         for r in got:
             emitted[r.request_id].append(r.output_token_ids[-1])
-        if inflight is not None and any(c.token_ids[-1] == PLACEHOLDER_TOKEN for c in inflight[0].chunks):
+        if inflight is not None and has_placeholders(inflight[0]):
             blind += 1
     assert blind > 10
     for i in range(6):
@@ -486,7 +372,7 @@ def test_n_choices_share_the_prompt_blocks_and_each_equals_its_single_request():
     sched.add(parent)
     out, got = step(sched, runner)
     # One request computes the shared part (8 tokens) and samples nothing.
-    assert [(c.request_id, len(c.token_ids), c.sample) for c in out.chunks] == [("g", 8, False)]
+    assert [(c.request_id, len(c.token_ids), c.sample) for c in out.as_chunks()] == [("g", 8, False)]
     assert got == [] and _used(sched) == 2
     assert [c.request_id for c in sched.running] == ["g #0", "g #1", "g #2"]
     assert parent.block_table == [] and parent.status is RequestStatus.FORKED
@@ -494,7 +380,7 @@ def test_n_choices_share_the_prompt_blocks_and_each_equals_its_single_request():
     assert len(shared) == 2 and all(c.block_table == shared for c in sched.running)
     out, got = step(sched, runner)
     # Each choice computes the rest of the prompt into a block of its own and samples.
-    assert [(c.request_id, c.start_pos, len(c.token_ids), c.sample) for c in out.chunks] == [
+    assert [(c.request_id, c.start_pos, len(c.token_ids), c.sample) for c in out.as_chunks()] == [
         (f"g #{i}", 8, 2, True) for i in range(3)
     ]
     assert _used(sched) == 2 + 3  # not 3 x 3
@@ -534,7 +420,7 @@ def test_a_short_prompt_forks_at_once_and_a_cached_prefix_forks_at_admission():
     sched, runner = make_scheduler(block_size=4)
     sched.add(make_req("short", [1, 2, 3], max_tokens=3, n=2, temperature=1.0, seed=3))
     out, _ = step(sched, runner)  # nothing to share: each choice computes the whole prompt now
-    assert [(c.request_id, c.start_pos, len(c.token_ids)) for c in out.chunks] == [
+    assert [(c.request_id, c.start_pos, len(c.token_ids)) for c in out.as_chunks()] == [
         ("short #0", 0, 3),
         ("short #1", 0, 3),
     ]
@@ -544,7 +430,7 @@ def test_a_short_prompt_forks_at_once_and_a_cached_prefix_forks_at_admission():
     run_to_end(sched, runner)
     sched.add(make_req("again", prompt, max_tokens=2, n=2))
     out, _ = step(sched, runner)  # the shared blocks are prefix hits: the choices start this very step
-    assert [(c.request_id, c.start_pos) for c in out.chunks] == [("again #0", 12), ("again #1", 12)]
+    assert [(c.request_id, c.start_pos) for c in out.as_chunks()] == [("again #0", 12), ("again #1", 12)]
     assert sched.get("again #0").num_cached_tokens == 12
     run_to_end(sched, runner)
     assert _used(sched) == 0
@@ -616,11 +502,11 @@ def test_an_n_request_waits_for_seats_for_all_its_choices():
     sched.add(make_req("g", list(range(5, 15)), arrival=1.0, max_tokens=2, n=3))
     sched.add(make_req("b", [4], arrival=2.0, max_tokens=2))
     out, _ = step(sched, runner)
-    assert [c.request_id for c in out.chunks] == ["a"]  # g needs 3 seats, b waits behind it
+    assert [c.request_id for c in out.as_chunks()] == ["a"]  # g needs 3 seats, b waits behind it
     emitted = run_to_end(sched, runner)
     assert set(emitted) == {"a", "b", "g #0", "g #1", "g #2"}
     for step_out in runner.steps:
-        assert len(step_out.chunks) <= 3
+        assert len(step_out.as_chunks()) <= 3
 
 
 def test_the_id_of_a_forked_n_request_stays_in_use_until_it_ends():
@@ -634,3 +520,29 @@ def test_the_id_of_a_forked_n_request_stays_in_use_until_it_ends():
         sched.add(make_req("g #1", [1, 2], max_tokens=1))
     run_to_end(sched, runner)
     sched.add(make_req("g", [1, 2], max_tokens=1))
+
+
+def test_every_decode_only_step_is_a_decode_batch_with_its_tokens():
+    """schedule() (the synchronous path) builds a DecodeBatch whenever every request computes its
+    last token: the tokens are known on the host, one row per request."""
+    sched, runner = make_scheduler(budget=16)
+    sched.add(make_req("a", [1, 2, 3], max_tokens=6))
+    sched.add(make_req("b", [4, 5], arrival=1.0, max_tokens=6))
+    out, _ = step(sched, runner)
+    assert out.kind == "chunks"  # the prompts
+    out = sched.schedule()
+    assert out.kind == "decode" and out.num_batched_tokens == 2
+    d = out.decode
+    a, b = sched.get("a"), sched.get("b")
+    assert d.request_ids == ("a", "b") and d.prev_rows is None
+    assert d.token_ids.tolist() == [a.output_token_ids[-1], b.output_token_ids[-1]]
+    assert d.positions.tolist() == [3, 2] and d.num_output_tokens.tolist() == [1, 1]
+    sched.update(out, runner.run(out))
+    sched.add(make_req("c", [6, 7, 8, 9], arrival=2.0, max_tokens=2))
+    out = sched.schedule()  # an admission: chunks again
+    assert out.kind == "chunks" and [c.num_tokens for c in out.chunks] == [1, 1, 4]
+    sched.update(out, runner.run(out))
+    c = sched.get("c")
+    run_to_end(sched, runner)
+    for req, prompt in ((a, [1, 2, 3]), (b, [4, 5]), (c, [6, 7, 8, 9])):
+        assert req.output_token_ids == reference_tokens(prompt, req.params)

@@ -1,5 +1,5 @@
-"""DecodeBatch: the array form of a decode step (async scheduling's steady state), and the
-scheduler paths that build and apply it."""
+"""AsyncScheduler: decode steps built blind while the previous step is on the device (schedule_next),
+and the scheduler's update of a decode batch."""
 
 from __future__ import annotations
 
@@ -8,67 +8,9 @@ from collections import defaultdict
 import numpy as np
 import pytest
 
-from replica.decode_batch import LIMIT, DecodeBatch, pack_block_tables
-from replica.outputs import PLACEHOLDER_TOKEN, RunnerOutput
-from replica.request import FinishReason, Request, RequestStatus, SamplingParams
-from tests.replica.test_scheduler import make_req, make_scheduler, reference_tokens, step_async
-
-
-def _req(rid, blocks, prompt_len=3, **params):
-    r = make_req(rid, list(range(1, prompt_len + 1)), **params)
-    r.block_table = list(blocks)
-    r.status = RequestStatus.RUNNING
-    return r
-
-
-def test_pack_block_tables_pads_rows_with_zero():
-    arr, lens = pack_block_tables([[5, 6, 7], [9], []])
-    assert arr.dtype == np.int32 and arr.tolist() == [[5, 6, 7], [9, 0, 0], [0, 0, 0]]
-    assert lens.tolist() == [3, 1, 0]
-
-
-@pytest.mark.parametrize("tables", [[[3, 8]], [[-1]], [[2], [2**40]]])
-def test_pack_block_tables_refuses_ids_outside_the_pool(tables):
-    with pytest.raises(ValueError, match=r"block ids must be in \[0, 8\)"):
-        pack_block_tables(tables, num_blocks=8)
-
-
-def test_build_successor_and_chunks_view():
-    a = _req("a", [3, 4], max_tokens=10)
-    b = _req("b", [8], prompt_len=2, max_tokens=5, temperature=0.7, seed=1)
-    d = DecodeBatch.build([a, b], prev_rows=[1, 0], positions=[5, 2], num_output_tokens=[1, 1], max_model_len=64)
-    assert len(d) == 2 and d.request_ids == ("a", "b")
-    assert d.block_tables.tolist() == [[3, 4], [8, 0]] and d.num_blocks.tolist() == [2, 1]
-    assert d.static[:, LIMIT].tolist() == [10, 5]
-    assert not d.plain_greedy  # b samples with a temperature
-    chunks = list(d)  # a Sequence of chunks, built on demand
-    assert [c.request_id for c in chunks] == ["a", "b"]
-    assert chunks[1].token_ids == (PLACEHOLDER_TOKEN,) and chunks[1].start_pos == 2
-    assert chunks[1].block_table == (8,) and chunks[1].num_output_tokens == 1 and chunks[1].prompt_len == 2
-    assert chunks[0].params is a.params and all(c.sample for c in chunks)
-
-    nxt = d.successor(np.array([1]))
-    assert nxt.request_ids == ("b",) and nxt.requests == (b,)
-    assert nxt.positions.tolist() == [3] and nxt.num_output_tokens.tolist() == [2]
-    assert nxt.prev_rows.tolist() == [1]
-    nxt.set_blocks(0, [8, 11, 12])  # a new block widens the table; d's arrays are untouched
-    assert nxt.block_tables.tolist() == [[8, 11, 12]] and nxt.num_blocks.tolist() == [3]
-    assert d.block_tables.tolist() == [[3, 4], [8, 0]] and d.num_blocks.tolist() == [2, 1]
-
-
-def test_plain_greedy_waits_for_min_tokens():
-    a = _req("a", [1], max_tokens=10, min_tokens=3)
-    d = DecodeBatch.build([a], [0], [3], [2], 64)
-    assert not d.plain_greedy  # output 2 of min 3: EOS still banned, the sampler must run
-    assert d.successor(np.array([0])).plain_greedy
-
-
-def test_eos_ids_are_the_union_over_rows_that_check_eos():
-    a = Request("a", [1], SamplingParams(max_tokens=4), eos_token_ids=frozenset({2}))
-    b = Request("b", [1], SamplingParams(max_tokens=4, ignore_eos=True), eos_token_ids=frozenset({7}))
-    c = Request("c", [1], SamplingParams(max_tokens=4), eos_token_ids=frozenset({2, 5}))
-    d = DecodeBatch.build([a, b, c], [0, 1, 2], [1, 1, 1], [1, 1, 1], 64)
-    assert d.eos_ids.tolist() == [2, 5]
+from replica.outputs import RunnerOutput
+from replica.request import FinishReason, Request, SamplingParams
+from tests.replica.fakes import make_req, make_scheduler, reference_tokens, step_async
 
 
 def _drive(sched, runner, max_steps=5000):
