@@ -171,7 +171,7 @@ class DecodeBatch:
                     len(r.prompt_token_ids),
                     p.max_tokens,
                     p.min_tokens,
-                    p.temperature == 0.0 and not p.processes_logits,
+                    p.greedy and not p.processes_logits,
                     bool(p.stop_token_ids) or p.guided is not None,
                     p.uses_penalties or p.guided is not None,
                     -1 if p.logprobs is None else p.logprobs,
