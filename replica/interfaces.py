@@ -13,9 +13,10 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
-    from replica.outputs import Delta, EngineStats, RunnerOutput, SchedulerOutput
+    from replica.outputs import Delta, EngineStats, RunnerOutput
     from replica.pending_step import PendingStep
     from replica.request import SamplingParams
+    from replica.step import SchedulerOutput
 
 Prompt = str | Sequence[int]
 
