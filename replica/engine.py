@@ -1,9 +1,11 @@
 """``LLMEngine``: the synchronous step loop (``AsyncEngine``, in ``async_engine.py``, runs it in
 a background thread for a server).
 
-One step is three verbs: ``scheduler.schedule()`` -> ``runner.run()`` ->
-``scheduler.update()``; the engine then turns new tokens into text deltas with a
-per-request incremental detokenizer, which also finds stop strings.
+A step is synchronous (``_step_sync``: ``scheduler.schedule()`` -> ``runner.run()`` ->
+``scheduler.update()``) or, with async scheduling and a runner that can launch, pipelined
+(``_step_pipelined``: the successor of the step on the device is launched before that step is
+applied). The engine then turns new tokens into text deltas with a per-request incremental
+detokenizer, which also finds stop strings.
 
 An n > 1 request runs as n child requests in the scheduler (one per choice, see
 ``replica.scheduler``), each with its own detokenizer; its stream is still one stream of
@@ -103,7 +105,9 @@ class LLMEngine:
             runner, warm_up = built, config.runner.warmup and built.device.type == "cuda"
         self.runner: Runner = runner
         self.num_blocks = scheduler_blocks(config.cache, runner)
-        self.scheduler = (AsyncScheduler if config.scheduler.async_scheduling else Scheduler)(
+        # Pipelined steps need a runner that can launch; only they use AsyncScheduler's successor.
+        self._async = config.scheduler.async_scheduling and isinstance(runner, PipelinedRunner)
+        self.scheduler = (AsyncScheduler if self._async else Scheduler)(
             config.scheduler, config.cache, num_blocks=self.num_blocks, max_model_len=self.max_model_len
         )
         self.intake = RequestIntake(self.tokenizer, runner.vocab_size, self.scheduler.admission)
@@ -118,7 +122,6 @@ class LLMEngine:
         self._groups: dict[str, Request] = {}
         self._pending: list[Delta] = []  # deltas of requests finished outside a step (abort)
         self._last_scheduled: tuple[str, ...] = ()
-        self._async = config.scheduler.async_scheduling and isinstance(runner, PipelinedRunner)
         # The launched step not yet applied: (its SchedulerOutput, its handle, its start time).
         self._inflight: tuple[SchedulerOutput, PendingStep, float] | None = None
         # counters
