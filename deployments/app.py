@@ -57,6 +57,9 @@ class EngineArgs(_Args):
     )
     use_cuda_graphs: bool | None = Field(default=None, description="Replay decode steps from CUDA graphs.")
     max_graph_batch_size: int | None = Field(default=None, gt=0, description="Largest captured decode batch.")
+    max_prefill_graph_tokens: int | None = Field(
+        default=None, ge=0, description="Largest one-prompt prefill step replayed from a CUDA graph (0: none)."
+    )
     attention_backend: Literal["auto", "torch", "triton"] | None = Field(
         default=None, description="Paged attention kernels."
     )

@@ -88,6 +88,9 @@ class RunnerConfig:
 
     use_cuda_graphs: bool = True  # CUDA only; decode steps replayed from captured graphs
     max_graph_batch_size: int = 512
+    # A step of one prompt chunk up to this many tokens replays a CUDA graph of its forward
+    # (padded to a power of two, at most 1024; replica.prefill_graphs). Below 16: eager.
+    max_prefill_graph_tokens: int = 512
     attention_backend: str = "auto"  # auto | torch | triton
     # CUDA: run throwaway requests at start (kernel JIT, cuBLAS heuristics, allocator growth)
     # so the first user request does not pay for them.
@@ -98,6 +101,7 @@ class RunnerConfig:
             self.attention_backend in {"auto", "torch", "triton"},
             "attention_backend must be auto, torch or triton",
         )
+        _require(self.max_prefill_graph_tokens >= 0, "max_prefill_graph_tokens must be >= 0")
 
 
 @dataclass(frozen=True)

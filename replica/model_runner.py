@@ -26,6 +26,7 @@ from replica.host_step import HostInputs, HostStep, host_step
 from replica.kv_sizing import kv_shape
 from replica.outputs import RunnerOutput
 from replica.pending_step import DeferredStep, PendingStep
+from replica.prefill_graphs import PrefillGraphs, prefill_graph_sizes
 from replica.sampler import Sampler, SamplingRow
 from replica.step import DecodeBatch, ScheduledChunk, SchedulerOutput
 from replica.stopping import banned_tokens
@@ -91,9 +92,13 @@ class ModelRunner:
         self.eos_token_ids = tuple(sorted(set(eos_token_ids if eos_token_ids is not None else _model_eos(model))))
         self.sampler = Sampler(seed, self.device)
         self.graphs: DecodeGraphs | None = None
+        self.prefill_graphs: PrefillGraphs | None = None
         self._last_graph_step: PendingStep | None = None  # its tokens are in graphs.last_tokens
         if self.device.type == "cuda" and runner.use_cuda_graphs and getattr(self.backend, "cuda_graph_safe", False):
             self.graphs = self._capture_graphs(runner.max_graph_batch_size, max_model_len)
+            # Tensor-parallel ranks would need the step broadcast inside the graph: eager there.
+            if tp is None and prefill_graph_sizes(runner.max_prefill_graph_tokens):
+                self.prefill_graphs = self._capture_prefill_graphs(runner.max_prefill_graph_tokens)
 
     def _capture_graphs(self, max_batch_size: int, max_model_len: int | None) -> DecodeGraphs:
         cfg = _text_config(self.model.config)
@@ -109,6 +114,30 @@ class ModelRunner:
         )
         graphs.capture()
         return graphs
+
+    def _capture_prefill_graphs(self, max_tokens: int) -> PrefillGraphs:
+        graphs = PrefillGraphs(
+            self._prefill_graph_forward,
+            device=self.device,
+            block_size=self.block_size,
+            max_tokens=max_tokens,
+            max_blocks_per_seq=self._graphs.max_blocks_per_seq,
+        )
+        graphs.capture()
+        return graphs
+
+    def _prefill_graph_forward(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, keep: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        result = self.model(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            use_cache=False,
+            logits_to_keep=keep,
+            attn_metadata=meta,
+            kv_cache=self.kv_cache,
+        )
+        return result.logits[0]
 
     def _graph_forward(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor, meta: AttentionMetadata
@@ -160,15 +189,21 @@ class ModelRunner:
             raise ValueError(f"request {e.args[0]}: the previous step sampled no token for it") from None
 
     def _run_eager(self, out: SchedulerOutput) -> RunnerOutput:
-        inputs = self.prepare(out)
-        logits = self.forward(inputs)
-        n = len(inputs.sample_rows)
-        prompt = lp.of_prompt(logits[n:], inputs.prompt_spans, inputs.prompt_targets) if inputs.prompt_spans else None
+        host, rows, rids = self._plan(out)
+        g = self.prefill_graphs
+        if g is not None and len(rows) == 1 and not host.prompt_spans and g.fits(host.step):
+            logits, prompt = g.replay(host.step), None  # a lone prompt: its last token's logits
+        else:
+            inputs = self._send_inputs(host, rows, rids)
+            logits = self.forward(inputs)
+            prompt = (
+                lp.of_prompt(logits[len(rows) :], host.prompt_spans, host.prompt_targets) if host.prompt_spans else None
+            )
+        n = len(rows)
         if not n:
             return RunnerOutput(sampled={}, prompt_logprobs=prompt)
-        ids, dev_lp = self.sampler.sample(logits[:n], inputs.sample_rows)
+        ids, dev_lp = self.sampler.sample(logits[:n], rows)
         tokens = self._host_ids(ids)  # the step's one host sync (a second small one only for logprobs)
-        rids = inputs.sample_request_ids
         logprobs = None
         if dev_lp is not None:
             logprobs = {rids[r]: x for r, x in zip(dev_lp.rows, dev_lp.to_host([tokens[r] for r in dev_lp.rows]))}
@@ -272,6 +307,10 @@ class ModelRunner:
     # -- host-side preparation (vectorised over tokens) -----------------------------------------
 
     def prepare(self, out: SchedulerOutput) -> StepInputs:
+        return self._send_inputs(*self._plan(out))
+
+    def _plan(self, out: SchedulerOutput) -> tuple[HostInputs, tuple[SamplingRow, ...], tuple[str, ...]]:
+        """A step's host arrays, its sampling rows and the ids of the requests that sample."""
         chunks = out.as_chunks()
         host = host_step(chunks, self.block_size, self.num_blocks, self.vocab_size)
         sampled = [c for c in chunks if c.sample]
@@ -286,9 +325,12 @@ class ModelRunner:
             else self._row_with_history(c)
             for c in sampled
         )
+        return host, rows, tuple(c.request_id for c in sampled)
+
+    def _send_inputs(self, host: HostInputs, rows: tuple[SamplingRow, ...], request_ids: tuple[str, ...]) -> StepInputs:
         if self.tp is not None:  # the other ranks start the same forward now
             self.tp.send_step(host.step, len(rows))
-        return self._inputs(host, rows, tuple(c.request_id for c in sampled))
+        return self._inputs(host, rows, request_ids)
 
     def _inputs(
         self, inputs: HostInputs, rows: tuple[SamplingRow, ...] = (), request_ids: tuple[str, ...] = ()
