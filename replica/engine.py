@@ -126,7 +126,6 @@ class LLMEngine:
 
     def add(self, req: Request, *, enforce_queue_limit: bool = True) -> None:
         """Queue a request built by ``make_request``."""
-        req.make_children()
         # Built first: a factory that raises must not leave a queued request without one.
         detoks = self.output_processor.detokenizers(req)
         try:

@@ -70,6 +70,7 @@ class OutputProcessor:
     def detokenizers(self, req: Request) -> list[Detokenizer]:
         """New detokenizers for ``req`` (one per choice), registered by ``add``: built before the
         request is queued, so a factory that raises leaves nothing behind."""
+        req.make_children()
         return [self._detokenizer_factory(self.tokenizer, s.prompt_token_ids, s.params) for s in req.children or (req,)]
 
     def add(self, req: Request, detokenizers: Sequence[Detokenizer]) -> None:
