@@ -8,7 +8,7 @@ import pytest
 
 from replica.output_processor import OutputProcessor
 from replica.outputs import Delta, TokenLogprobs
-from replica.request import FinishReason, Request, RequestStatus, SamplingParams
+from replica.request import FinishReason, Request, RequestStatus
 from tests.replica.fakes import ScriptedRunner, make_req, make_scheduler, step
 
 
@@ -168,6 +168,7 @@ def test_prompt_logprobs_fill_chunk_by_chunk_and_go_out_once_with_the_first_toke
     proc.store_prompt_logprobs({"r": (1, [lp[6], lp[7]])})
     proc.store_prompt_logprobs({"r": (1, [lp[6], lp[7]])})  # a recompute after preemption: kept once
     proc.store_prompt_logprobs({"other": (1, [lp[1]])})  # a request it does not know: ignored
+    proc.store_prompt_logprobs({"r": (4, [lp[9]])})  # past what it has (a gap): not taken
     proc.store_prompt_logprobs({"r": (3, [lp[8]])})
     req.status = RequestStatus.RUNNING
 
@@ -197,6 +198,7 @@ def test_an_abort_between_steps_queues_one_final_delta_and_discard_drops_it():
     for rid in ("a", "b"):
         proc.aborted(sched.abort(rid))
     assert proc.has_pending and proc.num_live == 0 and all_free(sched)
+    assert finish.calls == []  # the scheduler finished them; the processor only built their deltas
     proc.discard(["b"])
     (a,) = proc.take_pending()
     assert a.request_id == "a" and a.finish_reason is FinishReason.ABORT and a.usage.completion_tokens == 1
@@ -206,7 +208,7 @@ def test_an_abort_between_steps_queues_one_final_delta_and_discard_drops_it():
 def test_deltas_built_before_an_interrupt_stay_pending():
     # An exception that is not one request's own failure (KeyboardInterrupt) propagates; the
     # final delta "a" got earlier in the step must still go out.
-    sched, runner, finish, proc = setup(
+    sched, runner, _, proc = setup(
         lambda tok, prompt, p: FailingDetokenizer(2 if prompt[0] == 2 else 0, KeyboardInterrupt())
     )
     runner.script["a"] = [65, 65]
