@@ -10,18 +10,7 @@ from replica.output_processor import OutputProcessor
 from replica.outputs import Delta, TokenLogprobs
 from replica.request import FinishReason, Request, RequestStatus
 from tests.replica.fakes import ScriptedRunner, make_req, make_scheduler, step
-
-
-class CharTokenizer:
-    """One token per character."""
-
-    eos_token_ids = frozenset({3})
-
-    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
-        return [ord(c) for c in text]
-
-    def decode(self, token_ids, *, skip_special_tokens: bool = False) -> str:
-        return "".join(chr(t) for t in token_ids)
+from tests.replica.test_engine import CharTokenizer
 
 
 class RecordingFinish:
