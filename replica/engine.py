@@ -1,15 +1,17 @@
-"""``LLMEngine``: the synchronous step loop (``AsyncEngine``, in ``async_engine.py``, runs it in
-a background thread for a server).
+"""``LLMEngine``: requests in, deltas out, one ``step()`` at a time (``AsyncEngine``, in
+``async_engine.py``, runs it in a background thread for a server).
 
-A step is synchronous (``_step_sync``: ``scheduler.schedule()`` -> ``runner.run()`` ->
-``scheduler.update()``) or, with async scheduling and a runner that can launch, pipelined
-(``_step_pipelined``: the successor of the step on the device is launched before that step is
-applied). The engine then turns new tokens into text deltas with a per-request incremental
-detokenizer, which also finds stop strings.
+A step is schedule -> run -> apply, synchronous (``_step_sync``: ``scheduler.schedule()`` ->
+``runner.run()`` -> ``_apply``) or, with async scheduling and a runner that can launch,
+pipelined (``_step_pipelined``: the successor of the step on the device is launched before that
+step is applied). ``_apply`` is ``scheduler.update()`` (tokens appended, stop rule, blocks), then
+one call into the ``OutputProcessor`` (``output_processor.py``), which owns every request's output
+state (its detokenizer, which also finds stop strings; an n > 1 request's choices; prompt
+logprobs) and turns the step's requests into ``Delta``s.
 
 An n > 1 request runs as n child requests in the scheduler (one per choice, see
-``replica.scheduler``), each with its own detokenizer; its stream is still one stream of
-``Delta``s under its own id, the choices' text in ``Delta.choices``.
+``replica.scheduler``); its stream is still one stream of ``Delta``s under its own id, the
+choices' text in ``Delta.choices``.
 """
 
 from __future__ import annotations
@@ -18,26 +20,19 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, cast
 
 from replica.async_scheduler import AsyncScheduler
 from replica.config import EngineConfig
 from replica.errors import QueueFullError, RequestTooLongError
 from replica.intake import RequestIntake
-from replica.interfaces import Detokenizer, PipelinedRunner, Prompt, Runner
+from replica.interfaces import PipelinedRunner, Prompt, Runner
 from replica.kv_sizing import scheduler_blocks
-from replica.outputs import (
-    ChoiceDelta,
-    CompletionOutput,
-    Delta,
-    EngineStats,
-    RunnerOutput,
-    TokenLogprobs,
-    Usage,
-)
+from replica.output_processor import DetokenizerFactory, OutputProcessor
+from replica.outputs import CompletionOutput, Delta, EngineStats, RunnerOutput
 from replica.pending_step import PendingStep
-from replica.request import FinishReason, Request, RequestStatus, SamplingParams
+from replica.request import Request, SamplingParams
 from replica.scheduler import Scheduler
 from replica.step import SchedulerOutput
 
@@ -47,17 +42,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# Builds a NamedTuple from a full tuple of its fields: a Delta per request per step on the host's
-# critical path, and the generated __new__ (a Python-level call filling defaults) costs ~2x more.
-_new_tuple = tuple.__new__
-_D = TypeVar("_D", Delta, ChoiceDelta)  # what carries a token's logprobs
 _RATE_WINDOW_S = 10.0  # output tokens/s is measured over this recent window
-
-
-def _default_detokenizer(tokenizer: Any, prompt_token_ids: Sequence[int], params: SamplingParams) -> Detokenizer:
-    from replica.detokenizer import IncrementalDetokenizer
-
-    return IncrementalDetokenizer(tokenizer, prompt_token_ids, params.stop, min_tokens=params.min_tokens)
 
 
 class LLMEngine:
@@ -75,7 +60,7 @@ class LLMEngine:
         loaded: LoadedModel | None = None,
         runner: Runner | None = None,
         tokenizer: Tokenizer | None = None,
-        detokenizer_factory: Callable[[Any, Sequence[int], SamplingParams], Detokenizer] | None = None,
+        detokenizer_factory: DetokenizerFactory | None = None,
     ) -> None:
         self.config = config
         if loaded is None and (runner is None or tokenizer is None):
@@ -111,25 +96,14 @@ class LLMEngine:
             config.scheduler, config.cache, num_blocks=self.num_blocks, max_model_len=self.max_model_len
         )
         self.intake = RequestIntake(self.tokenizer, runner.vocab_size, self.scheduler.admission)
-        self._detokenizer_factory = detokenizer_factory or _default_detokenizer
-        if detokenizer_factory is None and callable(getattr(self.tokenizer, "token_bytes", None)):
-            # The byte-level detokenizer's table (~0.1-0.3 s once per tokenizer): now, not in the
-            # first request's time to first token.
-            self.tokenizer.token_bytes(skip_special_tokens=True)
-        # Requests whose final delta has not been built yet, with their detokenizers (for an
-        # n > 1 request: its choices', and the request itself in _groups).
-        self._live: dict[str, tuple[Request, Detokenizer]] = {}
-        self._groups: dict[str, Request] = {}
-        self._pending: list[Delta] = []  # deltas of requests finished outside a step (abort)
+        self.output_processor = OutputProcessor(self.tokenizer, self.scheduler.finish, detokenizer_factory)
         self._last_scheduled: tuple[str, ...] = ()
         # The launched step not yet applied: (its SchedulerOutput, its handle, its start time).
         self._inflight: tuple[SchedulerOutput, PendingStep, float] | None = None
         # counters
         self._num_steps = 0
         self._num_refused = 0
-        self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
-        self._cached_prompt_tokens_total = 0
         self._rate: deque[tuple[float, int]] = deque()  # (step start, output tokens)
         if warm_up:
             logger.info("engine warm-up took %.2f s", self.warmup())
@@ -152,53 +126,32 @@ class LLMEngine:
 
     def add(self, req: Request, *, enforce_queue_limit: bool = True) -> None:
         """Queue a request built by ``make_request``."""
-        req.make_children()
         # Built first: a factory that raises must not leave a queued request without one.
-        seqs = req.children or (req,)
-        detoks = [self._detokenizer_factory(self.tokenizer, s.prompt_token_ids, s.params) for s in seqs]
+        detoks = self.output_processor.detokenizers(req)
         try:
             self.scheduler.add(req, enforce_queue_limit=enforce_queue_limit)
         except (QueueFullError, RequestTooLongError):
             self._num_refused += 1
             raise
-        for seq, detok in zip(seqs, detoks):
-            self._live[seq.request_id] = (seq, detok)
-        if req.children:
-            self._groups[req.request_id] = req
+        self.output_processor.add(req, detoks)
 
     def abort(self, request_id: str) -> None:
         """Finish a request now, wherever it is; its final delta comes with the next step."""
         req = self.scheduler.abort(request_id)
         if req is not None:
-            self._pending.append(self._final(req, "", ()))
+            self.output_processor.aborted(req)
 
     def discard(self, request_ids: Sequence[str]) -> None:
         """Abort these requests and drop their deltas not returned yet: for a caller that stops
         reading them (``offline.generate`` after an error)."""
         for rid in request_ids:
             self.abort(rid)
-            self._forget(rid)  # one a failed step finished: no final delta will come
-        gone = set(request_ids)
-        self._pending = [d for d in self._pending if d.request_id not in gone]
+        self.output_processor.discard(request_ids)
 
     def fail_requests(self, request_ids: Sequence[str], error: str) -> list[Delta]:
-        """Finish these requests with FinishReason.ERROR (after a failed step); returns their
-        deltas. A request the failed step had already finished (its final delta never
-        built) gets one too, so no stream waits for it forever."""
-        deltas = []
-        for rid in request_ids:
-            live = self._live.get(rid)
-            req = live[0] if live is not None else self._groups.get(rid)
-            if req is None:
-                continue
-            if req.parent is not None:  # a choice failing fails its whole request, once
-                req = req.parent
-                if req.request_id not in self._groups:
-                    continue
-            if self.scheduler.finish(req.request_id, FinishReason.ERROR) is None:
-                req.finish_reason = FinishReason.ERROR
-            deltas.append(self._final(req, "", (), error=error))
-        return deltas
+        """Finish these requests with FinishReason.ERROR after a failed step; returns their final
+        deltas (``OutputProcessor.fail``)."""
+        return self.output_processor.fail(request_ids, error)
 
     def unfinished_request_ids(self) -> list[str]:
         """Ids of the requests not finished (an n > 1 request's own id, not its choices')."""
@@ -206,7 +159,7 @@ class LLMEngine:
         return list(dict.fromkeys(r.request_id if r.parent is None else r.parent.request_id for r in reqs))
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self._pending) or self._inflight is not None
+        return self.scheduler.has_unfinished() or self.output_processor.has_pending or self._inflight is not None
 
     # ----- one step -------------------------------------------------------------------
 
@@ -219,8 +172,7 @@ class LLMEngine:
         new = self._step_pipelined(started) if self._async else self._step_sync(started)
         self._last_scheduled = ()
         # Taken only now: a step that raises keeps them (e.g. an abort's final delta) for the next.
-        deltas, self._pending = self._pending, []
-        return deltas + new
+        return self.output_processor.take_pending() + new
 
     def _step_sync(self, started: float) -> list[Delta]:
         """schedule -> run -> apply: the step's tokens come out of this call."""
@@ -258,116 +210,14 @@ class LLMEngine:
         return self._apply(out, handle.result(), t0)
 
     def _apply(self, out: SchedulerOutput, res: RunnerOutput, started: float) -> list[Delta]:
+        """update, then one call into the output processor for the step's deltas."""
         if res.prompt_logprobs:
-            self._store_prompt_logprobs(res.prompt_logprobs)
+            self.output_processor.store_prompt_logprobs(res.prompt_logprobs)
         got = self.scheduler.update(out, res)
         self._num_steps += 1
         self._generation_tokens_total += len(got)
         self._rate.append((started, len(got)))
-        new: list[Delta] = []
-        live = self._live
-        finished = RequestStatus.FINISHED
-        groups: dict[Request, list[ChoiceDelta]] | None = None  # n > 1 requests' choices this step
-        logprobs = res.logprobs  # None unless a request of this step asked
-        try:
-            for req in got:
-                try:
-                    # A stop token (EOS, a stop id, a grammar's end) adds no text: nor logprobs.
-                    silent = req.status is finished and req.finish_reason is FinishReason.STOP
-                    asked = logprobs if req.params.logprobs is not None else None
-                    parent = req.parent
-                    if parent is not None:  # a choice of an n > 1 request
-                        if parent.request_id in self._groups:  # else the request failed meanwhile
-                            if groups is None:
-                                groups = {}
-                            c = self._choice_delta(req)
-                            if asked is not None:
-                                c = self._with_logprobs(req, c, None if silent else asked.get(req.request_id))
-                            groups.setdefault(parent, []).append(c)
-                        continue
-                    if req.status is finished:
-                        d = self._last_delta(req)
-                    else:
-                        # The common case, once per request per step: one more token of text.
-                        rid = req.request_id
-                        token = req.output_token_ids[-1]
-                        text, hit = live[rid][1].add((token,))
-                        if hit:  # a stop string
-                            self.scheduler.finish(rid, FinishReason.STOP)
-                            d = self._final(req, text, (token,))
-                        else:
-                            d = _new_tuple(Delta, (rid, text, (token,), None, None, None, (), None, None))
-                    if asked is not None:
-                        d = self._with_logprobs(req, d, None if silent else asked.get(req.request_id))
-                    new.append(d)
-                except Exception as e:  # this request's text failed (a tokenizer bug): only it ends
-                    logger.exception("request %s: building its output failed", req.request_id)
-                    new.append(self._fail_one(req, f"output decoding failed: {type(e).__name__}: {e}"))
-            if groups is not None:
-                new.extend(self._group_delta(p, cs) for p, cs in groups.items() if p.request_id in self._groups)
-        except BaseException:
-            self._pending.extend(new)  # final deltas already built must still go out
-            raise
-        return new
-
-    def _choice_delta(self, req: Request) -> ChoiceDelta:
-        """``req``'s (a choice's) token of this step as text; its last also ends its detokenizer."""
-        token = req.output_token_ids[-1]
-        if req.status is RequestStatus.FINISHED:
-            text = self._last_text(req)
-        else:
-            text, hit = self._live[req.request_id][1].add((token,))
-            if not hit:
-                return _new_tuple(ChoiceDelta, (req.index, text, (token,), None, None, None))
-            self.scheduler.finish(req.request_id, FinishReason.STOP)  # a stop string
-        self._live.pop(req.request_id, None)
-        return ChoiceDelta(req.index, text, (token,), req.finish_reason)
-
-    def _group_delta(self, parent: Request, choices: list[ChoiceDelta]) -> Delta:
-        """One delta of an n > 1 request: its choices' progress; the last once all finished."""
-        if parent.status is RequestStatus.FINISHED:
-            return self._group_final(parent, choices, None)
-        return Delta(parent.request_id, "", (), None, None, None, tuple(choices))
-
-    def _group_final(self, parent: Request, choices: list[ChoiceDelta], error: str | None) -> Delta:
-        """The last delta of an n > 1 request: the choices not ended yet end with it (abort,
-        error); the usage counts the prompt once and every choice's outputs."""
-        self._groups.pop(parent.request_id, None)
-        reason = parent.finish_reason
-        assert reason is not None
-        ended = {c.index for c in choices}
-        for c in parent.children:
-            if self._live.pop(c.request_id, None) is not None and c.index not in ended:
-                choices.append(ChoiceDelta(c.index, "", (), c.finish_reason or reason))
-        self._prompt_tokens_total += parent.num_prompt_tokens
-        self._cached_prompt_tokens_total += parent.num_cached_tokens
-        outputs = sum(c.num_output_tokens for c in parent.children)
-        usage = Usage(parent.num_prompt_tokens, outputs, parent.num_cached_tokens)
-        return Delta(parent.request_id, "", (), reason, usage, error, tuple(sorted(choices)))
-
-    def _store_prompt_logprobs(self, found: dict[str, tuple[int, list[TokenLogprobs]]]) -> None:
-        """Extend each request's prompt logprobs with a chunk's; positions it already has (a
-        recompute after preemption) are skipped."""
-        for rid, (first, entries) in found.items():
-            live = self._live.get(rid)
-            req = live[0] if live is not None else self._groups.get(rid)  # an n > 1 request before its fork
-            have = req.prompt_logprobs if req is not None else None
-            if have is not None and first <= len(have) < first + len(entries):
-                have.extend(entries[len(have) - first :])
-
-    @staticmethod
-    def _with_logprobs(req: Request, d: _D, sampled: TokenLogprobs | None) -> _D:
-        """``d`` with its token's logprobs (``sampled``; None for a stop token) and, with the
-        first output token, the prompt's (a ``Delta``, or one choice's ``ChoiceDelta``)."""
-        prompt = tuple(req.prompt_logprobs) if req.prompt_logprobs is not None and req.num_output_tokens == 1 else None
-        return d._replace(logprobs=() if sampled is None else (sampled,), prompt_logprobs=prompt)
-
-    def _fail_one(self, req: Request, error: str) -> Delta:
-        if req.parent is not None:  # a choice failing fails its whole request
-            req = req.parent
-        self.scheduler.finish(req.request_id, FinishReason.ERROR)  # a no-op if this step finished it
-        req.finish_reason = FinishReason.ERROR
-        return self._final(req, "", (), error=error)
+        return self.output_processor.apply(got, res.logprobs)
 
     def drop_inflight(self) -> None:
         """Forget a launched step without applying it (after a failure: its requests are
@@ -383,46 +233,6 @@ class LLMEngine:
     def last_scheduled(self) -> tuple[str, ...]:
         """Requests of a step that raised (empty after a step that completed)."""
         return self._last_scheduled
-
-    def _last_delta(self, req: Request) -> Delta:
-        """The delta of a request this step finished."""
-        return self._final(req, self._last_text(req), (req.output_token_ids[-1],))
-
-    def _last_text(self, req: Request) -> str:
-        """The text of the last token of a request this step finished. A stop token (EOS or
-        stop_token_ids) ends the output without adding text; a stop string in the last
-        token's text wins over LENGTH."""
-        token = req.output_token_ids[-1]
-        detok = self._live[req.request_id][1]
-        text, hit = detok.add(() if req.finish_reason is FinishReason.STOP else (token,))
-        if hit:
-            req.finish_reason = FinishReason.STOP
-        else:
-            text += detok.flush()
-        return text
-
-    def _final(self, req: Request, text: str, token_ids: tuple[int, ...], *, error: str | None = None) -> Delta:
-        if req.children:  # an n > 1 request ended as a whole (abort, error)
-            return self._group_final(req, [], error)
-        if req.parent is not None:  # one choice ended outside a step
-            self._live.pop(req.request_id, None)
-            choice = ChoiceDelta(req.index, text, token_ids, req.finish_reason)
-            if req.parent.status is RequestStatus.FINISHED:
-                return self._group_final(req.parent, [choice], error)
-            return Delta(req.parent.request_id, "", (), None, None, None, (choice,))
-        self._live.pop(req.request_id, None)
-        self._prompt_tokens_total += req.num_prompt_tokens
-        self._cached_prompt_tokens_total += req.num_cached_tokens
-        assert req.finish_reason is not None
-        usage = Usage(req.num_prompt_tokens, req.num_output_tokens, req.num_cached_tokens)
-        return Delta(req.request_id, text, token_ids, req.finish_reason, usage, error)
-
-    def _forget(self, request_id: str) -> None:
-        """Drop the output state of a request whose final delta will never be built."""
-        parent = self._groups.pop(request_id, None)
-        for seq in parent.children if parent is not None else ():
-            self._live.pop(seq.request_id, None)
-        self._live.pop(request_id, None)
 
     # ----- drivers (replica.offline) -----------------------------------------------------
 
@@ -476,8 +286,8 @@ class LLMEngine:
     def reset_counters(self) -> None:
         """Forget what ran so far (after a warm-up): counters, rate window, prefix cache."""
         self.scheduler.kv.reset_prefix_cache()
-        self._num_steps = self._prompt_tokens_total = self._generation_tokens_total = 0
-        self._cached_prompt_tokens_total = 0
+        self._num_steps = self._generation_tokens_total = 0
+        self.output_processor.reset_counters()
         self._rate.clear()
 
     def stats(self) -> EngineStats:
@@ -495,9 +305,9 @@ class LLMEngine:
             block_size=self.block_size,
             num_preemptions=self.scheduler.num_preemptions,
             num_refused=self._num_refused,
-            prompt_tokens_total=self._prompt_tokens_total,
+            prompt_tokens_total=self.output_processor.prompt_tokens_total,
             generation_tokens_total=self._generation_tokens_total,
-            cached_prompt_tokens_total=self._cached_prompt_tokens_total,
+            cached_prompt_tokens_total=self.output_processor.cached_prompt_tokens_total,
             tokens_per_s=tokens_per_s,
             num_steps=self._num_steps,
             max_model_len=self.max_model_len,

@@ -177,7 +177,7 @@ async def test_a_request_finished_by_a_step_that_then_fails_still_ends_its_strea
     eng = AsyncEngine(config(), engine=inner)
     deltas = await asyncio.wait_for(collect(eng.add_request("a", "abc", SamplingParams(max_tokens=2))), 10)
     assert deltas[-1].finish_reason is FinishReason.ERROR and "cannot decode" in deltas[-1].error
-    assert not inner._live and not inner.has_unfinished()
+    assert not inner.output_processor.num_live and not inner.has_unfinished()
     s = eng.stats()
     assert s.num_free_blocks == s.num_total_blocks
     await eng.shutdown()
