@@ -686,6 +686,10 @@ class OpenAIService:
         ``every_delta``: each part with tokens is a ``content`` chunk (logprobs, echo), none the fast text path."""
 
         async def gen(first: Delta, agen: Any, include_usage: bool) -> AsyncIterator[bytes]:
+            # One body message per delta (its choices' chunks joined; the head chunks in the first,
+            # the usage chunk and [DONE] in the last): each message is a write to the client and a
+            # relay by the proxy, and the head's own write used to sit before the first token's.
+            out: list[bytes] = []
             try:
                 n_prompt, n_out = len(greq.prompt_token_ids), 0
                 renders = [render(i) for i in range(greq.params.n)]
@@ -694,13 +698,13 @@ class OpenAIService:
                         h = head(i)
                         if continuous_usage:
                             h.usage = _usage(None, n_prompt, 0)
-                        yield _sse(h)
+                        out.append(_sse(h))
                 async for d in self._deltas(first, agen):
                     if isinstance(d, ReplicaError):
-                        yield _error_event(APIError.from_replica(d), greq.request_id)
+                        out.append(_error_event(APIError.from_replica(d), greq.request_id))
                         break
                     if d.finish_reason is FinishReason.ERROR:
-                        yield _error_event(_generation_failed(d), greq.request_id)
+                        out.append(_error_event(_generation_failed(d), greq.request_id))
                         break
                     n_out += d.num_tokens
                     for i, part in _parts(d):
@@ -713,18 +717,20 @@ class OpenAIService:
                             chunk = content(part)
                             if continuous_usage:
                                 chunk.usage = _usage(d.usage, n_prompt, n_out)
-                            yield _sse(chunk)
+                            out.append(_sse(chunk))
                         elif part.text and (data := text(part.text)):  # a tool-call parser may hold text back
-                            yield data
+                            out.append(data)
                     if d.finished and include_usage:
-                        yield _sse(usage(_usage(d.usage, len(greq.prompt_token_ids), n_out)))
-                yield SSE_DONE
+                        out.append(_sse(usage(_usage(d.usage, len(greq.prompt_token_ids), n_out))))
+                    if out and not d.finished:  # the last delta's go out with [DONE]
+                        data, out = b"".join(out), []
+                        yield data
+                out.append(SSE_DONE)
+                yield b"".join(out)
             except Exception as exc:  # e.g. the replica raised: an error event, not a cut connection
                 logger.exception("request %s: stream failed", greq.request_id)
-                yield _error_event(
-                    APIError.from_code("internal_error", f"internal error: {type(exc).__name__}"), greq.request_id
-                )
-                yield SSE_DONE
+                err = APIError.from_code("internal_error", f"internal error: {type(exc).__name__}")
+                yield b"".join([*out, _error_event(err, greq.request_id), SSE_DONE])
             finally:
                 await agen.aclose()
 
