@@ -145,6 +145,11 @@ class IngressSettings(BaseModel):
     stream_interval: int = Field(
         default=1, ge=1, le=1024, description="mux: least tokens per SSE event after the first (1: adaptive)."
     )
+    replica_transport: Literal["grpc", "ray"] = Field(
+        default="grpc",
+        description="How calls to LLM replicas travel: grpc, Serve's gRPC between deployments (pickled "
+        "arguments and results); ray, Ray actor calls and object refs.",
+    )
     tool_parser: ToolParserName = Field(
         default="auto",
         description="How tool calls are read from the output (deployments/tool_calls.py); auto: from the "
@@ -850,6 +855,17 @@ def build_api(service: OpenAIService, *, behind_serve_proxy: bool = False, behin
 # ------------------------------------------------------------- Serve deployment
 
 
+def replica_handle(handle: DeploymentHandle, transport: Literal["grpc", "ray"]) -> DeploymentHandle:
+    """The handle to LLM replicas over ``transport``. gRPC: each call goes straight to the
+    replica's gRPC server, with plain pickle (no cloudpickle, no object refs); on 2 CPU cores
+    (bench, idle TTFT) a submit reached the replica ~1.5 ms sooner and a pump item the ingress
+    ~1.1 ms sooner than as Ray actor calls and streamed object refs. A replica gone mid-call
+    raises ActorUnavailableError, a RayActorError, as over Ray."""
+    if transport == "grpc":
+        return handle.options(_by_reference=False, request_serialization="pickle", response_serialization="pickle")
+    return handle
+
+
 # Above limits.max_concurrent_requests (2000 by default; build_app sets it from the limits):
 # the ingress answers the excess 503 itself, and /health still finds a slot.
 INGRESS_HEADROOM = 48
@@ -862,6 +878,7 @@ class OpenAIIngress:
         from replica.models import load_tokenizer  # no weights: just the tokenizer
 
         cfg = IngressSettings.model_validate(settings)
+        llm = replica_handle(llm, cfg.replica_transport)
         client: LLMClient
         if cfg.stream_mode == "mux":
             client = MuxLLMClient(llm, stream_interval=cfg.stream_interval)

@@ -16,7 +16,7 @@ from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
 
 import deployments.ingress as ingress_mod
 from deployments.errors import ReplicaError
-from deployments.ingress import HandleLLMClient, IngressSettings, OpenAIService, build_api
+from deployments.ingress import HandleLLMClient, IngressSettings, OpenAIService, build_api, replica_handle
 from deployments.llm import GenerateRequest
 from deployments.protocol import ChatCompletionRequest
 from replica.outputs import Delta, Usage
@@ -471,6 +471,20 @@ class FakeHandle:
 GREQ = GenerateRequest("r1", (5, 6), SamplingParams(max_tokens=2))
 TOKEN = Delta("r1", "a", (100,))
 LAST = Delta("r1", "b", (101,), FinishReason.LENGTH, Usage(2, 2))
+
+
+def test_replica_handle_over_grpc_pickles_and_over_ray_is_the_handle_itself():
+    class Handle:
+        def __init__(self, **options):
+            self.opts = options
+
+        def options(self, **kw):
+            return Handle(**{**self.opts, **kw})
+
+    h = Handle()
+    assert replica_handle(h, "ray") is h
+    grpc = replica_handle(h, "grpc")
+    assert grpc.opts == {"_by_reference": False, "request_serialization": "pickle", "response_serialization": "pickle"}
 
 
 async def test_handle_client_cancels_the_replica_call_when_the_reader_leaves_early():
