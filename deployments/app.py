@@ -157,6 +157,11 @@ class AppArgs(_Args):
     router: RouterArgs | None = Field(default=None, description="Custom request router (KV-cache aware).")
     ingress_replicas: int = Field(default=1, ge=1, description="OpenAIIngress replicas.")
     ingress_num_cpus: float = Field(default=1, ge=0)
+    replica_transport: Literal["grpc", "ray"] = Field(
+        default="grpc",
+        description="How the ingress calls LLM replicas: grpc (Serve's gRPC between deployments, the "
+        "lower latency) or ray (Ray actor calls).",
+    )
     serve_fast_path: bool = Field(
         default=True,
         description="Run each replica's code on Serve's own event loop (no per-message thread hop) and buffer its "
@@ -322,6 +327,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         if a.router is not None and _routes_by_target(a.router.request_router_class)
         else "per_request",
         stream_interval=a.replica.stream_interval,
+        replica_transport=a.replica_transport,
     )
     ingress_options: dict[str, Any] = dict(
         num_replicas=a.ingress_replicas,

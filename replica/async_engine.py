@@ -1,9 +1,9 @@
 """``AsyncEngine``: an ``LLMEngine`` stepping in a background thread, with one stream of deltas
 per request on the asyncio loop; what a Serve replica drives (``interfaces.ServingEngine``).
 
-Threads: the event loop validates and refuses requests synchronously (``make_request``, the
-waiting-queue bound), then hands them to the step thread through a locked inbox of ``_Add`` /
-``_Abort`` items; only the step thread touches the engine's queues and cache, so no lock is
+Threads: the event loop (or, in the engine process, its pipe reader: ``submit_from_thread``)
+validates and refuses requests synchronously (``make_request``, the waiting-queue bound), then
+hands them to the step thread through a locked inbox of ``_Add`` / ``_Abort`` items; only the step thread touches the engine's queues and cache, so no lock is
 held during a step. Deltas go back with ``loop.call_soon_threadsafe`` to each request's sink.
 A step that raises fails its own requests; a broken cache or repeated failures fail every
 request and mark the engine dead (``is_dead``), so no consumer ever waits forever.
@@ -102,7 +102,8 @@ class AsyncEngine:
         self._inbox: list[_Add | _Abort] = []
         self._num_inbox_adds = 0
         self._wake = threading.Event()
-        self._streams: dict[str, Callable[[Delta], None]] = {}  # request -> its sink; event-loop thread only
+        # request -> its sink: added under _lock by whoever submits, read and removed on the event loop
+        self._streams: dict[str, Callable[[Delta], None]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._closed = False  # draining or stopped: refuse new requests
@@ -168,11 +169,26 @@ class AsyncEngine:
         """Queue a request whose deltas go to ``on_delta``, called on the event loop in order
         (the last has finish_reason). Refusals raise here, synchronously. The caller owns
         the request's life: ``abort`` it when its consumer goes away."""
+        self._ensure_started(asyncio.get_running_loop())
+        self._enqueue(request_id, prompt, params, on_delta)
+
+    def submit_from_thread(
+        self, request_id: str, prompt: Prompt, params: SamplingParams | None, on_delta: Callable[[Delta], None]
+    ) -> None:
+        """``submit`` from a thread other than the event loop's, once the engine is started
+        (the engine process's pipe reader: a request then reaches the step thread without first
+        waking the event loop). ``on_delta`` is still called on the event loop."""
+        if self._loop is None:
+            raise RuntimeError("submit_from_thread needs a started AsyncEngine")
+        self._enqueue(request_id, prompt, params, on_delta)
+
+    def _enqueue(
+        self, request_id: str, prompt: Prompt, params: SamplingParams | None, on_delta: Callable[[Delta], None]
+    ) -> None:
         if self._dead is not None:
             raise EngineUnavailableError(f"the engine failed and no longer accepts requests: {self._dead}")
         if self._closed:
             raise EngineUnavailableError("the engine is shutting down and no longer accepts requests")
-        self._ensure_started(asyncio.get_running_loop())
         req = self.engine.make_request(request_id, prompt, params)
         with self._lock:
             if self._dead is not None or self._closed:

@@ -7,8 +7,10 @@ process that owns the GPU, and the two sides exchange one pickled message per st
 (as vLLM's API server and its EngineCore do):
 
     parent -> child   ("submit", id, prompt, params) | ("abort", id) | ("shutdown", drain_s)
+                      (submits and aborts reach the engine from the child's pipe reader thread)
     child -> parent   [(kind, ...), ...] per wake-up of the child's loop:
                       ("ack", id, error | None)   the request is queued, or why it was refused
+                                                  (its first deltas may come before it)
                       ("delta", Delta)            in order per request
                       ("stats", EngineStats, prefix hashes)   at most every STATS_PERIOD_S
                       ("dead", why)               the step loop died: nothing more will come
@@ -103,15 +105,8 @@ async def _child(config: EngineConfig, conn: Any) -> None:
         nonlocal drain_s
         for msg in msgs:
             kind = msg[0]
-            if kind == "submit":
-                _, rid, prompt, params = msg
-                try:
-                    engine.submit(rid, prompt, params, on_delta)
-                    emit(("ack", rid, None))
-                except EngineError as e:
-                    emit(("ack", rid, e))
-            elif kind == "abort":
-                engine.abort_nowait(msg[1])
+            if kind == "ack":
+                emit(msg)
             elif kind == "shutdown":
                 drain_s = msg[1]
                 stop.set()
@@ -123,7 +118,28 @@ async def _child(config: EngineConfig, conn: Any) -> None:
             except (EOFError, OSError):  # the parent is gone: stop
                 loop.call_soon_threadsafe(stop.set)
                 return
-            loop.call_soon_threadsafe(handle, msgs)
+            # Submits and aborts go to the engine from here, in order: a request reaches the step
+            # thread without first waking this process's event loop (one thread hand-off less
+            # before its first step); the acks and everything else are the loop's.
+            rest: list[tuple[Any, ...]] = []
+            for msg in msgs:
+                if msg[0] == "submit":
+                    _, rid, prompt, params = msg
+                    error: EngineError | None = None
+                    try:
+                        engine.submit_from_thread(rid, prompt, params, on_delta)
+                    except EngineError as e:
+                        error = e
+                    except Exception as e:  # a bug must refuse this request, not stop the reader
+                        logger.exception("request %s: submit failed", rid)
+                        error = EngineError(f"internal error: {type(e).__name__}")
+                    rest.append(("ack", rid, error))
+                elif msg[0] == "abort":
+                    engine.abort_nowait(msg[1])
+                else:
+                    rest.append(msg)
+            if rest:
+                loop.call_soon_threadsafe(handle, rest)
 
     threading.Thread(target=reader, name="engine-pipe-reader", daemon=True).start()
     emit(("stats", engine.stats(), engine.cached_block_hashes(4096)))

@@ -54,6 +54,12 @@ class Tokenizer:
         self.eos_token_ids: frozenset[int] = frozenset(ids)
         # len() counts added/special tokens too (vocab_size attribute does not, in HF).
         self.vocab_size: int = len(hf_tokenizer)
+        # The Rust tokenizer's batch encode without character offsets: the same ids as
+        # ``hf.encode`` (which asks the same tokenizer, offsets included, through a Python
+        # layer) at about 2/3 of its time, ~0.2 ms of a 200-token chat prompt on a request's path.
+        self._rust = getattr(hf_tokenizer, "backend_tokenizer", None)
+        if not hasattr(self._rust, "encode_batch_fast"):
+            self._rust = None
 
     def __repr__(self) -> str:
         return f"Tokenizer({self.name!r}, vocab_size={self.vocab_size}, eos={sorted(self.eos_token_ids)})"
@@ -65,6 +71,11 @@ class Tokenizer:
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         if not isinstance(text, str):
             raise InvalidRequestError(f"prompt must be a string, got {type(text).__name__}", param="prompt")
+        rust = self._rust
+        # hf.encode turns off truncation, padding and split special tokens for the call; the Rust
+        # tokenizer is asked directly only when none of them is set on it.
+        if rust is not None and rust.truncation is None and rust.padding is None and not rust.encode_special_tokens:
+            return rust.encode_batch_fast([text], add_special_tokens=add_special_tokens)[0].ids
         return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
 
     def decode(self, token_ids: Iterable[int], *, skip_special_tokens: bool = False) -> str:

@@ -102,9 +102,10 @@ class KVCacheAwareRouter(RequestRouter):
         tokens = None
         if pending_request is not None:
             tokens = extract_prompt_token_ids(pending_request.args, pending_request.kwargs, self._prompt_field)
-        decision = rank_replicas(views, tokens, self._cfg, now=now, rng=self._rng)
+        hashes: dict[int, list[int]] = {}
+        decision = rank_replicas(views, tokens, self._cfg, now=now, rng=self._rng, hashes_by_block_size=hashes)
         if tokens and pending_request is not None:
-            self._remember_prompt(pending_request.metadata.internal_request_id, tokens, views)
+            self._remember_prompt(pending_request.metadata.internal_request_id, tokens, views, hashes)
         self.decision_counts[decision.reason.value] += 1
         return decision
 
@@ -127,11 +128,14 @@ class KVCacheAwareRouter(RequestRouter):
             )
         return [[by_id[rid] for rid in group] for group in decision.groups]
 
-    def _remember_prompt(self, request_id: str, tokens: list[int], views: list[ReplicaView]) -> None:
+    def _remember_prompt(
+        self, request_id: str, tokens: list[int], views: list[ReplicaView], hashed: dict[int, list[int]]
+    ) -> None:
         if request_id in self._prompt_hashes:  # routing retries call choose_replicas again
             return
         block_size = next((v.stats.block_size for v in views if v.stats is not None), self._cfg.default_block_size)
-        self._prompt_hashes[request_id] = block_hashes(tokens, block_size)
+        hashes = hashed.get(block_size)  # the policy's, when it ranked by stats
+        self._prompt_hashes[request_id] = block_hashes(tokens, block_size) if hashes is None else hashes
         while len(self._prompt_hashes) > _MAX_TRACKED_REQUESTS:
             self._prompt_hashes.popitem(last=False)
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import enum
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Sequence, Set
 from dataclasses import dataclass, field
 
 from replica.prefix_hash import block_hashes
@@ -75,13 +75,14 @@ class ReplicaView:
 
     ``est_load`` is queued + running corrected for this router's own sends since the
     snapshot (``InflightTracker.estimated_load``); ``recent_prefixes`` are hashes this
-    router placed there and the replica may not have reported yet.
+    router placed there and the replica may not have reported yet (a live view of the
+    tracker's memory: read it within the decision).
     """
 
     replica_id: str
     stats: RoutingStats | None
     est_load: int = 0
-    recent_prefixes: frozenset[int] = field(default_factory=frozenset)
+    recent_prefixes: Set[int] = field(default_factory=frozenset)
 
 
 class Reason(str, enum.Enum):
@@ -108,7 +109,7 @@ class RoutingDecision:
         return self.groups[0][0] if self.groups and self.groups[0] else None
 
 
-def matched_prefix_blocks(prompt_hashes: Sequence[int], *held: frozenset[int] | set[int]) -> int:
+def matched_prefix_blocks(prompt_hashes: Sequence[int], *held: Set[int]) -> int:
     """How many leading blocks of the prompt are held (in any of the ``held`` sets).
     Counted from block 0, stopping at the first gap: the engine reuses only an unbroken prefix."""
     n = 0
@@ -134,8 +135,11 @@ def rank_replicas(
     *,
     now: float,
     rng: random.Random,
+    hashes_by_block_size: dict[int, list[int]] | None = None,
 ) -> RoutingDecision:
-    """Rank ``replicas`` for a request whose prompt is ``prompt_token_ids`` (None: unknown)."""
+    """Rank ``replicas`` for a request whose prompt is ``prompt_token_ids`` (None: unknown).
+    ``hashes_by_block_size``: the prompt's block hashes per block size, read and filled here,
+    so that a caller that needs them too does not hash the prompt again."""
     ids = [r.replica_id for r in replicas]
     if not replicas:
         return RoutingDecision((), Reason.LOAD)
@@ -144,8 +148,8 @@ def rank_replicas(
     if any(now - r.stats.timestamp > cfg.stale_after_s for r in replicas):  # type: ignore[union-attr]
         return RoutingDecision(power_of_two(ids, rng), Reason.P2C_STALE)
 
-    tokens = list(prompt_token_ids or ())
-    hashes_by_bs: dict[int, list[int]] = {}
+    tokens = prompt_token_ids or ()
+    hashes_by_bs = {} if hashes_by_block_size is None else hashes_by_block_size
     matched: dict[str, int] = {}
     needed: dict[str, int] = {}
     for r in replicas:

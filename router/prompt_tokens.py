@@ -20,12 +20,13 @@ from typing import Any
 DEFAULT_FIELD = "prompt_token_ids"
 
 
+_INT_ONLY = frozenset({int})
+
+
 def _as_token_ids(value: Any) -> list[int] | None:
-    if (
-        isinstance(value, (list, tuple))
-        and value
-        and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
-    ):
+    # Exact ints only (no bools): one C-level pass over the types, not an isinstance loop in
+    # Python (twice per request on the ingress's loop, ~20 us each for a 200-token prompt).
+    if isinstance(value, (list, tuple)) and value and _INT_ONLY.issuperset(map(type, value)):
         return list(value)
     return None
 

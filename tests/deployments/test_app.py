@@ -34,6 +34,13 @@ def test_defaults_build_the_two_deployment_graph():
     assert llm.user_config == ReplicaUserConfig().model_dump()  # reconfigure() gets validated settings
 
 
+def test_replica_transport_reaches_the_ingress():
+    assert llm_deployment(build_app({}))[2]["replica_transport"] == "grpc"
+    assert llm_deployment(build_app({"replica_transport": "ray"}))[2]["replica_transport"] == "ray"
+    with pytest.raises(pydantic.ValidationError):
+        build_app({"replica_transport": "http"})
+
+
 def test_engine_args_map_onto_the_frozen_engine_config():
     args = {
         "model": "tiny:llama",

@@ -16,7 +16,7 @@ from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
 
 import deployments.ingress as ingress_mod
 from deployments.errors import ReplicaError
-from deployments.ingress import HandleLLMClient, IngressSettings, OpenAIService, build_api
+from deployments.ingress import HandleLLMClient, IngressSettings, OpenAIService, build_api, replica_handle
 from deployments.llm import GenerateRequest
 from deployments.protocol import ChatCompletionRequest
 from replica.outputs import Delta, Usage
@@ -170,8 +170,10 @@ async def test_first_chunk_arrives_before_generation_ends(env):
     _, service, engine, _ = env
     resp = await service.chat(ChatCompletionRequest(**{**CHAT, "max_tokens": 50, "stream": True}))
     it = resp.body_iterator
-    role = json.loads((await it.__anext__())[6:])
-    first = json.loads((await it.__anext__())[6:])
+    # One body message (one write to the client) carries the role chunk and the first text chunk.
+    message = await it.__anext__()
+    assert message.endswith(b"\n\n")
+    role, first = (json.loads(e[6:]) for e in message.decode().split("\n\n")[:-1])
     assert role["choices"][0]["delta"]["role"] == "assistant"
     assert first["choices"][0]["delta"]["content"] and first["choices"][0]["finish_reason"] is None
     assert engine.gen_tokens < 50  # the request is still generating
@@ -179,6 +181,23 @@ async def test_first_chunk_arrives_before_generation_ends(env):
     await it.aclose()
     assert engine.aborted == [role["id"]]
     assert engine.stats().num_free_blocks == engine.num_blocks
+
+
+async def test_a_stream_writes_one_body_message_per_delta(env):
+    """The role chunk rides with the first token's chunk, the usage chunk and [DONE] with the
+    last: fewer writes to the client (and relays by the proxy) than one per chunk."""
+    _, service, _, _ = env
+    body = {**CHAT, "max_tokens": 5, "stream": True, "stream_options": {"include_usage": True}}
+    resp = await service.chat(ChatCompletionRequest(**body))
+    messages = [m async for m in resp.body_iterator]
+    events = [[e for e in m.decode().split("\n\n") if e] for m in messages]
+    assert all(m.endswith(b"\n\n") for m in messages)
+    role, first = (json.loads(e[6:]) for e in events[0])
+    assert role["choices"][0]["delta"]["role"] == "assistant" and first["choices"][0]["delta"]["content"]
+    *_, finish, usage, done = events[-1]
+    assert json.loads(finish[6:])["choices"][0]["finish_reason"] == "length"
+    assert json.loads(usage[6:])["usage"]["completion_tokens"] == 5 and done == "data: [DONE]"
+    assert len(messages) <= 5  # one per delta at most, not one per chunk (7 chunks + [DONE])
 
 
 async def test_models_and_health(env):
@@ -452,6 +471,20 @@ class FakeHandle:
 GREQ = GenerateRequest("r1", (5, 6), SamplingParams(max_tokens=2))
 TOKEN = Delta("r1", "a", (100,))
 LAST = Delta("r1", "b", (101,), FinishReason.LENGTH, Usage(2, 2))
+
+
+def test_replica_handle_over_grpc_pickles_and_over_ray_is_the_handle_itself():
+    class Handle:
+        def __init__(self, **options):
+            self.opts = options
+
+        def options(self, **kw):
+            return Handle(**{**self.opts, **kw})
+
+    h = Handle()
+    assert replica_handle(h, "ray") is h
+    grpc = replica_handle(h, "grpc")
+    assert grpc.opts == {"_by_reference": False, "request_serialization": "pickle", "response_serialization": "pickle"}
 
 
 async def test_handle_client_cancels_the_replica_call_when_the_reader_leaves_early():

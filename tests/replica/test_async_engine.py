@@ -98,6 +98,34 @@ async def test_async_refusals_are_synchronous_and_distinct():
     await eng.shutdown()
 
 
+async def test_submit_from_another_thread_streams_on_the_loop_and_refuses_as_submit_does():
+    """The engine process's pipe reader submits from its own thread: same checks, same stream,
+    deltas still delivered on the event loop."""
+    eng = AsyncEngine(config(num_blocks=16, budget=8), engine=engine(num_blocks=16, budget=8))
+    with pytest.raises(RuntimeError, match="started"):
+        eng.submit_from_thread("early", "abc", SamplingParams(max_tokens=2), lambda d: None)
+    await eng.start()
+    loop_thread = threading.get_ident()
+    deltas, threads = [], set()
+    done = asyncio.Event()
+
+    def on_delta(d):
+        deltas.append(d)
+        threads.add(threading.get_ident())
+        if d.finished:
+            done.set()
+
+    sp = SamplingParams(max_tokens=4, **GREEDY)
+    await asyncio.to_thread(eng.submit_from_thread, "t", "from a thread", sp, on_delta)
+    with pytest.raises(RequestTooLongError):
+        await asyncio.to_thread(eng.submit_from_thread, "long", "x" * 200, sp, on_delta)
+    await asyncio.wait_for(done.wait(), 30)
+    assert threads == {loop_thread}
+    tokens = [t for d in deltas for t in d.token_ids]
+    assert tokens == reference_tokens(CharTokenizer().encode("from a thread"), sp)
+    await eng.shutdown()
+
+
 async def test_cancelled_consumer_aborts_and_frees_blocks():
     runner = HoldingRunner()
     eng = AsyncEngine(config(), engine=engine(runner))

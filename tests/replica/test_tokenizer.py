@@ -268,3 +268,44 @@ def test_byte_level_incomplete_character_becomes_u_fffd_on_flush_only(tok):
     assert d.text == tok.decode(ids[:partial])
     with pytest.raises(RuntimeError):
         d.add([ids[0]])
+
+
+ENCODE_TEXTS = [
+    "",
+    " ",
+    "Hello, wörld! 世界 🎉 tabs\tand\nnewlines",
+    "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n",  # special tokens inside the text
+    "a<|im_end|>b <|endoftext|>  trailing   spaces   ",
+    "\u00ff\ufffd\U0001f600 e\u0301 " * 5,
+    "1234567890 3.14159 x=y+z;\r\n\r\n",
+]
+
+
+@pytest.mark.parametrize("which", ["tok", "plain_tok"])
+@pytest.mark.parametrize("add_special_tokens", [False, True])
+def test_encode_gives_the_hf_tokenizers_ids(request, which, add_special_tokens):
+    """encode asks the Rust tokenizer directly (no offsets): exactly hf.encode's ids."""
+    t = request.getfixturevalue(which)
+    assert t._rust is not None  # the fast path is the one under test
+    for text in ENCODE_TEXTS:
+        assert t.encode(text, add_special_tokens=add_special_tokens) == t.hf.encode(
+            text, add_special_tokens=add_special_tokens
+        ), text
+
+
+@given(st.text(max_size=200))
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_encode_gives_the_hf_tokenizers_ids_for_any_text(tok, text):
+    assert tok.encode(text, add_special_tokens=False) == tok.hf.encode(text, add_special_tokens=False)
+
+
+def test_encode_leaves_a_tokenizer_with_truncation_set_to_hf(tok):
+    """A truncation left on the Rust tokenizer (by another caller) must not cut a prompt:
+    encode goes through hf.encode then, which turns it off for the call."""
+    text = "one two three four five six seven eight"
+    full = tok.encode(text)
+    tok.hf.backend_tokenizer.enable_truncation(max_length=3)
+    try:
+        assert tok.encode(text) == full
+    finally:
+        tok.hf.backend_tokenizer.no_truncation()
