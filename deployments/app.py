@@ -257,6 +257,10 @@ SERVE_FAST_PATH_ENV = {
     "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
     "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000",
 }
+# Serve's gRPC between deployments caps a message at 4 MiB (both ends read this variable); a pump
+# item carries every delta queued for one ingress (with logprobs, behind a slow consumer) and can
+# be larger: a 6 MiB stream item failed with AioRpcError at the default.
+GRPC_TRANSPORT_ENV = {"RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(1024 * 2**20)}
 
 
 def _routes_by_target(router_class: str) -> bool:
@@ -278,7 +282,11 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     engine_config = a.engine_config()
 
     actor_options: dict[str, Any] = {"num_cpus": a.num_cpus, "num_gpus": num_gpus}
-    runtime_env = {"env_vars": dict(SERVE_FAST_PATH_ENV)} if a.serve_fast_path else None
+    env = {
+        **(SERVE_FAST_PATH_ENV if a.serve_fast_path else {}),
+        **(GRPC_TRANSPORT_ENV if a.replica_transport == "grpc" else {}),
+    }
+    runtime_env = {"env_vars": env} if env else None
     if runtime_env:
         actor_options["runtime_env"] = runtime_env
     if a.accelerator_resource:

@@ -41,6 +41,21 @@ def test_replica_transport_reaches_the_ingress():
         build_app({"replica_transport": "http"})
 
 
+@pytest.mark.parametrize("fast_path", [True, False])
+def test_grpc_transport_raises_the_message_cap_on_both_ends(fast_path):
+    """Serve's gRPC between deployments refuses messages over 4 MiB unless both processes (the
+    ingress sends and receives, the replica too) read a higher cap from their environment."""
+    key = "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH"
+    ingress, llm, _ = llm_deployment(build_app({"serve_fast_path": fast_path}))
+    for d in (ingress, llm):
+        env = d.ray_actor_options["runtime_env"]["env_vars"]
+        assert int(env[key]) >= 256 * 2**20
+        assert ("RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD" in env) == fast_path
+    ingress, llm, _ = llm_deployment(build_app({"replica_transport": "ray", "serve_fast_path": False}))
+    for d in (ingress, llm):
+        assert "runtime_env" not in (d.ray_actor_options or {})
+
+
 def test_engine_args_map_onto_the_frozen_engine_config():
     args = {
         "model": "tiny:llama",
