@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from replica.config import EngineConfig
 from replica.engine import LLMEngine
-from replica.errors import EngineError, EngineUnavailableError, InvalidRequestError, QueueFullError
+from replica.errors import EngineError, EngineUnavailableError, InvalidRequestError, QueueFullError, check_accepting
 from replica.interfaces import Prompt
 from replica.outputs import Delta, EngineStats, Usage, merge_deltas
 from replica.request import FinishReason, Request, SamplingParams
@@ -185,10 +185,7 @@ class AsyncEngine:
     def _enqueue(
         self, request_id: str, prompt: Prompt, params: SamplingParams | None, on_delta: Callable[[Delta], None]
     ) -> None:
-        if self._dead is not None:
-            raise EngineUnavailableError(f"the engine failed and no longer accepts requests: {self._dead}")
-        if self._closed:
-            raise EngineUnavailableError("the engine is shutting down and no longer accepts requests")
+        check_accepting(self._dead, self._closed)
         req = self.engine.make_request(request_id, prompt, params)
         with self._lock:
             if self._dead is not None or self._closed:

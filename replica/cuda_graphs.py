@@ -19,7 +19,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from functools import partial
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
@@ -32,9 +33,26 @@ from replica.request import MAX_LOGPROBS
 if TYPE_CHECKING:
     from replica.tp_executor import TPGroup
 
+_T = TypeVar("_T")
+
 # Columns of a staged row (then the block table).
 _TOKEN, _POS, _SLOT, _LEN, _SRC = range(5)
 _COLS = 5
+
+
+def capture_graph(device: torch.device, pool: Any, body: Callable[[], _T]) -> tuple[torch.cuda.CUDAGraph, _T]:
+    """Run ``body`` once on a side stream (Triton compiles, cuBLAS picks its kernels), then capture
+    it into a graph in ``pool``; returns the graph and what the captured ``body`` returned (its
+    output tensors, which every replay rewrites)."""
+    s = torch.cuda.Stream(device)
+    s.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(s):
+        body()
+    torch.cuda.current_stream(device).wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g, pool=pool):
+        out = body()
+    return g, out
 
 
 def graph_batch_sizes(max_batch_size: int) -> list[int]:
@@ -202,23 +220,16 @@ class DecodeGraphs:
         self._stage_dev.copy_(torch.from_numpy(self._pad_row).expand_as(self._stage_dev))
         self.pool = torch.cuda.graph_pool_handle()
         for bs in reversed(self.sizes):
-            meta = self._meta(bs)
-            ids, pos = self.input_ids[:bs][None], self.positions[:bs][None]
-            # Warm up on a side stream (Triton compiles, cuBLAS picks kernels) before capture.
-            s = torch.cuda.Stream(self.device)
-            s.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(s):
-                self._unpack(bs)
-                self.forward(ids, pos, meta)
-            torch.cuda.current_stream(self.device).wait_stream(s)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=self.pool):
-                self._unpack(bs)
-                logits = self.forward(ids, pos, meta)
-                tokens = torch.argmax(logits, dim=-1)
-                self.last_tokens[:bs].copy_(tokens)  # a greedy step's tokens, where the next reads them
+            g, (logits, tokens) = capture_graph(self.device, self.pool, partial(self._captured, bs))
             self.graphs[bs], self.logits[bs], self.tokens[bs] = g, logits, tokens
         torch.cuda.synchronize(self.device)
+
+    def _captured(self, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
+        self._unpack(bs)
+        logits = self.forward(self.input_ids[:bs][None], self.positions[:bs][None], self._meta(bs))
+        tokens = torch.argmax(logits, dim=-1)
+        self.last_tokens[:bs].copy_(tokens)  # a greedy step's tokens, where the next reads them
+        return logits, tokens
 
     # -- replay ----------------------------------------------------------------------------
 

@@ -33,7 +33,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from replica.config import EngineConfig
-from replica.errors import EngineError, EngineUnavailableError
+from replica.errors import EngineError, EngineUnavailableError, check_accepting
 from replica.outputs import Delta, EngineStats, Usage
 from replica.request import FinishReason, SamplingParams
 
@@ -216,10 +216,7 @@ class ProcessEngine:
         self, request_id: str, prompt: Any, params: SamplingParams | None, on_delta: Callable[[Delta], None]
     ) -> None:
         """Queue a request in the engine process; raises its refusal (typed) if it has one."""
-        if self._dead is not None:
-            raise EngineUnavailableError(f"the engine failed and no longer accepts requests: {self._dead}")
-        if self._closed:
-            raise EngineUnavailableError("the engine is shutting down and no longer accepts requests")
+        check_accepting(self._dead, self._closed)
         if request_id in self._sinks:
             from replica.errors import InvalidRequestError
 

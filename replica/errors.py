@@ -43,5 +43,13 @@ class EngineUnavailableError(EngineError):
     code = "engine_unavailable"
 
 
+def check_accepting(dead: str | None, closing: bool) -> None:
+    """Refuse a new request to an engine whose step loop died (``dead``: why) or that is shutting down."""
+    if dead is not None:
+        raise EngineUnavailableError(f"the engine failed and no longer accepts requests: {dead}")
+    if closing:
+        raise EngineUnavailableError("the engine is shutting down and no longer accepts requests")
+
+
 class ModelLoadError(RuntimeError):
     """The model named in the config cannot be found or loaded (at start, not for a request)."""

@@ -117,7 +117,7 @@ class ModelRunner:
 
     def _capture_prefill_graphs(self, max_tokens: int) -> PrefillGraphs:
         graphs = PrefillGraphs(
-            self._prefill_graph_forward,
+            self._graph_forward,
             device=self.device,
             block_size=self.block_size,
             max_tokens=max_tokens,
@@ -126,28 +126,20 @@ class ModelRunner:
         graphs.capture()
         return graphs
 
-    def _prefill_graph_forward(
-        self, input_ids: torch.Tensor, position_ids: torch.Tensor, keep: torch.Tensor, meta: AttentionMetadata
+    def _graph_forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        meta: AttentionMetadata,
+        keep: int | torch.Tensor = 0,
     ) -> torch.Tensor:
+        """The captured forward: every row's logits for a decode step (``keep`` 0 means all), the
+        rows of ``keep`` (a device index) for a prefill graph."""
         result = self.model(
             input_ids=input_ids,
             position_ids=position_ids,
             use_cache=False,
             logits_to_keep=keep,
-            attn_metadata=meta,
-            kv_cache=self.kv_cache,
-        )
-        return result.logits[0]
-
-    def _graph_forward(
-        self, input_ids: torch.Tensor, position_ids: torch.Tensor, meta: AttentionMetadata
-    ) -> torch.Tensor:
-        # Every row of a decode step samples: keep all logits (logits_to_keep=0 means all).
-        result = self.model(
-            input_ids=input_ids,
-            position_ids=position_ids,
-            use_cache=False,
-            logits_to_keep=0,
             attn_metadata=meta,
             kv_cache=self.kv_cache,
         )

@@ -17,19 +17,21 @@ bucket take the same kernel paths: the prefill attention tile switches at 32 que
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import numpy as np
 import torch
 
 from replica.attention.metadata import AttentionMetadata
+from replica.cuda_graphs import capture_graph
 from replica.host_step import HostStep
 
 MIN_TOKENS = 16
 MAX_TOKENS = 1024  # fused_ops.MAX_FUSED_ROWS: above it HF's kernels run, a different path
 
-# forward(input_ids [1, T], position_ids [1, T], logits_index [1], meta) -> logits [1, V]
-PrefillForward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata], torch.Tensor]
+# forward(input_ids [1, T], position_ids [1, T], meta, logits_index [1]) -> logits [1, V]
+PrefillForward = Callable[[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor], torch.Tensor]
 
 
 def prefill_graph_sizes(max_tokens: int) -> list[int]:
@@ -131,19 +133,13 @@ class PrefillGraphs:
         for size in reversed(self.sizes):
             self._stage_padding(size)
             self._dev.copy_(self._stage)
-            ids, pos, keep, meta = self._views(size)
-            s = torch.cuda.Stream(self.device)
-            s.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(s):  # Triton compiles, cuBLAS picks its kernels
-                self._unpack()
-                self.forward(ids, pos, keep, meta)
-            torch.cuda.current_stream(self.device).wait_stream(s)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=pool):
-                self._unpack()
-                logits = self.forward(ids, pos, keep, meta)
-            self.graphs[size], self.logits[size] = g, logits
+            self.graphs[size], self.logits[size] = capture_graph(self.device, pool, partial(self._captured, size))
         torch.cuda.synchronize(self.device)
+
+    def _captured(self, size: int) -> torch.Tensor:
+        ids, pos, keep, meta = self._views(size)
+        self._unpack()
+        return self.forward(ids, pos, meta, keep)
 
     def _stage_padding(self, size: int) -> None:
         st, t, c = self._stage.numpy(), self.max_tokens, self._len_col
